@@ -1,0 +1,55 @@
+// A radix-tree node: a run of page-aligned tokens and, per tier and component, the slots holding
+// their state.
+#pragma once
+
+#include <array>
+#include <vector>
+
+#include "hicache/lru_list.h"
+#include "hicache/types.h"
+
+namespace hicache {
+
+// Per-component state of one node (SGLang 0.5.23's ComponentData). Only the Full component's device
+// tier is filled today; host values and the SWA/Mamba components are filled by the host-tier and
+// hybrid work. A component whose value is missing on a node that exists is a tombstone.
+struct ComponentData {
+  std::vector<SlotIndex> value;       // device slots; Full: one per key token
+  std::vector<SlotIndex> host_value;  // host slots; Full: one per key token
+  bool has_value = false;             // false with the node present = evicted (Full) / tombstone
+  bool has_host_value = false;        // Full: "backuped"
+  int32_t lock_ref = 0;               // requests using the device state (path lock for Full)
+  int32_t host_lock_ref = 0;          // in-flight host operations (SGLang's host_ref_counter)
+};
+
+struct Node {
+  NodeId id = kNoNode;
+  Node* parent = nullptr;
+  int32_t ns = 0;          // extra_key namespace id; 0 = none. Same for a whole subtree of the root.
+  std::vector<Token> key;  // length is a multiple of page_size (the root's is empty)
+
+  // Children are indexed in the tree's child map by (parent id, ns, first page); these intrusive
+  // sibling links only serve traversal (invariant checks, printing, reset).
+  Node* first_child = nullptr;
+  Node* next_sibling = nullptr;
+  Node* prev_sibling = nullptr;
+  int32_t num_children = 0;
+  // Nodes whose child-map hashes collide are chained through this link (rare; see RadixTree).
+  Node* hash_next = nullptr;
+
+  std::array<ComponentData, kNumComponents> comp;
+
+  uint64_t hit_count = 0;  // inserts that walked over this node (write_through_selective uses it)
+  Tick last_access = 0;
+  Tick creation_time = 0;
+
+  // Member of the device LRU while it has a Full device value and Full lock_ref == 0.
+  LruHook<Node> device_lru;
+
+  ComponentData& full() { return comp[static_cast<int>(Component::kFull)]; }
+  const ComponentData& full() const { return comp[static_cast<int>(Component::kFull)]; }
+  int64_t num_tokens() const { return static_cast<int64_t>(key.size()); }
+  bool is_root() const { return parent == nullptr; }
+};
+
+}  // namespace hicache

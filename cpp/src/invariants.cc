@@ -1,0 +1,159 @@
+// RadixTree::check_invariants: every DESIGN.md invariant that applies to the tree, recomputed from
+// scratch. Slow (O(tree)); tests call it after every operation.
+#include <stdexcept>
+#include <unordered_map>
+#include <unordered_set>
+
+#include "hicache/radix_tree.h"
+
+namespace hicache {
+
+namespace {
+
+[[noreturn]] void fail(NodeId id, const std::string& what) {
+  throw std::logic_error("check_invariants: node " + std::to_string(id) + ": " + what);
+}
+
+}  // namespace
+
+void RadixTree::check_invariants() const {
+  const Node* root = root_.get();
+  if (root->id != kRootId || root->parent != nullptr || !root->key.empty()) {
+    fail(root->id, "the root must have id 0, no parent and an empty key");
+  }
+  if (!root->full().has_value || root->full().lock_ref != 0) {
+    fail(root->id, "the root must hold the (empty) device value and never be locked");
+  }
+
+  std::unordered_set<SlotIndex> slots;
+  int64_t evictable = 0;
+  int64_t protected_tokens = 0;
+  size_t reachable = 0;
+  size_t lru_members = 0;
+  std::vector<const Node*> stack{root};
+  while (!stack.empty()) {
+    const Node* n = stack.back();
+    stack.pop_back();
+
+    int32_t num_children = 0;
+    for (const Node* c = n->first_child; c != nullptr; c = c->next_sibling) {
+      if (c->parent != n) fail(c->id, "its parent link does not point at node " + std::to_string(n->id));
+      ++num_children;
+      stack.push_back(c);
+    }
+    if (num_children != n->num_children) {
+      fail(n->id, "num_children " + std::to_string(n->num_children) + " but " +
+                      std::to_string(num_children) + " linked children");
+    }
+    if (n->is_root()) continue;
+    ++reachable;
+
+    // Invariant 7: reachable nodes are registered under their id.
+    auto it = nodes_.find(n->id);
+    if (it == nodes_.end() || it->second.get() != n) fail(n->id, "reachable but not registered");
+
+    // Invariant 5: keys are whole pages; children are indexed by a unique first page.
+    if (n->key.empty() || n->key.size() % static_cast<size_t>(page_size_) != 0) {
+      fail(n->id, "key length " + std::to_string(n->key.size()) + " is not a positive multiple of "
+                      "page_size " + std::to_string(page_size_));
+    }
+    if (!n->parent->is_root() && n->ns != n->parent->ns) {
+      fail(n->id, "extra_key namespace differs from its parent's");
+    }
+    if (find_child(n->parent, n->ns, n->key.data()) != n) {
+      fail(n->id, "not the indexed child of node " + std::to_string(n->parent->id) +
+                      " for its first page (duplicate or unindexed first page)");
+    }
+
+    const ComponentData& full = n->full();
+    // Dead nodes (no KV on any tier) must not exist.
+    if (!full.has_value && !full.has_host_value) fail(n->id, "dead: no device and no host value");
+    // Invariant 1: a device node's ancestors all have device values.
+    if (full.has_value && !n->parent->full().has_value) {
+      fail(n->id, "has a device value but its parent " + std::to_string(n->parent->id) +
+                      " is evicted");
+    }
+    // Invariant 2: lock_ref is monotone up the path, and a locked node has device KV.
+    if (full.lock_ref < 0) fail(n->id, "negative lock_ref " + std::to_string(full.lock_ref));
+    if (!n->parent->is_root() && full.lock_ref > n->parent->full().lock_ref) {
+      fail(n->id, "lock_ref " + std::to_string(full.lock_ref) + " > parent's " +
+                      std::to_string(n->parent->full().lock_ref));
+    }
+    if (full.lock_ref > 0 && !full.has_value) fail(n->id, "locked but has no device value");
+
+    if (full.has_value) {
+      if (full.value.size() != n->key.size()) {
+        fail(n->id, "device value has " + std::to_string(full.value.size()) + " slots for " +
+                        std::to_string(n->key.size()) + " tokens");
+      }
+      for (size_t i = 0; i < full.value.size(); ++i) {
+        const SlotIndex v = full.value[i];
+        if (v < 0 || (num_device_slots_ > 0 && v >= num_device_slots_)) {
+          fail(n->id, "device slot " + std::to_string(v) + " out of range");
+        }
+        if (page_size_ > 1 && v != full.value[i - i % page_size_] + static_cast<SlotIndex>(i % page_size_)) {
+          fail(n->id, "device value is not made of whole pages at token " + std::to_string(i));
+        }
+        if (!slots.insert(v).second) fail(n->id, "device slot " + std::to_string(v) + " owned twice");
+      }
+      // Invariants 3 and 6: size ledgers; the device LRU holds exactly the unlocked device nodes.
+      if (full.lock_ref > 0) {
+        protected_tokens += n->num_tokens();
+        if (DeviceLru::contains(n)) fail(n->id, "locked but in the device LRU");
+      } else {
+        evictable += n->num_tokens();
+        if (!DeviceLru::contains(n)) fail(n->id, "unlocked device node missing from the device LRU");
+        ++lru_members;
+      }
+    } else if (DeviceLru::contains(n)) {
+      fail(n->id, "in the device LRU without a device value");
+    }
+  }
+
+  if (reachable != nodes_.size()) {
+    fail(kNoNode, std::to_string(nodes_.size() - reachable) + " registered nodes are unreachable");
+  }
+  if (evictable != evictable_size_ || protected_tokens != protected_size_) {
+    fail(kRootId, "size ledger evictable=" + std::to_string(evictable_size_) +
+                      " protected=" + std::to_string(protected_size_) + " but recomputed " +
+                      std::to_string(evictable) + " / " + std::to_string(protected_tokens));
+  }
+
+  // Invariant 6: LRU order. Front-to-back access times never increase, and a parent in the list is
+  // in front of its children, so the back is always an evictable leaf.
+  if (device_lru_.size() != lru_members) {
+    fail(kRootId, "device LRU has " + std::to_string(device_lru_.size()) + " members, expected " +
+                      std::to_string(lru_members));
+  }
+  std::unordered_map<const Node*, size_t> position;
+  size_t pos = 0;
+  const Node* prev = nullptr;
+  for (const Node* n = device_lru_.front(); n != nullptr; n = DeviceLru::next_of(n)) {
+    if (prev != nullptr && n->last_access > prev->last_access) {
+      fail(n->id, "device LRU out of access-time order (after node " + std::to_string(prev->id) + ")");
+    }
+    position[n] = pos++;
+    prev = n;
+  }
+  if (pos != lru_members) fail(kRootId, "device LRU links are broken");
+  for (const auto& [n, p] : position) {
+    auto parent = position.find(n->parent);
+    if (parent != position.end() && parent->second > p) {
+      fail(n->parent->id, "older than its child " + std::to_string(n->id) + " in the device LRU");
+    }
+  }
+
+  size_t indexed = 0;
+  for (const auto& [hash, head] : child_index_) {
+    for (const Node* c = head; c != nullptr; c = c->hash_next) {
+      if (child_hash(c->parent->id, c->ns, c->key.data()) != hash) fail(c->id, "indexed under a stale hash");
+      ++indexed;
+    }
+  }
+  if (indexed != nodes_.size()) {
+    fail(kRootId, "child index holds " + std::to_string(indexed) + " entries for " +
+                      std::to_string(nodes_.size()) + " nodes");
+  }
+}
+
+}  // namespace hicache

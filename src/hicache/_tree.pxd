@@ -1,0 +1,80 @@
+# Declarations of the C++ tree core (cpp/include/hicache/radix_tree.h) and of its Cython wrapper.
+from libc.stdint cimport int32_t, int64_t, uint64_t
+from libcpp cimport bool as cbool
+from libcpp.memory cimport unique_ptr
+from libcpp.string cimport string
+from libcpp.string_view cimport string_view
+from libcpp.vector cimport vector
+
+
+cdef extern from "_exception_bridge.h":
+    void set_hicache_error_types(object invalid, object index, object invariant)
+    void translate_cpp_exception()
+
+
+cdef extern from "hicache/radix_tree.h" namespace "hicache" nogil:
+    ctypedef int64_t NodeId
+    ctypedef int32_t Token
+    ctypedef int64_t SlotIndex
+
+    cdef cppclass CMatchResult "hicache::MatchResult":
+        vector[SlotIndex] device_indices
+        NodeId last_device_node
+        NodeId last_host_node
+        NodeId best_match_node
+        int64_t host_hit_length
+
+    cdef cppclass CInsertResult "hicache::InsertResult":
+        int64_t prefix_len
+        NodeId last_node
+
+    cdef cppclass CNodeInfo "hicache::NodeInfo":
+        NodeId node_id
+        NodeId parent_id
+        int64_t num_tokens
+        int64_t num_children
+        int64_t lock_ref
+        int64_t host_ref_counter
+        uint64_t hit_count
+        uint64_t last_access_time
+        cbool has_device_value
+        string extra_key
+        cbool has_extra_key
+
+    cdef cppclass CRadixTree "hicache::RadixTree":
+        CRadixTree(int64_t page_size, int64_t num_device_slots) except +translate_cpp_exception
+        int64_t page_size()
+        int64_t num_device_slots()
+        CMatchResult match_prefix(const Token* key, size_t length,
+                                  string_view extra_key) except +translate_cpp_exception
+        CInsertResult insert(const Token* key, size_t length, const SlotIndex* value,
+                             size_t value_len, string_view extra_key) except +translate_cpp_exception
+        int64_t inc_lock_ref(NodeId node_id) except +translate_cpp_exception
+        int64_t dec_lock_ref(NodeId node_id) except +translate_cpp_exception
+        vector[SlotIndex] evict(int64_t num_tokens) except +translate_cpp_exception
+        int64_t evictable_size()
+        int64_t protected_size()
+        int64_t total_size()
+        int64_t num_nodes()
+        cbool contains_node(NodeId node_id)
+        CNodeInfo node_info(NodeId node_id) except +translate_cpp_exception
+        vector[SlotIndex] all_device_indices() except +translate_cpp_exception
+        vector[SlotIndex] reset() except +translate_cpp_exception
+        string pretty_print() except +translate_cpp_exception
+        void check_invariants() except +translate_cpp_exception
+
+
+cdef class Int64Buffer:
+    cdef vector[SlotIndex] data
+    cdef Py_ssize_t shape[1]
+    cdef Py_ssize_t strides[1]
+
+
+cdef class RadixTree:
+    cdef unique_ptr[CRadixTree] _tree
+    cdef vector[Token] _key_scratch
+    cdef vector[SlotIndex] _value_scratch
+    cdef readonly int64_t page_size
+    cdef readonly int64_t num_device_slots
+    cdef int _as_tokens(self, object key, const Token** out, size_t* n) except -1
+    cdef int _as_slots(self, object value, const SlotIndex** out, size_t* n) except -1

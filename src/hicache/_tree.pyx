@@ -1,0 +1,368 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, embedsignature=True
+# (bounds checks are off because every array crossing into C++ is validated here first.)
+"""Cython wrapper of the C++ radix tree core (``cpp/include/hicache/radix_tree.h``).
+
+Nodes cross the boundary as integer ids; inputs are borrowed for the duration of a call; outputs are
+owned buffers exposed to torch without a copy. The tree is not thread-safe: callers serialise every
+call (``hicache.cache.HiCache`` holds one lock for that).
+"""
+
+from cpython.buffer cimport PyBUF_FORMAT, PyBUF_ND, PyBUF_STRIDES
+from libc.stdint cimport int32_t, int64_t, uintptr_t
+from libcpp.string_view cimport string_view
+
+import torch
+
+from hicache.errors import IndexOutOfRangeError, InvalidArgumentError, InvariantError
+from hicache.results import InsertResult, MatchResult, NodeInfo
+
+set_hicache_error_types(InvalidArgumentError, IndexOutOfRangeError, InvariantError)
+
+cdef int64_t _TOKEN_MIN = -2147483648
+cdef int64_t _TOKEN_MAX = 2147483647
+_INT32_FORMATS = frozenset(("i", "=i", "<i", "@i"))
+_INT64_FORMATS = frozenset(("l", "q", "=l", "=q", "<l", "<q", "@l", "@q"))
+
+
+cdef class Int64Buffer:
+    """An owned ``int64`` array exposed through the buffer protocol (zero-copy into torch)."""
+
+    def __getbuffer__(self, Py_buffer* view, int flags):
+        self.shape[0] = <Py_ssize_t>self.data.size()
+        self.strides[0] = sizeof(int64_t)
+        view.buf = <void*>self.data.data()
+        view.obj = self
+        view.len = self.shape[0] * sizeof(int64_t)
+        view.readonly = 0
+        view.itemsize = sizeof(int64_t)
+        view.format = NULL
+        if flags & PyBUF_FORMAT:
+            view.format = b"q"
+        view.ndim = 1
+        view.shape = NULL
+        if flags & PyBUF_ND:
+            view.shape = self.shape
+        view.strides = NULL
+        if flags & PyBUF_STRIDES:
+            view.strides = self.strides
+        view.suboffsets = NULL
+        view.internal = NULL
+
+    def __releasebuffer__(self, Py_buffer* view):
+        pass
+
+
+cdef object _to_tensor(vector[SlotIndex]& values):
+    """Moves ``values`` into a new int64 CPU tensor without copying the elements."""
+    if values.size() == 0:
+        return torch.empty(0, dtype=torch.int64)
+    cdef Int64Buffer buf = Int64Buffer.__new__(Int64Buffer)
+    buf.data.swap(values)
+    return torch.frombuffer(buf, dtype=torch.int64)
+
+
+cdef int _check_cpu_vector(object t, str name) except -1:
+    if t.dim() != 1:
+        raise InvalidArgumentError(f"{name} must be a 1-D tensor, got shape {tuple(t.shape)}")
+    if t.device.type != "cpu":
+        raise InvalidArgumentError(
+            f"{name} must be a CPU tensor (the tree lives in host memory), got device {t.device}")
+    if not t.is_contiguous():
+        raise InvalidArgumentError(f"{name} must be contiguous")
+    return 0
+
+
+cdef object _as_flat_memoryview(object obj, str name):
+    try:
+        view = memoryview(obj)
+    except TypeError:
+        raise InvalidArgumentError(
+            f"{name} must be a 1-D sequence of integers (list, tuple, range, torch tensor, numpy "
+            f"array), got {type(obj).__name__}") from None
+    if view.ndim != 1 or not view.c_contiguous:
+        raise InvalidArgumentError(f"{name} must be a contiguous 1-D array, got ndim={view.ndim}")
+    return view
+
+
+cdef bytes _encode_extra_key(object extra_key):
+    if extra_key is None:
+        return b""
+    if not isinstance(extra_key, str):
+        raise InvalidArgumentError(f"extra_key must be a str or None, got {type(extra_key).__name__}")
+    return (<str>extra_key).encode("utf-8")
+
+
+cdef inline string_view _view(bytes b):
+    return string_view(<const char*>b, len(b))
+
+
+cdef class RadixTree:
+    """A radix tree over page-aligned token keys holding device KV slot indices.
+
+    The device tier of SGLang's radix cache with its C++ core: ``match_prefix``, ``insert``, path
+    locks (``inc_lock_ref``/``dec_lock_ref``) and LRU eviction. Eviction is page-granular: it trims
+    the least recently used leaf from its tail instead of dropping whole nodes (SGLang drops whole
+    nodes), and costs O(1) per freed page whatever the tree size (an intrusive LRU list instead of
+    SGLang's per-call heap over every leaf).
+
+    Recency: ``match_prefix`` and ``insert`` touch their path deepest-first (ancestors end up more
+    recent than descendants), and ``dec_lock_ref`` touches each node whose ``lock_ref`` drops to 0.
+    A node is evictable when it has device KV and ``lock_ref == 0``.
+
+    Args:
+        page_size: tokens per page, >= 1. Keys and values are used in whole pages.
+        num_device_slots: size of the device pool in slots (tokens). When > 0, inserted slot indices
+            must lie in ``[0, num_device_slots)``; 0 disables that check.
+
+    Raises:
+        InvalidArgumentError: ``page_size < 1`` or ``num_device_slots < 0``.
+    """
+
+    def __cinit__(self, int64_t page_size=1, int64_t num_device_slots=0):
+        self._tree.reset(new CRadixTree(page_size, num_device_slots))
+        self.page_size = page_size
+        self.num_device_slots = num_device_slots
+
+    @property
+    def root_id(self) -> int:
+        """The root's node id (0): the empty prefix, never locked or evicted."""
+        return 0
+
+    cdef int _as_tokens(self, object key, const Token** out, size_t* n) except -1:
+        """Points ``out`` at ``key`` as int32 tokens, borrowing it when possible, else converting."""
+        cdef const int32_t[::1] v32
+        cdef const int64_t[::1] v64
+        cdef const int64_t* src
+        cdef Py_ssize_t i, length
+        cdef int64_t t
+        if isinstance(key, torch.Tensor):
+            _check_cpu_vector(key, "key")
+            if key.dtype == torch.int32:
+                n[0] = <size_t>key.numel()
+                out[0] = <const Token*><uintptr_t>key.data_ptr()
+                return 0
+            if key.dtype != torch.int64:
+                raise InvalidArgumentError(f"key must be an int32 or int64 tensor, got {key.dtype}")
+            length = key.numel()
+            src = <const int64_t*><uintptr_t>key.data_ptr()
+        elif isinstance(key, (list, tuple, range)):
+            length = len(key)
+            self._key_scratch.resize(length)
+            for i in range(length):
+                t = key[i]
+                if t < _TOKEN_MIN or t > _TOKEN_MAX:
+                    raise InvalidArgumentError(f"key[{i}] = {t} does not fit a token id (int32)")
+                self._key_scratch[i] = <Token>t
+            n[0] = <size_t>length
+            out[0] = self._key_scratch.data()
+            return 0
+        else:
+            view = _as_flat_memoryview(key, "key")
+            if view.itemsize == 4 and view.format in _INT32_FORMATS:
+                v32 = view
+                n[0] = <size_t>v32.shape[0]
+                out[0] = &v32[0] if v32.shape[0] > 0 else self._key_scratch.data()
+                return 0
+            if not (view.itemsize == 8 and view.format in _INT64_FORMATS):
+                raise InvalidArgumentError(
+                    f"key must hold int32 or int64 token ids, got buffer format {view.format!r}")
+            v64 = view
+            length = v64.shape[0]
+            src = &v64[0] if length > 0 else NULL
+        self._key_scratch.resize(length)
+        for i in range(length):
+            t = src[i]
+            if t < _TOKEN_MIN or t > _TOKEN_MAX:
+                raise InvalidArgumentError(f"key[{i}] = {t} does not fit a token id (int32)")
+            self._key_scratch[i] = <Token>t
+        n[0] = <size_t>length
+        out[0] = self._key_scratch.data()
+        return 0
+
+    cdef int _as_slots(self, object value, const SlotIndex** out, size_t* n) except -1:
+        """Points ``out`` at ``value`` as int64 slot indices (borrowed tensors/arrays, copied lists)."""
+        cdef const int64_t[::1] v64
+        cdef Py_ssize_t i, length
+        if isinstance(value, torch.Tensor):
+            _check_cpu_vector(value, "value")
+            if value.dtype != torch.int64:
+                raise InvalidArgumentError(f"value must be an int64 tensor of slot indices, got "
+                                           f"{value.dtype}")
+            n[0] = <size_t>value.numel()
+            out[0] = <const SlotIndex*><uintptr_t>value.data_ptr()
+            return 0
+        if isinstance(value, (list, tuple, range)):
+            length = len(value)
+            self._value_scratch.resize(length)
+            for i in range(length):
+                self._value_scratch[i] = value[i]
+            n[0] = <size_t>length
+            out[0] = self._value_scratch.data()
+            return 0
+        view = _as_flat_memoryview(value, "value")
+        if not (view.itemsize == 8 and view.format in _INT64_FORMATS):
+            raise InvalidArgumentError(
+                f"value must hold int64 slot indices, got buffer format {view.format!r}")
+        v64 = view
+        n[0] = <size_t>v64.shape[0]
+        out[0] = &v64[0] if v64.shape[0] > 0 else self._value_scratch.data()
+        return 0
+
+    def match_prefix(self, key, extra_key=None):
+        """Finds the longest cached prefix of ``key``.
+
+        The key is floored to a multiple of ``page_size``. A match ending inside a node splits it:
+        the node keeps its id as the lower part, the new upper part gets a fresh id. The matched
+        path is touched (most recently used).
+
+        Args:
+            key: ``[num_tokens]`` token ids: a list, an int32/int64 CPU tensor or a numpy array.
+            extra_key: namespace (e.g. a LoRA id or a tenant salt); keys with different extra keys
+                never share cached pages. ``None`` and ``""`` mean no namespace.
+
+        Returns:
+            MatchResult: ``device_indices`` (int64 CPU tensor, owned by the caller), the node ids
+            ``last_device_node``/``last_host_node``/``best_match_node`` (equal on the device tier)
+            and ``host_hit_length`` (0 on the device tier).
+
+        Raises:
+            InvalidArgumentError: ``key`` has a wrong type, dtype, device or shape, or a token
+                outside int32.
+        """
+        cdef const Token* tokens
+        cdef size_t n
+        cdef bytes holder = _encode_extra_key(extra_key)
+        cdef string_view ns = _view(holder)
+        self._as_tokens(key, &tokens, &n)
+        cdef CMatchResult r = self._tree.get().match_prefix(tokens, n, ns)
+        return MatchResult(_to_tensor(r.device_indices), r.last_device_node, r.last_host_node,
+                           r.best_match_node, r.host_hit_length)
+
+    def insert(self, key, value, extra_key=None):
+        """Inserts ``key`` with its device KV slots ``value``.
+
+        Only the page-aligned part ``key[:floor(len/page_size)*page_size]`` is inserted. Nodes that
+        already cache a prefix keep their own slots; the new tail takes ``value[prefix_len:]``.
+
+        Args:
+            key: ``[num_tokens]`` token ids (as in :meth:`match_prefix`).
+            value: ``[num_tokens]`` int64 device slot indices (CPU tensor, numpy array or list),
+                made of whole pages when ``page_size > 1`` (each page ``page_size`` consecutive
+                slots starting at a multiple of ``page_size``).
+            extra_key: namespace, as in :meth:`match_prefix`.
+
+        Returns:
+            InsertResult: ``prefix_len`` (tokens already cached: the caller still owns
+            ``value[:prefix_len]`` and frees what it does not need) and ``last_node``.
+
+        Raises:
+            InvalidArgumentError: wrong type/dtype/device/shape, ``len(value) != len(key)``, a
+                negative slot, or slots not made of whole pages.
+            IndexOutOfRangeError: a slot ``>= num_device_slots``.
+        """
+        cdef const Token* tokens
+        cdef const SlotIndex* slots
+        cdef size_t n, m
+        cdef bytes holder = _encode_extra_key(extra_key)
+        cdef string_view ns = _view(holder)
+        self._as_tokens(key, &tokens, &n)
+        self._as_slots(value, &slots, &m)
+        cdef CInsertResult r = self._tree.get().insert(tokens, n, slots, m, ns)
+        return InsertResult(r.prefix_len, r.last_node)
+
+    def inc_lock_ref(self, int64_t node_id):
+        """Locks ``node_id`` and its ancestors against eviction (a path lock).
+
+        Returns:
+            int: tokens moved from evictable to protected.
+
+        Raises:
+            IndexOutOfRangeError: unknown node id.
+        """
+        return self._tree.get().inc_lock_ref(node_id)
+
+    def dec_lock_ref(self, int64_t node_id):
+        """Releases one lock taken by :meth:`inc_lock_ref` on ``node_id``.
+
+        Nodes whose ``lock_ref`` drops to 0 become evictable and count as just used.
+
+        Returns:
+            int: tokens moved from protected back to evictable.
+
+        Raises:
+            InvalidArgumentError: the node is not locked.
+            IndexOutOfRangeError: unknown node id.
+        """
+        return self._tree.get().dec_lock_ref(node_id)
+
+    def evict(self, int64_t num_tokens):
+        """Evicts ``ceil(num_tokens / page_size)`` pages of device KV, least recently used first.
+
+        Trims the LRU leaf from its tail (the deepest pages go first) and removes leaves that become
+        empty. Stops early when nothing evictable is left.
+
+        Returns:
+            torch.Tensor: ``[num_freed]`` int64 CPU tensor of the freed slots; the caller returns
+            them to its allocator.
+
+        Raises:
+            InvalidArgumentError: ``num_tokens < 0``.
+        """
+        return _to_tensor(self._tree.get().evict(num_tokens))
+
+    def evictable_size(self):
+        """Tokens with device KV in unlocked nodes."""
+        return self._tree.get().evictable_size()
+
+    def protected_size(self):
+        """Tokens with device KV in locked nodes."""
+        return self._tree.get().protected_size()
+
+    def total_size(self):
+        """Tokens with device KV in the tree: ``evictable_size() + protected_size()``."""
+        return self._tree.get().total_size()
+
+    def num_nodes(self):
+        """Nodes in the tree, excluding the root."""
+        return self._tree.get().num_nodes()
+
+    def contains_node(self, int64_t node_id):
+        """Whether ``node_id`` names a node currently in the tree (the root always does)."""
+        return self._tree.get().contains_node(node_id)
+
+    def node_info(self, int64_t node_id):
+        """Returns a :class:`~hicache.results.NodeInfo` snapshot of one node.
+
+        Raises:
+            IndexOutOfRangeError: unknown node id.
+        """
+        cdef CNodeInfo i = self._tree.get().node_info(node_id)
+        return NodeInfo(i.node_id, i.parent_id, i.num_tokens, i.num_children, i.lock_ref,
+                        i.host_ref_counter, i.hit_count, i.last_access_time, i.has_device_value,
+                        i.extra_key.decode("utf-8") if i.has_extra_key else None)
+
+    def all_device_indices(self):
+        """All device slots held by the tree, as an int64 CPU tensor (order unspecified)."""
+        return _to_tensor(self._tree.get().all_device_indices())
+
+    def reset(self):
+        """Drops every node and returns the device slots they held (int64 CPU tensor).
+
+        Node ids are not reused afterwards.
+
+        Raises:
+            InvalidArgumentError: some node is still locked.
+        """
+        return _to_tensor(self._tree.get().reset())
+
+    def pretty_print(self):
+        """Returns a human-readable dump of the tree, one node per line."""
+        return self._tree.get().pretty_print().decode("utf-8")
+
+    def check_invariants(self):
+        """Recomputes every tree invariant of DESIGN.md from scratch (O(tree size)).
+
+        Raises:
+            InvariantError: an invariant is broken; the message names the node and the rule.
+        """
+        self._tree.get().check_invariants()
