@@ -1,0 +1,227 @@
+"""The replay loop: an engine scheduler's calls, one request at a time, with KV integrity checks."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from hicache.cache import HiCache, Req
+from hicache.errors import HiCacheError, InvalidArgumentError
+from hicache.memory import DeviceKVPool
+from hicache.replay.trace import TRACE_BLOCK_TOKENS, TraceRequest, block_tokens
+
+__all__ = ["KVIntegrityError", "ReplayConfig", "ReplayReport", "expected_kv", "run_replay"]
+
+OPERATIONS = ("match_prefix", "inc_lock_ref", "alloc", "write_kv", "verify_kv", "cache_finished_req")
+
+
+class KVIntegrityError(HiCacheError, AssertionError):
+    """A cache hit returned KV that differs from what was written for those tokens."""
+
+
+@dataclass
+class ReplayConfig:
+    """What to replay and how big the cache is.
+
+    Attributes:
+        block_tokens: tokens per trace block after scaling (a real block is 512 tokens).
+        page_size: tree page size in tokens.
+        device_blocks: device pool capacity in trace blocks; None: ``device_ratio`` of the
+            trace's unique blocks (``unique * pct // 100`` with ``pct = device_ratio * 100``,
+            the reference table's rule).
+        device_ratio: see ``device_blocks``.
+        num_layers, num_heads, head_dim, dtype, kind: shape of the device KV pool (``kind`` is
+            ``"mha"`` or ``"mla"``).
+        device: torch device of the pool; None picks CUDA when available.
+        verify: read back and compare the KV of every hit.
+        check_every: run the cache's full invariant and slot-ownership check every N requests
+            (0: only at the end).
+    """
+
+    block_tokens: int = 16
+    page_size: int = 16
+    device_blocks: int | None = None
+    device_ratio: float = 0.1
+    num_layers: int = 2
+    num_heads: int = 2
+    head_dim: int = 8
+    dtype: str = "float16"
+    kind: str = "mha"
+    device: str | None = None
+    verify: bool = True
+    check_every: int = 0
+
+
+@dataclass
+class ReplayReport:
+    """Results of a replay. Hit counts follow the block-level rule of traces/README.md."""
+
+    trace: str
+    config: dict
+    requests: int = 0
+    total_blocks: int = 0
+    hit_blocks: int = 0
+    input_tokens: int = 0
+    hit_tokens: int = 0  # real (unscaled) tokens: sum of min(hit_blocks * 512, input_length)
+    unique_blocks: int = 0
+    capacity_blocks: int = 0
+    evicted_blocks: float = 0.0
+    verified_tokens: int = 0
+    wall_seconds: float = 0.0
+    op_seconds: dict = field(default_factory=lambda: dict.fromkeys(OPERATIONS, 0.0))
+    device: str = ""
+
+    @property
+    def block_hit_ratio(self) -> float:
+        """Hit blocks / input blocks."""
+        return self.hit_blocks / self.total_blocks if self.total_blocks else 0.0
+
+    @property
+    def token_hit_ratio(self) -> float:
+        """Hit tokens / input tokens (real token counts)."""
+        return self.hit_tokens / self.input_tokens if self.input_tokens else 0.0
+
+    @property
+    def requests_per_s(self) -> float:
+        """Requests replayed per second of wall time (KV writes and checks included)."""
+        return self.requests / self.wall_seconds if self.wall_seconds else 0.0
+
+    def to_dict(self) -> dict:
+        """The report as plain JSON-serialisable data."""
+        d = asdict(self)
+        d.update(block_hit_ratio=self.block_hit_ratio, token_hit_ratio=self.token_hit_ratio,
+                 requests_per_s=self.requests_per_s,
+                 op_us_per_request={k: 1e6 * v / max(self.requests, 1)
+                                    for k, v in self.op_seconds.items()})
+        return d
+
+
+def expected_kv(tokens: torch.Tensor, pool: DeviceKVPool) -> tuple[torch.Tensor, ...]:
+    """The KV the replay writes for ``tokens``: bytes of a 64-bit hash of the token.
+
+    A token encodes (block id, position), so the KV is a deterministic function of
+    (block id, position, layer). Element (layer, head, dim) of K (or V) is byte
+    ``(layer * heads * head_dim + head * head_dim + dim) mod 7`` (+3 for V) of a splitmix64-style
+    hash of the token, reduced mod 251: integers exact in fp16/bf16/fp32, and KV read from a wrong
+    slot differs in nearly every element.
+
+    Args:
+        tokens: ``[n]`` int32/int64 CPU tensor of token ids.
+        pool: the pool whose shape, dtype and device the result takes.
+
+    Returns:
+        tuple[torch.Tensor, ...]: ``(k, v)`` for MHA or ``(kv,)`` for MLA, each
+        ``[num_layers, n, heads, head_dim]`` on the pool's device and dtype.
+    """
+    heads = 1 if pool.kind == "mla" else pool.num_heads
+    x = tokens.to(torch.int64) * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019
+    x = (x ^ (x >> 31)) * 0x94D049BB133111EB
+    x = x ^ (x >> 29)
+    x = x.view(1, -1, 1, 1)
+    element = torch.arange(pool.num_layers * heads * pool.head_dim, dtype=torch.int64)
+    shape = (pool.num_layers, 1, heads, pool.head_dim)
+    kinds = (0,) if pool.kind == "mla" else (0, 3)
+    outputs = [((x >> (8 * ((element + k) % 7)).view(shape)) & 0xFF) % 251 for k in kinds]
+    return tuple(o.to(device=pool.device, dtype=pool.dtype) for o in outputs)
+
+
+def run_replay(requests: list[TraceRequest], config: ReplayConfig, trace_name: str = "",
+               progress: Callable[[int], None] | None = None) -> ReplayReport:
+    """Replays ``requests`` through a fresh :class:`HiCache`, request by request.
+
+    Per request, as an engine scheduler would: ``match_prefix`` -> ``inc_lock_ref`` on the last
+    device node -> read back and verify the hit KV -> ``alloc`` slots for the missing tokens
+    (evicting LRU pages as needed) -> write their KV -> ``cache_finished_req`` (insert, free
+    duplicates and the unaligned tail, unlock). Only prompts are cached (the trace has no output
+    tokens), as the reference rule says.
+
+    Args:
+        requests: the trace.
+        config: sizes and checks.
+        trace_name: recorded in the report.
+        progress: called with the number of requests done after each one (a progress bar).
+
+    Returns:
+        ReplayReport: hits, evictions and time per operation.
+
+    Raises:
+        KVIntegrityError: a hit's KV differs from what was written for its tokens.
+        InvalidArgumentError: a bad configuration (sizes, dtype, kind).
+        InvariantError: a cache invariant broke (a hicache bug).
+    """
+    bt, ps = config.block_tokens, config.page_size
+    if bt < 1 or ps < 1:
+        raise InvalidArgumentError(f"block_tokens and page_size must be >= 1, got {bt}, {ps}")
+    dtype = getattr(torch, config.dtype, None)
+    if not isinstance(dtype, torch.dtype):
+        raise InvalidArgumentError(f"unknown dtype {config.dtype!r}")
+    unique = len({h for r in requests for h in r.hash_ids})
+    if config.device_blocks is not None:
+        capacity = config.device_blocks
+    else:
+        capacity = unique * round(config.device_ratio * 100) // 100
+    num_slots = capacity * bt // ps * ps
+    if num_slots < ps:
+        raise InvalidArgumentError(f"a device pool of {capacity} blocks x {bt} tokens holds no "
+                                   f"whole page of {ps} tokens")
+    device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pool = DeviceKVPool(num_slots, config.num_layers, config.num_heads, config.head_dim, dtype,
+                        device, config.kind)
+    cache = HiCache(pool, page_size=ps)
+    report = ReplayReport(trace=trace_name, config=asdict(config), unique_blocks=unique,
+                          capacity_blocks=capacity, device=str(pool.device))
+    ops = report.op_seconds
+    no_slots = torch.empty(0, dtype=torch.int64)
+    clock = time.perf_counter
+    start = clock()
+    for i, trace_req in enumerate(requests):
+        tokens = block_tokens(trace_req.hash_ids, bt)
+        t0 = clock()
+        match = cache.match_prefix(tokens)
+        t1 = clock()
+        cache.inc_lock_ref(match.last_device_node)
+        t2 = clock()
+        hit = match.device_prefix_len
+        if config.verify and hit:
+            got = pool.read(match.device_indices)
+            want = expected_kv(tokens[:hit], pool)
+            if not all(torch.equal(g, w) for g, w in zip(got, want)):
+                raise KVIntegrityError(
+                    f"request {i}: the KV read back for its {hit} hit tokens differs from the KV "
+                    f"written for them")
+            report.verified_tokens += hit
+        t3 = clock()
+        new_slots = cache.alloc(len(tokens) - hit)
+        t4 = clock()
+        num_new = len(tokens) - hit
+        if num_new:
+            pool.write(new_slots[:num_new], *expected_kv(tokens[hit:], pool))
+        t5 = clock()
+        req = Req(tokens, kv_indices=torch.cat((match.device_indices, new_slots)),
+                  last_node=match.last_device_node, prefix_len=hit)
+        cache.cache_finished_req(req)
+        t6 = clock()
+        ops["match_prefix"] += t1 - t0
+        ops["inc_lock_ref"] += t2 - t1
+        ops["verify_kv"] += t3 - t2
+        ops["alloc"] += t4 - t3
+        ops["write_kv"] += t5 - t4
+        ops["cache_finished_req"] += t6 - t5
+
+        hit_blocks = hit // bt
+        report.requests += 1
+        report.total_blocks += len(trace_req.hash_ids)
+        report.hit_blocks += hit_blocks
+        report.input_tokens += trace_req.input_length
+        report.hit_tokens += min(hit_blocks * TRACE_BLOCK_TOKENS, trace_req.input_length)
+        if config.check_every and (i + 1) % config.check_every == 0:
+            cache.check_invariants(request_slots=no_slots)
+        if progress is not None:
+            progress(i + 1)
+    report.wall_seconds = clock() - start
+    report.evicted_blocks = cache.num_evicted_tokens / bt
+    cache.check_invariants(request_slots=no_slots)
+    return report
