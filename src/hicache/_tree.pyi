@@ -1,11 +1,12 @@
 """Typed stub of the Cython wrapper around the C++ radix tree core (``cpp/``)."""
 
-from typing import NamedTuple, Sequence, Union
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-TokenSeq = Union[Sequence[int], torch.Tensor, np.ndarray, memoryview]
+TokenSeq = Sequence[int] | torch.Tensor | np.ndarray | memoryview
 
 class MatchResult(NamedTuple):
     device_indices: torch.Tensor

@@ -165,7 +165,8 @@ class HiCache:
                     raise PoolExhaustedError(
                         f"alloc: need {need} slots but only {free} are free and {evictable} "
                         f"evictable ({self.tree.protected_size()} locked by running requests, pool "
-                        f"of {self.allocator.num_slots})")
+                        f"of {self.allocator.num_slots})"
+                    )
                 self.evict(need - free)
             return self.allocator.alloc(need)
 
@@ -191,14 +192,17 @@ class HiCache:
         """
         aligned = self._check_req(req)
         with self._lock:
-            result = self.tree.insert(req.token_ids[:aligned], req.kv_indices[:aligned],
-                                      req.extra_key)
+            result = self.tree.insert(
+                req.token_ids[:aligned], req.kv_indices[:aligned], req.extra_key
+            )
             if result.prefix_len < req.prefix_len:
                 raise InvariantError(
                     f"cache_finished_req: the tree caches {result.prefix_len} tokens of a prefix "
-                    f"the request locked at {req.prefix_len}")
-            unused = torch.cat((req.kv_indices[req.prefix_len:result.prefix_len],
-                                req.kv_indices[aligned:]))
+                    f"the request locked at {req.prefix_len}"
+                )
+            unused = torch.cat(
+                (req.kv_indices[req.prefix_len : result.prefix_len], req.kv_indices[aligned:])
+            )
             if unused.numel():
                 self.allocator.free(unused)
             self.tree.dec_lock_ref(req.last_node)
@@ -220,20 +224,23 @@ class HiCache:
         """
         aligned = self._check_req(req)
         with self._lock:
-            result = self.tree.insert(req.token_ids[:aligned], req.kv_indices[:aligned],
-                                      req.extra_key)
+            result = self.tree.insert(
+                req.token_ids[:aligned], req.kv_indices[:aligned], req.extra_key
+            )
             if result.prefix_len < req.prefix_len:
                 raise InvariantError(
                     f"cache_unfinished_req: the tree caches {result.prefix_len} tokens of a prefix "
-                    f"the request locked at {req.prefix_len}")
-            duplicates = req.kv_indices[req.prefix_len:result.prefix_len]
+                    f"the request locked at {req.prefix_len}"
+                )
+            duplicates = req.kv_indices[req.prefix_len : result.prefix_len]
             if duplicates.numel():
                 self.allocator.free(duplicates)
             match = self.tree.match_prefix(req.token_ids[:aligned], req.extra_key)
             if match.device_prefix_len != aligned:
                 raise InvariantError(
                     f"cache_unfinished_req: re-match found {match.device_prefix_len} of the "
-                    f"{aligned} tokens just inserted")
+                    f"{aligned} tokens just inserted"
+                )
             self.tree.inc_lock_ref(match.last_device_node)
             self.tree.dec_lock_ref(req.last_node)
         kv = req.kv_indices.clone()
@@ -251,10 +258,13 @@ class HiCache:
         if kv.numel() < num_tokens or kv.numel() % self.page_size:
             raise InvalidArgumentError(
                 f"req.kv_indices has {kv.numel()} slots for {num_tokens} tokens; it must cover "
-                f"them in whole pages of {self.page_size}")
+                f"them in whole pages of {self.page_size}"
+            )
         if req.prefix_len % self.page_size or req.prefix_len > num_tokens:
-            raise InvalidArgumentError(f"req.prefix_len {req.prefix_len} is not a page-aligned "
-                                       f"prefix of the {num_tokens} tokens")
+            raise InvalidArgumentError(
+                f"req.prefix_len {req.prefix_len} is not a page-aligned "
+                f"prefix of the {num_tokens} tokens"
+            )
         return num_tokens - num_tokens % self.page_size
 
     # ---- whole-cache operations -----------------------------------------------------------------
@@ -294,5 +304,7 @@ class HiCache:
             if counts.numel() != self.allocator.num_slots or bool((counts != 1).any()):
                 leaked = int((counts == 0).sum())
                 doubled = int((counts > 1).sum())
-                raise InvariantError(f"slot ownership broken: {leaked} slots owned by nobody, "
-                                     f"{doubled} owned more than once")
+                raise InvariantError(
+                    f"slot ownership broken: {leaked} slots owned by nobody, "
+                    f"{doubled} owned more than once"
+                )

@@ -6,7 +6,8 @@ pattern), so ``except ValueError`` keeps working for code that does not know hic
 
 The C++ tree core throws standard exceptions; the Cython layer translates them:
 ``std::invalid_argument`` -> :class:`InvalidArgumentError`, ``std::out_of_range`` ->
-:class:`IndexOutOfRangeError`, anything else (a broken invariant: our bug) -> :class:`InvariantError`.
+:class:`IndexOutOfRangeError`, anything else (a broken invariant: our bug) ->
+:class:`InvariantError`.
 """
 
 from __future__ import annotations

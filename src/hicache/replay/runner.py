@@ -15,7 +15,14 @@ from hicache.replay.trace import TRACE_BLOCK_TOKENS, TraceRequest, block_tokens
 
 __all__ = ["KVIntegrityError", "ReplayConfig", "ReplayReport", "expected_kv", "run_replay"]
 
-OPERATIONS = ("match_prefix", "inc_lock_ref", "alloc", "write_kv", "verify_kv", "cache_finished_req")
+OPERATIONS = (
+    "match_prefix",
+    "inc_lock_ref",
+    "alloc",
+    "write_kv",
+    "verify_kv",
+    "cache_finished_req",
+)
 
 
 class KVIntegrityError(HiCacheError, AssertionError):
@@ -92,21 +99,25 @@ class ReplayReport:
     def to_dict(self) -> dict:
         """The report as plain JSON-serialisable data."""
         d = asdict(self)
-        d.update(block_hit_ratio=self.block_hit_ratio, token_hit_ratio=self.token_hit_ratio,
-                 requests_per_s=self.requests_per_s,
-                 op_us_per_request={k: 1e6 * v / max(self.requests, 1)
-                                    for k, v in self.op_seconds.items()})
+        d.update(
+            block_hit_ratio=self.block_hit_ratio,
+            token_hit_ratio=self.token_hit_ratio,
+            requests_per_s=self.requests_per_s,
+            op_us_per_request={
+                k: 1e6 * v / max(self.requests, 1) for k, v in self.op_seconds.items()
+            },
+        )
         return d
 
 
 def expected_kv(tokens: torch.Tensor, pool: DeviceKVPool) -> tuple[torch.Tensor, ...]:
-    """The KV the replay writes for ``tokens``: bytes of a 64-bit hash of the token.
+    """The KV the replay writes for ``tokens``: bytes of a 64-bit hash of each token.
 
     A token encodes (block id, position), so the KV is a deterministic function of
-    (block id, position, layer). Element (layer, head, dim) of K (or V) is byte
-    ``(layer * heads * head_dim + head * head_dim + dim) mod 7`` (+3 for V) of a splitmix64-style
-    hash of the token, reduced mod 251: integers exact in fp16/bf16/fp32, and KV read from a wrong
-    slot differs in nearly every element.
+    (block id, position, layer). Element ``e = (layer, head, dim)`` (flattened) of K is byte
+    ``e mod 8`` of a splitmix64 hash of the token, of V byte ``(e + 3) mod 8``: integers in
+    [0, 255], exact in fp16/bf16/fp32, and KV read from a wrong slot differs in nearly every
+    element.
 
     Args:
         tokens: ``[n]`` int32/int64 CPU tensor of token ids.
@@ -117,19 +128,27 @@ def expected_kv(tokens: torch.Tensor, pool: DeviceKVPool) -> tuple[torch.Tensor,
         ``[num_layers, n, heads, head_dim]`` on the pool's device and dtype.
     """
     heads = 1 if pool.kind == "mla" else pool.num_heads
-    x = tokens.to(torch.int64) * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019
-    x = (x ^ (x >> 31)) * 0x94D049BB133111EB
-    x = x ^ (x >> 29)
-    x = x.view(1, -1, 1, 1)
-    element = torch.arange(pool.num_layers * heads * pool.head_dim, dtype=torch.int64)
-    shape = (pool.num_layers, 1, heads, pool.head_dim)
-    kinds = (0,) if pool.kind == "mla" else (0, 3)
-    outputs = [((x >> (8 * ((element + k) % 7)).view(shape)) & 0xFF) % 251 for k in kinds]
-    return tuple(o.to(device=pool.device, dtype=pool.dtype) for o in outputs)
+    x = tokens.to(torch.int64) * -0x61C8864680B583EB + 0x632BE59BD9B4E019  # splitmix64
+    x = (x ^ (x >> 30)) * -0x40A7B892E31B1A47
+    x = (x ^ (x >> 27)) * -0x6B2FB644ECCEEE15
+    x = x ^ (x >> 31)
+    hash_bytes = x.view(torch.uint8).view(-1, 8)  # [n, 8]
+    num_elements = pool.num_layers * heads * pool.head_dim
+    element = torch.arange(num_elements, dtype=torch.int64)
+    outputs = []
+    for offset in (0,) if pool.kind == "mla" else (0, 3):
+        kv = hash_bytes.index_select(1, (element + offset) % 8).to(pool.dtype)
+        kv = kv.view(-1, pool.num_layers, heads, pool.head_dim).transpose(0, 1)
+        outputs.append(kv.to(pool.device))
+    return tuple(outputs)
 
 
-def run_replay(requests: list[TraceRequest], config: ReplayConfig, trace_name: str = "",
-               progress: Callable[[int], None] | None = None) -> ReplayReport:
+def run_replay(
+    requests: list[TraceRequest],
+    config: ReplayConfig,
+    trace_name: str = "",
+    progress: Callable[[int], None] | None = None,
+) -> ReplayReport:
     """Replays ``requests`` through a fresh :class:`HiCache`, request by request.
 
     Per request, as an engine scheduler would: ``match_prefix`` -> ``inc_lock_ref`` on the last
@@ -165,14 +184,21 @@ def run_replay(requests: list[TraceRequest], config: ReplayConfig, trace_name: s
         capacity = unique * round(config.device_ratio * 100) // 100
     num_slots = capacity * bt // ps * ps
     if num_slots < ps:
-        raise InvalidArgumentError(f"a device pool of {capacity} blocks x {bt} tokens holds no "
-                                   f"whole page of {ps} tokens")
+        raise InvalidArgumentError(
+            f"a device pool of {capacity} blocks x {bt} tokens holds no whole page of {ps} tokens"
+        )
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pool = DeviceKVPool(num_slots, config.num_layers, config.num_heads, config.head_dim, dtype,
-                        device, config.kind)
+    pool = DeviceKVPool(
+        num_slots, config.num_layers, config.num_heads, config.head_dim, dtype, device, config.kind
+    )
     cache = HiCache(pool, page_size=ps)
-    report = ReplayReport(trace=trace_name, config=asdict(config), unique_blocks=unique,
-                          capacity_blocks=capacity, device=str(pool.device))
+    report = ReplayReport(
+        trace=trace_name,
+        config=asdict(config),
+        unique_blocks=unique,
+        capacity_blocks=capacity,
+        device=str(pool.device),
+    )
     ops = report.op_seconds
     no_slots = torch.empty(0, dtype=torch.int64)
     clock = time.perf_counter
@@ -188,10 +214,11 @@ def run_replay(requests: list[TraceRequest], config: ReplayConfig, trace_name: s
         if config.verify and hit:
             got = pool.read(match.device_indices)
             want = expected_kv(tokens[:hit], pool)
-            if not all(torch.equal(g, w) for g, w in zip(got, want)):
+            if not all(torch.equal(g, w) for g, w in zip(got, want, strict=True)):
                 raise KVIntegrityError(
                     f"request {i}: the KV read back for its {hit} hit tokens differs from the KV "
-                    f"written for them")
+                    f"written for them"
+                )
             report.verified_tokens += hit
         t3 = clock()
         new_slots = cache.alloc(len(tokens) - hit)
@@ -200,8 +227,12 @@ def run_replay(requests: list[TraceRequest], config: ReplayConfig, trace_name: s
         if num_new:
             pool.write(new_slots[:num_new], *expected_kv(tokens[hit:], pool))
         t5 = clock()
-        req = Req(tokens, kv_indices=torch.cat((match.device_indices, new_slots)),
-                  last_node=match.last_device_node, prefix_len=hit)
+        req = Req(
+            tokens,
+            kv_indices=torch.cat((match.device_indices, new_slots)),
+            last_node=match.last_device_node,
+            prefix_len=hit,
+        )
         cache.cache_finished_req(req)
         t6 = clock()
         ops["match_prefix"] += t1 - t0

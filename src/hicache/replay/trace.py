@@ -63,10 +63,16 @@ def load_trace(path: str | Path, limit: int | None = None) -> list[TraceRequest]
                 continue
             try:
                 row = json.loads(line)
-                req = TraceRequest(int(row["timestamp"]), int(row["input_length"]),
-                                   int(row["output_length"]), tuple(int(h) for h in row["hash_ids"]))
+                req = TraceRequest(
+                    int(row["timestamp"]),
+                    int(row["input_length"]),
+                    int(row["output_length"]),
+                    tuple(int(h) for h in row["hash_ids"]),
+                )
             except (ValueError, KeyError, TypeError) as e:
-                raise InvalidArgumentError(f"{path}:{lineno}: not a Mooncake trace line ({e})") from e
+                raise InvalidArgumentError(
+                    f"{path}:{lineno}: not a Mooncake trace line ({e})"
+                ) from e
             if not req.hash_ids or min(req.hash_ids) < 0:
                 raise InvalidArgumentError(f"{path}:{lineno}: hash_ids must be non-empty, >= 0")
             requests.append(req)
@@ -93,6 +99,7 @@ def block_tokens(hash_ids: tuple[int, ...], tokens_per_block: int) -> torch.Tens
     ids = torch.tensor(hash_ids, dtype=torch.int64)
     if int(ids.max()) >= (2**31 - 1) // tokens_per_block:
         raise InvalidArgumentError(
-            f"block id {int(ids.max())} x {tokens_per_block} tokens per block overflows int32 tokens")
+            f"block id {int(ids.max())} x {tokens_per_block} tokens per block overflows int32"
+        )
     offsets = torch.arange(tokens_per_block, dtype=torch.int64)
     return (ids[:, None] * tokens_per_block + offsets[None, :]).reshape(-1).to(torch.int32)

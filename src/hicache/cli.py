@@ -1,0 +1,164 @@
+"""The ``hicache`` command line: ``hicache replay`` runs the cache on a real request trace."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from hicache.errors import HiCacheError
+
+__all__ = ["main"]
+
+
+def _add_replay_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "replay",
+        help="replay a Mooncake trace through the cache and report hits",
+        description="Replay a Mooncake-format trace (default: the bundled conversation trace) "
+        "request by request: match_prefix -> lock -> allocate (evicting LRU pages) -> "
+        "write KV -> insert -> unlock, verifying the KV of every hit.",
+    )
+    p.add_argument(
+        "--trace",
+        type=Path,
+        default=None,
+        help="Mooncake JSONL trace (default: the bundled conversation_trace.jsonl)",
+    )
+    p.add_argument("--limit", type=int, default=None, help="replay only the first N requests")
+    p.add_argument(
+        "--block-tokens",
+        type=int,
+        default=16,
+        help="tokens per 512-token trace block after scaling down (default 16)",
+    )
+    p.add_argument(
+        "--page-size", type=int, default=16, help="tree page size in tokens (default 16)"
+    )
+    cap = p.add_mutually_exclusive_group()
+    cap.add_argument(
+        "--device-blocks", type=int, default=None, help="device pool capacity in trace blocks"
+    )
+    cap.add_argument(
+        "--device-ratio",
+        type=float,
+        default=0.1,
+        help="device capacity as a fraction of the trace's unique blocks (default 0.1)",
+    )
+    p.add_argument("--layers", type=int, default=2, help="KV layers (default 2)")
+    p.add_argument("--heads", type=int, default=2, help="KV heads (default 2; MLA uses 1)")
+    p.add_argument("--head-dim", type=int, default=8, help="KV head dim (default 8)")
+    p.add_argument("--dtype", default="float16", help="KV dtype: float16, bfloat16, float32")
+    p.add_argument("--kind", choices=("mha", "mla"), default="mha", help="KV layout kind")
+    p.add_argument("--device", default=None, help="pool device (default: cuda if available)")
+    p.add_argument("--no-verify", action="store_true", help="skip the KV read-back on hits")
+    p.add_argument(
+        "--check-every",
+        type=int,
+        default=0,
+        help="check every cache invariant and slot ownership every N requests",
+    )
+    p.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _print_report(report) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    table = Table(title=f"hicache replay: {report.trace} ({report.device})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    rows = [
+        ("requests", f"{report.requests:,}"),
+        ("capacity (blocks)", f"{report.capacity_blocks:,} of {report.unique_blocks:,} unique"),
+        ("block hits", f"{report.hit_blocks:,} / {report.total_blocks:,}"),
+        ("block hit ratio", f"{report.block_hit_ratio:.6f}"),
+        ("token hits", f"{report.hit_tokens:,} / {report.input_tokens:,}"),
+        ("token hit ratio", f"{report.token_hit_ratio:.6f}"),
+        ("evicted blocks", f"{report.evicted_blocks:,.0f}"),
+        ("KV-verified tokens", f"{report.verified_tokens:,}"),
+        ("wall time (s)", f"{report.wall_seconds:.2f}"),
+        ("requests/s", f"{report.requests_per_s:,.0f}"),
+    ]
+    for name, value in rows:
+        table.add_row(name, value)
+    console.print(table)
+    ops = Table(title="time per operation")
+    ops.add_column("operation")
+    ops.add_column("µs / request", justify="right")
+    ops.add_column("share", justify="right")
+    total = sum(report.op_seconds.values()) or 1.0
+    for name, seconds in report.op_seconds.items():
+        ops.add_row(
+            name, f"{1e6 * seconds / max(report.requests, 1):.1f}", f"{100 * seconds / total:.1f}%"
+        )
+    console.print(ops)
+
+
+def _replay(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+    from hicache.replay import ReplayConfig, bundled_trace_path, load_trace, run_replay
+
+    trace = args.trace or bundled_trace_path()
+    requests = load_trace(trace, args.limit)
+    config = ReplayConfig(
+        block_tokens=args.block_tokens,
+        page_size=args.page_size,
+        device_blocks=args.device_blocks,
+        device_ratio=args.device_ratio,
+        num_layers=args.layers,
+        num_heads=args.heads,
+        head_dim=args.head_dim,
+        dtype=args.dtype,
+        kind=args.kind,
+        device=args.device,
+        verify=not args.no_verify,
+        check_every=args.check_every,
+    )
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        disable=args.quiet,
+        transient=True,
+    ) as bar:
+        task = bar.add_task(f"replay {Path(trace).name}", total=len(requests))
+        report = run_replay(
+            requests,
+            config,
+            Path(trace).name,
+            progress=lambda done: bar.update(task, completed=done),
+        )
+    _print_report(report)
+    if args.json is not None:
+        args.json.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``hicache`` console script.
+
+    Args:
+        argv: arguments without the program name (default: ``sys.argv[1:]``).
+
+    Returns:
+        int: the process exit status (0 ok, 2 usage or input error).
+    """
+    parser = argparse.ArgumentParser(prog="hicache", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_replay_parser(sub)
+    args = parser.parse_args(argv)
+    try:
+        return _replay(args)
+    except (HiCacheError, FileNotFoundError) as e:
+        print(f"hicache {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
