@@ -62,9 +62,10 @@ cdef object _to_tensor(vector[SlotIndex]& values):
 
 
 cdef int _check_cpu_vector(object t, str name) except -1:
-    if t.dim() != 1:
+    # (is_cpu / ndim: these checks run on every call, and t.device builds an object each time.)
+    if t.ndim != 1:
         raise InvalidArgumentError(f"{name} must be a 1-D tensor, got shape {tuple(t.shape)}")
-    if t.device.type != "cpu":
+    if not t.is_cpu:
         raise InvalidArgumentError(
             f"{name} must be a CPU tensor (the tree lives in host memory), got device {t.device}")
     if not t.is_contiguous():
