@@ -1,37 +1,13 @@
 """Typed stub of the Cython wrapper around the C++ radix tree core (``cpp/``)."""
 
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import numpy as np
 import torch
 
+from hicache.results import InsertResult, MatchResult, NodeInfo
+
 TokenSeq = Sequence[int] | torch.Tensor | np.ndarray | memoryview
-
-class MatchResult(NamedTuple):
-    device_indices: torch.Tensor
-    last_device_node: int
-    last_host_node: int
-    best_match_node: int
-    host_hit_length: int
-    @property
-    def device_prefix_len(self) -> int: ...
-
-class InsertResult(NamedTuple):
-    prefix_len: int
-    last_node: int
-
-class NodeInfo(NamedTuple):
-    node_id: int
-    parent_id: int
-    num_tokens: int
-    num_children: int
-    lock_ref: int
-    host_ref_counter: int
-    hit_count: int
-    last_access_time: int
-    has_device_value: bool
-    extra_key: str | None
 
 class RadixTree:
     page_size: int

@@ -9,7 +9,10 @@ call (``hicache.cache.HiCache`` holds one lock for that).
 
 from cpython.buffer cimport PyBUF_FORMAT, PyBUF_ND, PyBUF_STRIDES
 from libc.stdint cimport int32_t, int64_t, uintptr_t
+from libc.string cimport memcpy
 from libcpp.string_view cimport string_view
+
+from array import array
 
 import torch
 
@@ -71,6 +74,14 @@ cdef int _check_cpu_vector(object t, str name) except -1:
     if not t.is_contiguous():
         raise InvalidArgumentError(f"{name} must be contiguous")
     return 0
+
+
+cdef object _int64_array(object seq, str name):
+    """Copies a Python sequence of ints into an int64 ``array`` (the convenience path for lists)."""
+    try:
+        return array("q", seq)
+    except (TypeError, OverflowError) as e:
+        raise InvalidArgumentError(f"{name} must hold int64-range integers ({e})") from None
 
 
 cdef object _as_flat_memoryview(object obj, str name):
@@ -136,6 +147,8 @@ cdef class RadixTree:
         cdef const int64_t* src
         cdef Py_ssize_t i, length
         cdef int64_t t
+        if isinstance(key, (list, tuple, range)):
+            key = _int64_array(key, "key")
         if isinstance(key, torch.Tensor):
             _check_cpu_vector(key, "key")
             if key.dtype == torch.int32:
@@ -146,17 +159,6 @@ cdef class RadixTree:
                 raise InvalidArgumentError(f"key must be an int32 or int64 tensor, got {key.dtype}")
             length = key.numel()
             src = <const int64_t*><uintptr_t>key.data_ptr()
-        elif isinstance(key, (list, tuple, range)):
-            length = len(key)
-            self._key_scratch.resize(length)
-            for i in range(length):
-                t = key[i]
-                if t < _TOKEN_MIN or t > _TOKEN_MAX:
-                    raise InvalidArgumentError(f"key[{i}] = {t} does not fit a token id (int32)")
-                self._key_scratch[i] = <Token>t
-            n[0] = <size_t>length
-            out[0] = self._key_scratch.data()
-            return 0
         else:
             view = _as_flat_memoryview(key, "key")
             if view.itemsize == 4 and view.format in _INT32_FORMATS:
@@ -183,7 +185,15 @@ cdef class RadixTree:
     cdef int _as_slots(self, object value, const SlotIndex** out, size_t* n) except -1:
         """Points ``out`` at ``value`` as int64 slot indices (borrowed tensors/arrays, copied lists)."""
         cdef const int64_t[::1] v64
-        cdef Py_ssize_t i, length
+        if isinstance(value, (list, tuple, range)):
+            # Copied: the temporary array dies when this method returns, the scratch does not.
+            v64 = _int64_array(value, "value")
+            self._value_scratch.resize(v64.shape[0])
+            if v64.shape[0] > 0:
+                memcpy(self._value_scratch.data(), &v64[0], v64.shape[0] * sizeof(int64_t))
+            n[0] = <size_t>v64.shape[0]
+            out[0] = self._value_scratch.data()
+            return 0
         if isinstance(value, torch.Tensor):
             _check_cpu_vector(value, "value")
             if value.dtype != torch.int64:
@@ -191,14 +201,6 @@ cdef class RadixTree:
                                            f"{value.dtype}")
             n[0] = <size_t>value.numel()
             out[0] = <const SlotIndex*><uintptr_t>value.data_ptr()
-            return 0
-        if isinstance(value, (list, tuple, range)):
-            length = len(value)
-            self._value_scratch.resize(length)
-            for i in range(length):
-                self._value_scratch[i] = value[i]
-            n[0] = <size_t>length
-            out[0] = self._value_scratch.data()
             return 0
         view = _as_flat_memoryview(value, "value")
         if not (view.itemsize == 8 and view.format in _INT64_FORMATS):

@@ -190,16 +190,8 @@ class HiCache:
         Raises:
             InvalidArgumentError: ``kv_indices`` is shorter than ``token_ids`` or not whole pages.
         """
-        aligned = self._check_req(req)
         with self._lock:
-            result = self.tree.insert(
-                req.token_ids[:aligned], req.kv_indices[:aligned], req.extra_key
-            )
-            if result.prefix_len < req.prefix_len:
-                raise InvariantError(
-                    f"cache_finished_req: the tree caches {result.prefix_len} tokens of a prefix "
-                    f"the request locked at {req.prefix_len}"
-                )
+            aligned, result = self._insert_req(req)
             unused = torch.cat(
                 (req.kv_indices[req.prefix_len : result.prefix_len], req.kv_indices[aligned:])
             )
@@ -222,16 +214,8 @@ class HiCache:
         Returns:
             InsertResult: the tree's insert result.
         """
-        aligned = self._check_req(req)
         with self._lock:
-            result = self.tree.insert(
-                req.token_ids[:aligned], req.kv_indices[:aligned], req.extra_key
-            )
-            if result.prefix_len < req.prefix_len:
-                raise InvariantError(
-                    f"cache_unfinished_req: the tree caches {result.prefix_len} tokens of a prefix "
-                    f"the request locked at {req.prefix_len}"
-                )
+            aligned, result = self._insert_req(req)
             duplicates = req.kv_indices[req.prefix_len : result.prefix_len]
             if duplicates.numel():
                 self.allocator.free(duplicates)
@@ -249,6 +233,17 @@ class HiCache:
         req.last_node = match.last_device_node
         req.prefix_len = aligned
         return result
+
+    def _insert_req(self, req: Req) -> tuple[int, InsertResult]:
+        """Validates ``req`` and inserts its page-aligned tokens; returns (aligned len, result)."""
+        aligned = self._check_req(req)
+        result = self.tree.insert(req.token_ids[:aligned], req.kv_indices[:aligned], req.extra_key)
+        if result.prefix_len < req.prefix_len:
+            raise InvariantError(
+                f"the tree caches {result.prefix_len} tokens of a prefix the request locked at "
+                f"{req.prefix_len}"
+            )
+        return aligned, result
 
     def _check_req(self, req: Req) -> int:
         num_tokens = len(req.token_ids)
