@@ -10,7 +10,7 @@ import torch
 
 from hicache.errors import IndexOutOfRangeError, InvalidArgumentError
 
-__all__ = ["DeviceKVPool"]
+__all__ = ["DeviceKVPool", "check_kv_values"]
 
 _KINDS = ("mha", "mla")
 
@@ -152,7 +152,7 @@ class DeviceKVPool:
         """
         idx = self._prepare_indices(indices, "write")
         shape = (self._num_layers, idx.numel(), self._num_heads, self._head_dim)
-        values = self._check_values(k, v, shape, "write")
+        values = check_kv_values(self._kind, self._dtype, self._device, k, v, shape, "write")
         for buf, val in zip(self._buffers, values, strict=True):
             buf.index_copy_(1, idx, val)
 
@@ -192,7 +192,7 @@ class DeviceKVPool:
         self._check_layer(layer, "write_layer")
         idx = self._prepare_indices(indices, "write_layer")
         shape = (idx.numel(), self._num_heads, self._head_dim)
-        values = self._check_values(k, v, shape, "write_layer")
+        values = check_kv_values(self._kind, self._dtype, self._device, k, v, shape, "write_layer")
         for buf, val in zip(self._buffers, values, strict=True):
             buf[layer].index_copy_(0, idx, val)
 
@@ -243,37 +243,54 @@ class DeviceKVPool:
                 )
         return indices.to(self._device, non_blocking=True)
 
-    def _check_values(
-        self,
-        k: torch.Tensor,
-        v: torch.Tensor | None,
-        shape: tuple[int, ...],
-        fn: str,
-    ) -> tuple[torch.Tensor, ...]:
-        """Checks the value tensors of a write and returns them in buffer order."""
-        if self._kind == "mla":
-            if v is not None:
-                raise InvalidArgumentError(f"{fn}: v: expected None for kind 'mla', got a tensor")
-            values: tuple[tuple[str, torch.Tensor], ...] = (("k", k),)
-        else:
-            if v is None:
-                raise InvalidArgumentError(f"{fn}: v: expected a tensor for kind 'mha', got None")
-            values = (("k", k), ("v", v))
-        for name, val in values:
-            if not isinstance(val, torch.Tensor):
-                raise InvalidArgumentError(
-                    f"{fn}: {name}: expected a torch.Tensor, got {type(val).__name__}"
-                )
-            if tuple(val.shape) != shape:
-                raise InvalidArgumentError(
-                    f"{fn}: {name}: expected shape {list(shape)}, got {list(val.shape)}"
-                )
-            if val.dtype != self._dtype:
-                raise InvalidArgumentError(
-                    f"{fn}: {name}: expected dtype {self._dtype}, got {val.dtype}"
-                )
-            if val.device != self._device:
-                raise InvalidArgumentError(
-                    f"{fn}: {name}: expected device {self._device}, got {val.device}"
-                )
-        return tuple(val for _, val in values)
+
+def check_kv_values(
+    kind: str,
+    dtype: torch.dtype,
+    device: torch.device,
+    k: torch.Tensor,
+    v: torch.Tensor | None,
+    shape: tuple[int, ...],
+    fn: str,
+) -> tuple[torch.Tensor, ...]:
+    """Checks the K/V tensors of a pool write and returns them in buffer order.
+
+    Shared by the device and host pools.
+
+    Args:
+        kind: ``"mha"`` (``k`` and ``v`` required) or ``"mla"`` (``v`` must be None).
+        dtype: the pool's dtype.
+        device: the pool's device.
+        k: K (MHA) or the latent KV (MLA), of shape ``shape``.
+        v: V (MHA) or None (MLA).
+        shape: the expected shape of each tensor.
+        fn: the calling method's name, for error messages.
+
+    Returns:
+        ``(k, v)`` for MHA, ``(k,)`` for MLA.
+
+    Raises:
+        InvalidArgumentError: a missing or extra tensor, or a wrong type, shape, dtype or device.
+    """
+    if kind == "mla":
+        if v is not None:
+            raise InvalidArgumentError(f"{fn}: v: expected None for kind 'mla', got a tensor")
+        values: tuple[tuple[str, torch.Tensor], ...] = (("k", k),)
+    else:
+        if v is None:
+            raise InvalidArgumentError(f"{fn}: v: expected a tensor for kind 'mha', got None")
+        values = (("k", k), ("v", v))
+    for name, val in values:
+        if not isinstance(val, torch.Tensor):
+            raise InvalidArgumentError(
+                f"{fn}: {name}: expected a torch.Tensor, got {type(val).__name__}"
+            )
+        if tuple(val.shape) != shape:
+            raise InvalidArgumentError(
+                f"{fn}: {name}: expected shape {list(shape)}, got {list(val.shape)}"
+            )
+        if val.dtype != dtype:
+            raise InvalidArgumentError(f"{fn}: {name}: expected dtype {dtype}, got {val.dtype}")
+        if val.device != device:
+            raise InvalidArgumentError(f"{fn}: {name}: expected device {device}, got {val.device}")
+    return tuple(val for _, val in values)
