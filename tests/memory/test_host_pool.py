@@ -8,6 +8,7 @@ import torch
 from hicache.errors import IndexOutOfRangeError, InvalidArgumentError
 from hicache.memory import DeviceKVPool, PageAllocator
 from hicache.memory.host_pool import HostKVPool, HostLayout
+from tests.memory.kv_helpers import page_indices, random_kv
 
 NUM_LAYERS, NUM_HEADS, HEAD_DIM = 3, 2, 8
 DEVICE_SLOTS, HOST_SLOTS = 64, 96
@@ -21,22 +22,6 @@ def _device(kind: str = "mha", dtype: torch.dtype = torch.float16) -> DeviceKVPo
     return DeviceKVPool(
         DEVICE_SLOTS, NUM_LAYERS, heads, HEAD_DIM, dtype=dtype, device="cpu", kind=kind
     )
-
-
-def _values(pool: HostKVPool, n: int, seed: int = 0) -> list[torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    shape = (pool.num_layers, n, pool.num_heads, pool.head_dim)
-    count = 2 if pool.kind == "mha" else 1
-    return [(torch.rand(shape, generator=gen) + 1.0).to(pool.dtype) for _ in range(count)]
-
-
-def _page_indices(num_slots: int, page_size: int, num_pages: int, seed: int) -> torch.Tensor:
-    """Slots of ``num_pages`` random whole pages in random order, always including the last."""
-    gen = torch.Generator().manual_seed(seed)
-    total = num_slots // page_size
-    pages = torch.randperm(total - 1, generator=gen)[: num_pages - 1]
-    pages = torch.cat((pages, torch.tensor([total - 1])))[torch.randperm(num_pages, generator=gen)]
-    return (pages[:, None] * page_size + torch.arange(page_size)).reshape(-1)
 
 
 # --- construction and layouts --------------------------------------------------------------------
@@ -205,8 +190,8 @@ def test_row_indices_address_the_right_element(layout: HostLayout) -> None:
 def test_write_read_round_trip(layout: HostLayout, kind: str, dtype: torch.dtype, page_size: int):
     host = HostKVPool(_device(kind, dtype), HOST_SLOTS, page_size, layout)
     host.kv_buffer.fill_(SENTINEL)
-    idx = _page_indices(HOST_SLOTS, page_size, 3, seed=page_size)
-    values = _values(host, idx.numel())
+    idx = page_indices(HOST_SLOTS, page_size, 3, seed=page_size)
+    values = random_kv(host, idx.numel())
     host.write(idx, *values)
     got = host.read(idx)
     assert len(got) == len(values)
@@ -228,7 +213,7 @@ def test_read_returns_copies_and_empty() -> None:
     kv.fill_(5.0)
     assert not host.kv_buffer.any()
     empty = torch.empty(0, dtype=torch.int64)
-    host.write(empty, *_values(host, 0))
+    host.write(empty, *random_kv(host, 0))
     (kv,) = host.read(empty)
     assert kv.shape == (NUM_LAYERS, 0, 1, HEAD_DIM)
 
@@ -249,7 +234,7 @@ def test_bad_indices(layout: HostLayout, indices, exc: type, match: str) -> None
     host = HostKVPool(_device("mha"), HOST_SLOTS, 16, layout)
     n = len(indices)
     with pytest.raises(exc, match=f"host_indices.*{match}"):
-        host.write(indices, *_values(host, n))
+        host.write(indices, *random_kv(host, n))
     with pytest.raises(exc, match=match):
         host.read(indices)
     assert not host.kv_buffer.any()
@@ -259,7 +244,7 @@ def test_bad_values() -> None:
     mha = HostKVPool(_device("mha"), HOST_SLOTS, 16)
     mla = HostKVPool(_device("mla"), HOST_SLOTS, 16)
     idx = torch.tensor([1, 2], dtype=torch.int64)
-    k, v = _values(mha, 2)
+    k, v = random_kv(mha, 2)
     with pytest.raises(InvalidArgumentError, match="v: expected a tensor"):
         mha.write(idx, k)
     with pytest.raises(InvalidArgumentError, match="shape"):
@@ -268,7 +253,7 @@ def test_bad_values() -> None:
         mha.write(idx, k, v.float())
     with pytest.raises(InvalidArgumentError, match="torch.Tensor"):
         mha.write(idx, k, v.tolist())
-    (kv,) = _values(mla, 2)
+    (kv,) = random_kv(mla, 2)
     with pytest.raises(InvalidArgumentError, match="v: expected None"):
         mla.write(idx, kv, kv)
     assert not mha.kv_buffer.any() and not mla.kv_buffer.any()

@@ -12,6 +12,7 @@ from hicache import transfer
 from hicache.errors import IndexOutOfRangeError, InvalidArgumentError
 from hicache.memory import DeviceKVPool
 from hicache.memory.host_pool import HostKVPool, HostLayout
+from tests.memory.kv_helpers import page_indices, random_kv
 
 NUM_LAYERS, NUM_HEADS, HEAD_DIM = 3, 2, 8
 DEVICE_SLOTS, HOST_SLOTS = 64, 96
@@ -42,32 +43,12 @@ def _pools(
     return dev, HostKVPool(dev, HOST_SLOTS, page_size, layout, pin_memory=pin_memory)
 
 
-def _values(pool: DeviceKVPool | HostKVPool, n: int, seed: int = 0) -> list[torch.Tensor]:
-    """Random nonzero values, never the sentinel, on the pool's device."""
-    gen = torch.Generator().manual_seed(seed)
-    shape = (pool.num_layers, n, pool.num_heads, pool.head_dim)
-    count = 2 if pool.kind == "mha" else 1
-    return [
-        (torch.rand(shape, generator=gen) + 1.0).to(pool.dtype).to(pool.device)
-        for _ in range(count)
-    ]
-
-
-def _page_indices(num_slots: int, page_size: int, num_pages: int, seed: int) -> torch.Tensor:
-    """Slots of ``num_pages`` random whole pages in random order, always including the last."""
-    gen = torch.Generator().manual_seed(seed)
-    total = num_slots // page_size
-    pages = torch.randperm(total - 1, generator=gen)[: num_pages - 1]
-    pages = torch.cat((pages, torch.tensor([total - 1])))[torch.randperm(num_pages, generator=gen)]
-    return (pages[:, None] * page_size + torch.arange(page_size)).reshape(-1)
-
-
 def _index_sets(page_size: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Equal-length (device, host) index sets of whole pages, unsorted, with each last page."""
     num_pages = 3 if page_size > 1 else 24
     return (
-        _page_indices(DEVICE_SLOTS, page_size, num_pages, seed),
-        _page_indices(HOST_SLOTS, page_size, num_pages, seed + 1),
+        page_indices(DEVICE_SLOTS, page_size, num_pages, seed),
+        page_indices(HOST_SLOTS, page_size, num_pages, seed + 1),
     )
 
 
@@ -94,7 +75,7 @@ def _complement(indices: torch.Tensor, num_slots: int) -> torch.Tensor:
 def _check_backup(dev: DeviceKVPool, host: HostKVPool, backup: Callable[..., None]) -> None:
     dev_idx, host_idx = _index_sets(host.page_size)
     _poison(dev, host)
-    values = _values(dev, dev_idx.numel(), seed=3)
+    values = random_kv(dev, dev_idx.numel(), seed=3)
     dev.write(dev_idx, *values)
     backup(dev, host, dev_idx.to(dev.device), host_idx)
     if dev.device.type == "cuda":
@@ -110,7 +91,7 @@ def _check_backup(dev: DeviceKVPool, host: HostKVPool, backup: Callable[..., Non
 def _check_load_layer(dev: DeviceKVPool, host: HostKVPool, layer: int) -> None:
     dev_idx, host_idx = _index_sets(host.page_size, seed=5)
     _poison(dev, host)
-    host.write(host_idx, *_values(host, host_idx.numel(), seed=6))
+    host.write(host_idx, *random_kv(host, host_idx.numel(), seed=6))
     transfer.load_layer(host, dev, host_idx, dev_idx.to(dev.device), layer)
     if dev.device.type == "cuda":
         torch.cuda.synchronize()
@@ -125,7 +106,7 @@ def _check_load_layer(dev: DeviceKVPool, host: HostKVPool, layer: int) -> None:
 def _check_round_trip(dev: DeviceKVPool, host: HostKVPool) -> None:
     dev_idx, host_idx = _index_sets(host.page_size, seed=7)
     _poison(dev, host)
-    dev.write(dev_idx, *_values(dev, dev_idx.numel(), seed=8))
+    dev.write(dev_idx, *random_kv(dev, dev_idx.numel(), seed=8))
     before = [t.clone() for t in dev.read(dev_idx)]
     transfer.backup_all_layers(dev, host, dev_idx, host_idx)
     for buf in _device_buffers(dev):
@@ -181,7 +162,7 @@ def test_load_all_layers_round_trip(
 def test_layer_by_layer_equals_all_layers(layout: HostLayout) -> None:
     dev, host = _pools(layout, "mha", torch.bfloat16, 16)
     dev_idx, host_idx = _index_sets(16, seed=9)
-    host.write(host_idx, *_values(host, host_idx.numel()))
+    host.write(host_idx, *random_kv(host, host_idx.numel()))
     for layer in range(NUM_LAYERS):
         transfer.load_layer(host, dev, host_idx, dev_idx, layer)
     for got, want in zip(dev.read(dev_idx), host.read(host_idx), strict=True):
@@ -231,8 +212,8 @@ def test_bad_indices_change_nothing(
     layout: HostLayout, dev_idx, host_idx, exc: type, match: str
 ) -> None:
     dev, host = _pools(layout, "mha", torch.float16, 4)
-    dev.write(torch.arange(DEVICE_SLOTS), *_values(dev, DEVICE_SLOTS, seed=1))
-    host.write(torch.arange(HOST_SLOTS), *_values(host, HOST_SLOTS, seed=2))
+    dev.write(torch.arange(DEVICE_SLOTS), *random_kv(dev, DEVICE_SLOTS, seed=1))
+    host.write(torch.arange(HOST_SLOTS), *random_kv(host, HOST_SLOTS, seed=2))
     dev_before = [b.clone() for b in _device_buffers(dev)]
     host_before = host.kv_buffer.clone()
     with pytest.raises(exc, match=f"backup_all_layers: {match}"):
@@ -327,7 +308,7 @@ class TestCuda:
         """Copies issued on a side stream with CUDA device indices, waited on with an event."""
         dev, host = _pools(layout, "mha", torch.bfloat16, 16, device="cuda", pin_memory=True)
         dev_idx, host_idx = _index_sets(16, seed=11)
-        dev.write(dev_idx, *_values(dev, dev_idx.numel(), seed=12))
+        dev.write(dev_idx, *random_kv(dev, dev_idx.numel(), seed=12))
         dev_idx_cuda = dev_idx.cuda()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
