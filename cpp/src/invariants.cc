@@ -14,6 +14,34 @@ namespace {
   throw std::logic_error("check_invariants: node " + std::to_string(id) + ": " + what);
 }
 
+// Front-to-back access times never increase and a parent in the list is in front of its children.
+template <typename List>
+void check_lru_order(const List& list, size_t expected_members, const char* name) {
+  if (list.size() != expected_members) {
+    fail(kRootId, std::string(name) + " LRU has " + std::to_string(list.size()) +
+                      " members, expected " + std::to_string(expected_members));
+  }
+  std::unordered_map<const Node*, size_t> position;
+  size_t pos = 0;
+  const Node* prev = nullptr;
+  for (const Node* n = list.front(); n != nullptr; n = List::next_of(n)) {
+    if (prev != nullptr && n->last_access > prev->last_access) {
+      fail(n->id, std::string(name) + " LRU out of access-time order (after node " +
+                      std::to_string(prev->id) + ")");
+    }
+    position[n] = pos++;
+    prev = n;
+  }
+  if (pos != expected_members) fail(kRootId, std::string(name) + " LRU links are broken");
+  for (const auto& [n, p] : position) {
+    auto parent = position.find(n->parent);
+    if (parent != position.end() && parent->second > p) {
+      fail(n->parent->id, std::string("older than its child ") + std::to_string(n->id) + " in the " +
+                              name + " LRU");
+    }
+  }
+}
+
 }  // namespace
 
 void RadixTree::check_invariants() const {
@@ -26,10 +54,36 @@ void RadixTree::check_invariants() const {
   }
 
   std::unordered_set<SlotIndex> slots;
+  std::unordered_set<SlotIndex> host_slots;
   int64_t evictable = 0;
   int64_t protected_tokens = 0;
+  int64_t host_total = 0;
+  int64_t host_evictable = 0;
   size_t reachable = 0;
   size_t lru_members = 0;
+  size_t host_lru_members = 0;
+  // Slots of one tier of one node: one per token, whole pages, in range, owned once in the tree.
+  auto check_tier = [&](const Node* n, const std::vector<SlotIndex>& value, int64_t num_slots,
+                        std::unordered_set<SlotIndex>& owned, const char* tier) {
+    if (value.size() != n->key.size()) {
+      fail(n->id, std::string(tier) + " value has " + std::to_string(value.size()) +
+                      " slots for " + std::to_string(n->key.size()) + " tokens");
+    }
+    for (size_t i = 0; i < value.size(); ++i) {
+      const SlotIndex v = value[i];
+      if (v < 0 || (num_slots > 0 && v >= num_slots)) {
+        fail(n->id, std::string(tier) + " slot " + std::to_string(v) + " out of range");
+      }
+      if (page_size_ > 1 &&
+          v != value[i - i % page_size_] + static_cast<SlotIndex>(i % page_size_)) {
+        fail(n->id, std::string(tier) + " value is not made of whole pages at token " +
+                        std::to_string(i));
+      }
+      if (!owned.insert(v).second) {
+        fail(n->id, std::string(tier) + " slot " + std::to_string(v) + " owned twice");
+      }
+    }
+  };
   std::vector<const Node*> stack{root};
   while (!stack.empty()) {
     const Node* n = stack.back();
@@ -73,29 +127,24 @@ void RadixTree::check_invariants() const {
       fail(n->id, "has a device value but its parent " + std::to_string(n->parent->id) +
                       " is evicted");
     }
-    // Invariant 2: lock_ref is monotone up the path, and a locked node has device KV.
+    // Invariant 2: lock_ref is monotone up the path, and a locked node has device KV. Host locks
+    // are path locks too.
     if (full.lock_ref < 0) fail(n->id, "negative lock_ref " + std::to_string(full.lock_ref));
     if (!n->parent->is_root() && full.lock_ref > n->parent->full().lock_ref) {
       fail(n->id, "lock_ref " + std::to_string(full.lock_ref) + " > parent's " +
                       std::to_string(n->parent->full().lock_ref));
     }
     if (full.lock_ref > 0 && !full.has_value) fail(n->id, "locked but has no device value");
+    if (full.host_lock_ref < 0) {
+      fail(n->id, "negative host_lock_ref " + std::to_string(full.host_lock_ref));
+    }
+    if (!n->parent->is_root() && full.host_lock_ref > n->parent->full().host_lock_ref) {
+      fail(n->id, "host_lock_ref " + std::to_string(full.host_lock_ref) + " > parent's " +
+                      std::to_string(n->parent->full().host_lock_ref));
+    }
 
     if (full.has_value) {
-      if (full.value.size() != n->key.size()) {
-        fail(n->id, "device value has " + std::to_string(full.value.size()) + " slots for " +
-                        std::to_string(n->key.size()) + " tokens");
-      }
-      for (size_t i = 0; i < full.value.size(); ++i) {
-        const SlotIndex v = full.value[i];
-        if (v < 0 || (num_device_slots_ > 0 && v >= num_device_slots_)) {
-          fail(n->id, "device slot " + std::to_string(v) + " out of range");
-        }
-        if (page_size_ > 1 && v != full.value[i - i % page_size_] + static_cast<SlotIndex>(i % page_size_)) {
-          fail(n->id, "device value is not made of whole pages at token " + std::to_string(i));
-        }
-        if (!slots.insert(v).second) fail(n->id, "device slot " + std::to_string(v) + " owned twice");
-      }
+      check_tier(n, full.value, num_device_slots_, slots, "device");
       // Invariants 3 and 6: size ledgers; the device LRU holds exactly the unlocked device nodes.
       if (full.lock_ref > 0) {
         protected_tokens += n->num_tokens();
@@ -107,6 +156,25 @@ void RadixTree::check_invariants() const {
       }
     } else if (DeviceLru::contains(n)) {
       fail(n->id, "in the device LRU without a device value");
+    } else if (!full.value.empty()) {
+      fail(n->id, "evicted but still holds device slots");
+    }
+
+    if (full.has_host_value) {
+      check_tier(n, full.host_value, num_host_slots_, host_slots, "host");
+      host_total += n->num_tokens();
+    } else if (!full.host_value.empty()) {
+      fail(n->id, "not backuped but holds host slots");
+    }
+    // Invariant 4 / 6 (host): the host LRU holds exactly the host-only, host-unlocked nodes.
+    const bool host_evictable_node = !full.has_value && full.has_host_value && full.host_lock_ref == 0;
+    if (host_evictable_node != HostLru::contains(n)) {
+      fail(n->id, host_evictable_node ? "host-only and host-unlocked but missing from the host LRU"
+                                      : "in the host LRU but not host-only and host-unlocked");
+    }
+    if (host_evictable_node) {
+      host_evictable += n->num_tokens();
+      ++host_lru_members;
     }
   }
 
@@ -118,29 +186,20 @@ void RadixTree::check_invariants() const {
                       " protected=" + std::to_string(protected_size_) + " but recomputed " +
                       std::to_string(evictable) + " / " + std::to_string(protected_tokens));
   }
+  if (host_total != host_total_size_ || host_evictable != host_evictable_size_) {
+    fail(kRootId, "host size ledger total=" + std::to_string(host_total_size_) +
+                      " evictable=" + std::to_string(host_evictable_size_) + " but recomputed " +
+                      std::to_string(host_total) + " / " + std::to_string(host_evictable));
+  }
 
   // Invariant 6: LRU order. Front-to-back access times never increase, and a parent in the list is
-  // in front of its children, so the back is always an evictable leaf.
-  if (device_lru_.size() != lru_members) {
-    fail(kRootId, "device LRU has " + std::to_string(device_lru_.size()) + " members, expected " +
-                      std::to_string(lru_members));
-  }
-  std::unordered_map<const Node*, size_t> position;
-  size_t pos = 0;
-  const Node* prev = nullptr;
-  for (const Node* n = device_lru_.front(); n != nullptr; n = DeviceLru::next_of(n)) {
-    if (prev != nullptr && n->last_access > prev->last_access) {
-      fail(n->id, "device LRU out of access-time order (after node " + std::to_string(prev->id) + ")");
-    }
-    position[n] = pos++;
-    prev = n;
-  }
-  if (pos != lru_members) fail(kRootId, "device LRU links are broken");
-  for (const auto& [n, p] : position) {
-    auto parent = position.find(n->parent);
-    if (parent != position.end() && parent->second > p) {
-      fail(n->parent->id, "older than its child " + std::to_string(n->id) + " in the device LRU");
-    }
+  // in front of its children, so the back is always an evictable leaf (device: no device child;
+  // host: no child at all, since a host-only node's children are host-only and a host-locked
+  // child would host-lock its parent).
+  check_lru_order(device_lru_, lru_members, "device");
+  check_lru_order(host_lru_, host_lru_members, "host");
+  if (!host_lru_.empty() && host_lru_.back()->num_children > 0) {
+    fail(host_lru_.back()->id, "host LRU back has children");
   }
 
   size_t indexed = 0;

@@ -24,15 +24,19 @@ std::string describe(const char* caller, NodeId id, const std::string& what) {
 
 }  // namespace
 
-RadixTree::RadixTree(int64_t page_size, int64_t num_device_slots)
-    : page_size_(page_size), num_device_slots_(num_device_slots), root_(new Node()) {
+RadixTree::RadixTree(int64_t page_size, int64_t num_device_slots, int64_t num_host_slots)
+    : page_size_(page_size),
+      num_device_slots_(num_device_slots),
+      num_host_slots_(num_host_slots),
+      root_(new Node()) {
   if (page_size < 1) {
     throw std::invalid_argument("RadixTree: page_size must be >= 1, got " +
                                 std::to_string(page_size));
   }
-  if (num_device_slots < 0) {
-    throw std::invalid_argument("RadixTree: num_device_slots must be >= 0 (0 = unchecked), got " +
-                                std::to_string(num_device_slots));
+  if (num_device_slots < 0 || num_host_slots < 0) {
+    throw std::invalid_argument("RadixTree: num_device_slots and num_host_slots must be >= 0 "
+                                "(0 = unchecked), got " + std::to_string(num_device_slots) + " and " +
+                                std::to_string(num_host_slots));
   }
   root_->id = kRootId;
   root_->full().has_value = true;  // the root holds the empty prefix on every tier
@@ -179,6 +183,7 @@ Node* RadixTree::split(Node* node, size_t prefix_len) {
   link_child(upper, node);
   index_child(upper, node);
   if (DeviceLru::contains(node)) device_lru_.insert_before(node, upper);
+  if (HostLru::contains(node)) host_lru_.insert_before(node, upper);
   nodes_.emplace(upper->id, std::move(owned));
   return upper;
 }
@@ -189,47 +194,107 @@ void RadixTree::touch_path(Node* node) {
   for (Node* n = node; n != nullptr; n = n->parent) {
     n->last_access = ++tick_;
     if (DeviceLru::contains(n)) device_lru_.move_to_front(n);
+    if (HostLru::contains(n)) host_lru_.move_to_front(n);
   }
 }
 
 void RadixTree::destroy_leaf(Node* node) {
   if (DeviceLru::contains(node)) device_lru_.erase(node);
+  if (HostLru::contains(node)) host_lru_.erase(node);
   Node* parent = node->parent;
   unindex_child(parent, node);
   unlink_child(parent, node);
   nodes_.erase(node->id);
 }
 
-void RadixTree::check_value(const SlotIndex* value, size_t len) const {
+void RadixTree::check_slots(const char* caller, const SlotIndex* slots, size_t len,
+                            int64_t num_slots, const char* pool) const {
+  const std::string where = std::string(caller) + ": " + pool + " slot";
   for (size_t i = 0; i < len; ++i) {
-    const SlotIndex v = value[i];
+    const SlotIndex v = slots[i];
     if (v < 0) {
-      throw std::invalid_argument("insert: value[" + std::to_string(i) + "] = " +
-                                  std::to_string(v) + " is a negative slot index");
+      throw std::invalid_argument(where + " [" + std::to_string(i) + "] = " + std::to_string(v) +
+                                  " is a negative slot index");
     }
-    if (num_device_slots_ > 0 && v >= num_device_slots_) {
-      throw std::out_of_range("insert: value[" + std::to_string(i) + "] = " + std::to_string(v) +
-                              " is out of range for a device pool of " +
-                              std::to_string(num_device_slots_) + " slots");
+    if (num_slots > 0 && v >= num_slots) {
+      throw std::out_of_range(where + " [" + std::to_string(i) + "] = " + std::to_string(v) +
+                              " is out of range for a " + pool + " pool of " +
+                              std::to_string(num_slots) + " slots");
     }
   }
   if (page_size_ == 1) return;
   for (size_t p = 0; p < len; p += static_cast<size_t>(page_size_)) {
-    const SlotIndex first = value[p];
+    const SlotIndex first = slots[p];
     if (first % page_size_ != 0) {
-      throw std::invalid_argument("insert: value page at token " + std::to_string(p) +
+      throw std::invalid_argument(where + " page at token " + std::to_string(p) +
                                   " starts at slot " + std::to_string(first) +
                                   ", not a multiple of page_size " + std::to_string(page_size_));
     }
     for (int64_t j = 1; j < page_size_; ++j) {
-      if (value[p + j] != first + j) {
-        throw std::invalid_argument("insert: value page at token " + std::to_string(p) +
-                                    " is not page_size consecutive slots (value[" +
-                                    std::to_string(p + j) + "] = " + std::to_string(value[p + j]) +
+      if (slots[p + j] != first + j) {
+        throw std::invalid_argument(where + " page at token " + std::to_string(p) +
+                                    " is not page_size consecutive slots ([" +
+                                    std::to_string(p + j) + "] = " + std::to_string(slots[p + j]) +
                                     ", expected " + std::to_string(first + j) + ")");
       }
     }
   }
+}
+
+// Device eviction of a backuped device leaf: its device slots are freed, it stays as host-only
+// (SGLang's _demote) and, unless host-locked, becomes the most recent host-LRU entry. Its host-only
+// children are older in the host LRU, so the host LRU's back stays a leaf.
+void RadixTree::demote(Node* node, EvictResult& result) {
+  ComponentData& full = node->full();
+  result.device_freed.insert(result.device_freed.end(), full.value.begin(), full.value.end());
+  full.value.clear();
+  full.value.shrink_to_fit();
+  full.has_value = false;
+  device_lru_.erase(node);
+  evictable_size_ -= node->num_tokens();
+  result.demoted_tokens += node->num_tokens();
+  if (full.host_lock_ref == 0) {
+    node->last_access = ++tick_;
+    host_lru_.push_front(node);
+    host_evictable_size_ += node->num_tokens();
+  }
+}
+
+// Device eviction of an unbacked device leaf: removed with its KV. Its host-only descendants
+// (possible under write_back) cannot outlive it and are removed with it (SGLang's
+// drop_subtree_no_host); if any of them, or the leaf, is host-locked, nothing happens and the
+// call returns false.
+bool RadixTree::drop_unbacked(Node* node, EvictResult& result) {
+  std::vector<Node*> subtree{node};
+  for (size_t i = 0; i < subtree.size(); ++i) {
+    if (subtree[i]->full().host_lock_ref > 0) return false;
+    for (Node* c = subtree[i]->first_child; c != nullptr; c = c->next_sibling) subtree.push_back(c);
+  }
+  ComponentData& full = node->full();
+  result.device_freed.insert(result.device_freed.end(), full.value.begin(), full.value.end());
+  evictable_size_ -= node->num_tokens();
+  result.dropped_tokens += node->num_tokens();
+  // Children come after their parent in `subtree`: destroy in reverse, leaves first.
+  for (auto it = subtree.rbegin(); it != subtree.rend(); ++it) {
+    Node* n = *it;
+    if (n->backuped()) {
+      const auto& host = n->full().host_value;
+      result.host_freed.insert(result.host_freed.end(), host.begin(), host.end());
+      host_total_size_ -= n->num_tokens();
+      if (HostLru::contains(n)) host_evictable_size_ -= n->num_tokens();
+    }
+    destroy_leaf(n);
+  }
+  return true;
+}
+
+// Drops the tail of a childless node's key past `keep` tokens (a page multiple, 0 < keep < len),
+// with the matching device and host slots. The caller frees the slots and fixes the sizes.
+void RadixTree::trim_tail(Node* node, size_t keep) {
+  node->key.resize(keep);
+  ComponentData& full = node->full();
+  if (full.has_value) full.value.resize(keep);
+  if (full.has_host_value) full.host_value.resize(keep);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -240,6 +305,7 @@ MatchResult RadixTree::match_prefix(const Token* key, size_t len, std::string_vi
   len -= len % static_cast<size_t>(page_size_);
   const int32_t ns = namespace_id(extra_key, /*create=*/false);
   Node* node = root_.get();
+  Node* last_device = node;
   size_t pos = 0;
   if (ns >= 0) {
     while (pos < len) {
@@ -248,15 +314,23 @@ MatchResult RadixTree::match_prefix(const Token* key, size_t len, std::string_vi
       const size_t m = common_pages_len(child, key + pos, len - pos);
       const bool partial = m < child->key.size();
       if (partial) child = split(child, m);
-      const std::vector<SlotIndex>& v = child->full().value;
-      result.device_indices.insert(result.device_indices.end(), v.begin(), v.end());
+      if (child->evicted()) {
+        result.host_hit_length += static_cast<int64_t>(m);
+      } else {
+        const std::vector<SlotIndex>& v = child->full().value;
+        result.device_indices.insert(result.device_indices.end(), v.begin(), v.end());
+        last_device = child;
+      }
       node = child;
       pos += m;
       if (partial) break;
     }
   }
   touch_path(node);
-  result.last_device_node = result.last_host_node = result.best_match_node = node->id;
+  result.last_device_node = last_device->id;
+  // With the Full component only, every matched node is a valid load-back anchor (SGLang sets
+  // last_host_node = best_match_node in HiCache mode).
+  result.last_host_node = result.best_match_node = node->id;
   return result;
 }
 
@@ -267,9 +341,10 @@ InsertResult RadixTree::insert(const Token* key, size_t len, const SlotIndex* va
                                 std::to_string(value_len) + " slots; they must be equal");
   }
   const size_t aligned = len - len % static_cast<size_t>(page_size_);
-  check_value(value, aligned);
+  check_slots("insert", value, aligned, num_device_slots_, "device");
   const int32_t ns = namespace_id(extra_key, /*create=*/aligned > 0);
 
+  InsertResult result;
   Node* node = root_.get();
   size_t pos = 0;
   while (pos < aligned) {
@@ -278,11 +353,26 @@ InsertResult RadixTree::insert(const Token* key, size_t len, const SlotIndex* va
     const size_t m = common_pages_len(child, key + pos, aligned - pos);
     if (m < child->key.size()) child = split(child, m);
     ++child->hit_count;
+    if (child->evicted()) {
+      // Host-only node: adopt the caller's fresh device KV instead of loading the host copy back
+      // (SGLang's _unevict_node_on_insert). Its ancestors are on device (adopted just before, or
+      // already), so device nodes still form a root-anchored prefix.
+      ComponentData& full = child->full();
+      full.value.assign(value + pos, value + pos + m);
+      full.has_value = true;
+      if (HostLru::contains(child)) {
+        host_lru_.erase(child);
+        host_evictable_size_ -= child->num_tokens();
+      }
+      device_lru_.push_front(child);  // evicted nodes are never locked; touch_path orders it
+      evictable_size_ += child->num_tokens();
+      result.adopted_len += static_cast<int64_t>(m);
+    } else {
+      result.prefix_len += static_cast<int64_t>(m);
+    }
     node = child;
     pos += m;
   }
-  InsertResult result;
-  result.prefix_len = static_cast<int64_t>(pos);
   if (pos < aligned) {
     auto owned = std::make_unique<Node>();
     Node* leaf = owned.get();
@@ -291,6 +381,7 @@ InsertResult RadixTree::insert(const Token* key, size_t len, const SlotIndex* va
     leaf->key.assign(key + pos, key + aligned);
     leaf->full().value.assign(value + pos, value + aligned);
     leaf->full().has_value = true;
+    leaf->hit_count = 1;  // this insert: write_through backs a node up at its first insert
     leaf->creation_time = tick_ + 1;
     nodes_.emplace(leaf->id, std::move(owned));
     link_child(node, leaf);
@@ -304,23 +395,22 @@ InsertResult RadixTree::insert(const Token* key, size_t len, const SlotIndex* va
   return result;
 }
 
-int64_t RadixTree::inc_lock_ref(NodeId id) {
+LockReceipt RadixTree::inc_lock_ref(NodeId id) {
   Node* node = node_by_id(id, "inc_lock_ref");
-  if (!node->full().has_value) {
-    throw std::invalid_argument(describe("inc_lock_ref", id, "has no device KV to protect"));
-  }
-  int64_t delta = 0;
+  while (node->evicted()) node = node->parent;  // skip the evicted bottom (the root has a value)
+  LockReceipt receipt;
+  receipt.node_id = node->id;
   for (Node* n = node; !n->is_root(); n = n->parent) {
     ComponentData& full = n->full();
     if (full.lock_ref == 0) {
       device_lru_.erase(n);
-      delta += n->num_tokens();
+      receipt.delta += n->num_tokens();
     }
     ++full.lock_ref;
   }
-  evictable_size_ -= delta;
-  protected_size_ += delta;
-  return delta;
+  evictable_size_ -= receipt.delta;
+  protected_size_ += receipt.delta;
+  return receipt;
 }
 
 int64_t RadixTree::dec_lock_ref(NodeId id) {
@@ -343,40 +433,205 @@ int64_t RadixTree::dec_lock_ref(NodeId id) {
   return delta;
 }
 
-std::vector<SlotIndex> RadixTree::evict(int64_t num_tokens) {
+int64_t RadixTree::inc_host_lock_ref(NodeId id) {
+  Node* node = node_by_id(id, "inc_host_lock_ref");
+  int64_t delta = 0;
+  for (Node* n = node; !n->is_root(); n = n->parent) {
+    if (n->full().host_lock_ref++ == 0 && HostLru::contains(n)) {
+      host_lru_.erase(n);
+      delta += n->num_tokens();
+    }
+  }
+  host_evictable_size_ -= delta;
+  return delta;
+}
+
+int64_t RadixTree::dec_host_lock_ref(NodeId id) {
+  Node* node = node_by_id(id, "dec_host_lock_ref");
+  if (node->is_root()) return 0;
+  if (node->full().host_lock_ref <= 0) {
+    throw std::invalid_argument(
+        describe("dec_host_lock_ref", id, "is not host-locked (host_lock_ref 0)"));
+  }
+  int64_t delta = 0;
+  for (Node* n = node; !n->is_root(); n = n->parent) {
+    // Deepest first, so released ancestors end up more recent than their descendants.
+    if (--n->full().host_lock_ref == 0 && n->evicted()) {
+      n->last_access = ++tick_;
+      host_lru_.push_front(n);
+      delta += n->num_tokens();
+    }
+  }
+  host_evictable_size_ += delta;
+  return delta;
+}
+
+EvictResult RadixTree::evict(int64_t num_tokens, bool write_back) {
   if (num_tokens < 0) {
     throw std::invalid_argument("evict: num_tokens must be >= 0, got " +
                                 std::to_string(num_tokens));
   }
-  std::vector<SlotIndex> freed;
+  EvictResult result;
   int64_t pages = (num_tokens + page_size_ - 1) / page_size_;
   while (pages > 0 && !device_lru_.empty()) {
     Node* victim = device_lru_.back();
     for (Node* c = victim->first_child; c != nullptr; c = c->next_sibling) {
-      if (c->full().has_value) {
+      if (!c->evicted()) {
         throw std::logic_error(describe("evict", victim->id,
                                         "is the LRU back but has a device child " +
                                             std::to_string(c->id)));
       }
     }
-    std::vector<SlotIndex>& value = victim->full().value;
+    const int64_t victim_pages = victim->num_tokens() / page_size_;
+    const size_t keep = static_cast<size_t>(std::max<int64_t>(victim_pages - pages, 0) * page_size_);
+    if (victim->backuped() || write_back || victim->num_children > 0) {
+      // Page-granular: the tail pages become their own node (the victim keeps its id, the kept
+      // head is the new parent), which is then demoted, backed up or dropped as a whole.
+      if (keep > 0) split(victim, keep);
+      const int64_t taken_pages = victim->num_tokens() / page_size_;  // before a drop frees it
+      if (victim->backuped()) {
+        demote(victim, result);
+      } else if (write_back) {
+        result.needs_backup = victim->id;
+        break;
+      } else if (!drop_unbacked(victim, result)) {
+        break;
+      }
+      pages -= taken_pages;
+    } else if (victim->full().host_lock_ref > 0) {
+      break;  // an in-flight host operation holds it: it may neither shrink nor go
+    } else if (keep > 0) {
+      // A childless unbacked leaf loses its tail pages in place.
+      std::vector<SlotIndex>& value = victim->full().value;
+      result.device_freed.insert(result.device_freed.end(), value.begin() + keep, value.end());
+      const int64_t trimmed = victim->num_tokens() - static_cast<int64_t>(keep);
+      evictable_size_ -= trimmed;
+      result.dropped_tokens += trimmed;
+      trim_tail(victim, keep);
+      pages = 0;
+    } else {
+      if (!drop_unbacked(victim, result)) break;
+      pages -= victim_pages;
+    }
+  }
+  return result;
+}
+
+std::vector<SlotIndex> RadixTree::evict_host(int64_t num_tokens) {
+  if (num_tokens < 0) {
+    throw std::invalid_argument("evict_host: num_tokens must be >= 0, got " +
+                                std::to_string(num_tokens));
+  }
+  std::vector<SlotIndex> freed;
+  int64_t pages = (num_tokens + page_size_ - 1) / page_size_;
+  while (pages > 0 && !host_lru_.empty()) {
+    Node* victim = host_lru_.back();
+    if (victim->num_children > 0) {
+      throw std::logic_error(describe("evict_host", victim->id,
+                                      "is the host LRU back but has children"));
+    }
+    std::vector<SlotIndex>& host = victim->full().host_value;
     const int64_t victim_pages = victim->num_tokens() / page_size_;
     if (victim_pages <= pages) {
-      freed.insert(freed.end(), value.begin(), value.end());
-      evictable_size_ -= victim->num_tokens();
+      freed.insert(freed.end(), host.begin(), host.end());
+      host_total_size_ -= victim->num_tokens();
+      host_evictable_size_ -= victim->num_tokens();
       pages -= victim_pages;
       destroy_leaf(victim);
     } else {
-      // Page-granular: trim the tail (the least recently used pages of the leaf) in place.
       const size_t keep = static_cast<size_t>((victim_pages - pages) * page_size_);
-      freed.insert(freed.end(), value.begin() + keep, value.end());
-      evictable_size_ -= victim->num_tokens() - static_cast<int64_t>(keep);
-      value.resize(keep);
-      victim->key.resize(keep);
+      freed.insert(freed.end(), host.begin() + keep, host.end());
+      const int64_t trimmed = victim->num_tokens() - static_cast<int64_t>(keep);
+      host_total_size_ -= trimmed;
+      host_evictable_size_ -= trimmed;
+      trim_tail(victim, keep);
       pages = 0;
     }
   }
   return freed;
+}
+
+TransferPlan RadixTree::backup_plan(NodeId id, uint64_t min_hit_count) const {
+  TransferPlan plan;
+  std::vector<const Node*> path;
+  for (const Node* n = node_by_id(id, "backup_plan"); !n->is_root(); n = n->parent) {
+    if (!n->evicted() && !n->backuped() && n->hit_count >= min_hit_count) path.push_back(n);
+  }
+  for (auto it = path.rbegin(); it != path.rend(); ++it) {
+    const auto& value = (*it)->full().value;
+    plan.nodes.push_back((*it)->id);
+    plan.lengths.push_back((*it)->num_tokens());
+    plan.indices.insert(plan.indices.end(), value.begin(), value.end());
+  }
+  return plan;
+}
+
+void RadixTree::commit_backup(NodeId id, const SlotIndex* host, size_t len) {
+  Node* node = node_by_id(id, "commit_backup");
+  if (node->is_root() || node->evicted()) {
+    throw std::invalid_argument(describe("commit_backup", id, "has no device KV to back up"));
+  }
+  if (node->backuped()) {
+    throw std::invalid_argument(describe("commit_backup", id, "is already backed up"));
+  }
+  if (len != node->key.size()) {
+    throw std::invalid_argument(describe("commit_backup", id,
+                                         "has " + std::to_string(node->key.size()) +
+                                             " tokens but " + std::to_string(len) +
+                                             " host slots were given"));
+  }
+  check_slots("commit_backup", host, len, num_host_slots_, "host");
+  ComponentData& full = node->full();
+  full.host_value.assign(host, host + len);
+  full.has_host_value = true;
+  host_total_size_ += node->num_tokens();
+}
+
+TransferPlan RadixTree::load_back_plan(NodeId anchor) const {
+  TransferPlan plan;
+  std::vector<const Node*> path;
+  for (const Node* n = node_by_id(anchor, "load_back_plan"); n->evicted(); n = n->parent) {
+    path.push_back(n);
+  }
+  for (auto it = path.rbegin(); it != path.rend(); ++it) {
+    const auto& host = (*it)->full().host_value;
+    plan.nodes.push_back((*it)->id);
+    plan.lengths.push_back((*it)->num_tokens());
+    plan.indices.insert(plan.indices.end(), host.begin(), host.end());
+  }
+  return plan;
+}
+
+void RadixTree::commit_load_back(NodeId anchor, const SlotIndex* device, size_t len) {
+  Node* node = node_by_id(anchor, "commit_load_back");
+  std::vector<Node*> path;
+  size_t tokens = 0;
+  for (Node* n = node; n->evicted(); n = n->parent) {
+    path.push_back(n);
+    tokens += n->key.size();
+  }
+  if (len != tokens) {
+    throw std::invalid_argument(describe("commit_load_back", anchor,
+                                         "needs " + std::to_string(tokens) +
+                                             " device slots for its host-only path, got " +
+                                             std::to_string(len)));
+  }
+  check_slots("commit_load_back", device, len, num_device_slots_, "device");
+  size_t pos = 0;
+  for (auto it = path.rbegin(); it != path.rend(); ++it) {
+    Node* n = *it;
+    ComponentData& full = n->full();
+    full.value.assign(device + pos, device + pos + n->key.size());
+    full.has_value = true;
+    pos += n->key.size();
+    if (HostLru::contains(n)) {
+      host_lru_.erase(n);
+      host_evictable_size_ -= n->num_tokens();
+    }
+    device_lru_.push_front(n);  // evicted nodes are never locked; touch_path orders them
+    evictable_size_ += n->num_tokens();
+  }
+  touch_path(node);
 }
 
 std::vector<SlotIndex> RadixTree::reset() {
@@ -384,8 +639,16 @@ std::vector<SlotIndex> RadixTree::reset() {
     throw std::invalid_argument("reset: " + std::to_string(protected_size_) +
                                 " tokens are locked by running requests; unlock them first");
   }
+  // Host locks are path locks: one held anywhere shows on a child of the root.
+  for (const Node* c = root_->first_child; c != nullptr; c = c->next_sibling) {
+    if (c->full().host_lock_ref > 0) {
+      throw std::invalid_argument("reset: node " + std::to_string(c->id) +
+                                  " is host-locked by an in-flight host operation");
+    }
+  }
   std::vector<SlotIndex> freed = all_device_indices();
   device_lru_.clear();
+  host_lru_.clear();
   child_index_.clear();
   nodes_.clear();
   namespaces_.clear();
@@ -393,6 +656,7 @@ std::vector<SlotIndex> RadixTree::reset() {
   root_->first_child = nullptr;
   root_->num_children = 0;
   evictable_size_ = protected_size_ = 0;
+  host_total_size_ = host_evictable_size_ = 0;
   return freed;
 }
 
@@ -411,6 +675,7 @@ NodeInfo RadixTree::node_info(NodeId id) const {
   info.hit_count = node->hit_count;
   info.last_access_time = node->last_access;
   info.has_device_value = node->full().has_value;
+  info.has_host_value = node->is_root() || node->full().has_host_value;
   info.has_extra_key = node->ns > 0;
   if (node->ns > 0) info.extra_key = namespace_names_[static_cast<size_t>(node->ns)];
   return info;
@@ -430,16 +695,33 @@ std::vector<SlotIndex> RadixTree::all_device_indices() const {
   return out;
 }
 
+std::vector<SlotIndex> RadixTree::all_host_indices() const {
+  std::vector<SlotIndex> out;
+  out.reserve(static_cast<size_t>(host_total_size_));
+  std::vector<const Node*> stack{root_.get()};
+  while (!stack.empty()) {
+    const Node* n = stack.back();
+    stack.pop_back();
+    const auto& v = n->full().host_value;
+    out.insert(out.end(), v.begin(), v.end());
+    for (const Node* c = n->first_child; c != nullptr; c = c->next_sibling) stack.push_back(c);
+  }
+  return out;
+}
+
 std::string RadixTree::pretty_print() const {
   std::ostringstream os;
   os << "RadixTree(page_size=" << page_size_ << ", nodes=" << nodes_.size()
-     << ", evictable=" << evictable_size_ << ", protected=" << protected_size_ << ")\n";
+     << ", evictable=" << evictable_size_ << ", protected=" << protected_size_
+     << ", host=" << host_total_size_ << ", host_evictable=" << host_evictable_size_ << ")\n";
   std::vector<std::pair<const Node*, int>> stack{{root_.get(), 0}};
   while (!stack.empty()) {
     auto [n, depth] = stack.back();
     stack.pop_back();
     os << std::string(static_cast<size_t>(depth) * 2, ' ') << "#" << n->id << " tokens="
-       << n->key.size() << " lock_ref=" << n->full().lock_ref << " last_access=" << n->last_access;
+       << n->key.size() << " tier=" << (n->evicted() ? "" : "D") << (n->backuped() ? "H" : "")
+       << " lock_ref=" << n->full().lock_ref << " host_lock_ref=" << n->full().host_lock_ref
+       << " last_access=" << n->last_access;
     if (n->ns > 0) os << " extra_key=" << namespace_names_[static_cast<size_t>(n->ns)];
     if (!n->key.empty()) {
       os << " key=[";

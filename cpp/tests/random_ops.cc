@@ -21,9 +21,18 @@ int main(int argc, char** argv) {
   std::mt19937 rng(seed);
   auto uniform = [&](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); };
   for (const int64_t page_size : {1, 4, 16}) {
-    RadixTree tree(page_size, 0);
-    std::vector<NodeId> locked;
+    RadixTree tree(page_size, 0, 0);
+    std::vector<NodeId> locked;       // lock receipts
+    std::vector<NodeId> host_locked;  // host-locked nodes
+    // Fresh, page-aligned slots (never reused: slot uniqueness is checked by check_invariants).
     SlotIndex next_slot = 0;
+    SlotIndex next_host_slot = 0;
+    auto fresh = [&](SlotIndex& next, size_t n) {
+      std::vector<SlotIndex> v(n);
+      for (size_t i = 0; i < n; ++i) v[i] = next + static_cast<SlotIndex>(i);
+      next += static_cast<SlotIndex>((n + page_size - 1) / page_size * page_size);
+      return v;
+    };
     const std::string extra_keys[] = {"", "a", "b"};
     for (int step = 0; step < steps; ++step) {
       // Keys: 1-6 chunks from a pool of 4, each a page long, plus an optional short tail.
@@ -35,12 +44,9 @@ int main(int argc, char** argv) {
       }
       for (int i = uniform(0, static_cast<int>(page_size) - 1); i > 0; --i) key.push_back(7);
       const std::string& extra_key = extra_keys[uniform(0, 2)];
-      switch (uniform(0, 4)) {
+      switch (uniform(0, 9)) {
         case 0: {
-          // Fresh, page-aligned slots: next_slot is always a multiple of page_size.
-          std::vector<SlotIndex> value(key.size());
-          for (size_t i = 0; i < value.size(); ++i) value[i] = next_slot + static_cast<SlotIndex>(i);
-          next_slot += static_cast<SlotIndex>((value.size() + page_size - 1) / page_size * page_size);
+          const auto value = fresh(next_slot, key.size());
           tree.insert(key.data(), key.size(), value.data(), value.size(), extra_key);
           break;
         }
@@ -49,8 +55,7 @@ int main(int argc, char** argv) {
           break;
         case 2: {
           const auto m = tree.match_prefix(key.data(), key.size(), extra_key);
-          tree.inc_lock_ref(m.last_device_node);
-          locked.push_back(m.last_device_node);
+          locked.push_back(tree.inc_lock_ref(m.best_match_node).node_id);
           break;
         }
         case 3:
@@ -60,17 +65,62 @@ int main(int argc, char** argv) {
             locked.erase(locked.begin() + static_cast<long>(i));
           }
           break;
-        default:
-          tree.evict(uniform(0, 5 * static_cast<int>(page_size)));
+        case 4: {
+          // Write-through of the matched path.
+          const auto m = tree.match_prefix(key.data(), key.size(), extra_key);
+          const auto plan = tree.backup_plan(m.last_device_node, static_cast<uint64_t>(uniform(1, 2)));
+          for (size_t i = 0; i < plan.nodes.size(); ++i) {
+            const auto host = fresh(next_host_slot, static_cast<size_t>(plan.lengths[i]));
+            tree.commit_backup(plan.nodes[i], host.data(), host.size());
+          }
+          break;
+        }
+        case 5: {
+          // Load-back from the match anchor, under a host lock as the cache does it.
+          const auto m = tree.match_prefix(key.data(), key.size(), extra_key);
+          tree.inc_host_lock_ref(m.best_match_node);
+          const auto plan = tree.load_back_plan(m.best_match_node);
+          const auto device = fresh(next_slot, plan.indices.size());
+          tree.commit_load_back(m.best_match_node, device.data(), device.size());
+          tree.dec_host_lock_ref(m.best_match_node);
+          break;
+        }
+        case 6: {
+          const auto m = tree.match_prefix(key.data(), key.size(), extra_key);
+          if (uniform(0, 1) == 0 || host_locked.empty()) {
+            tree.inc_host_lock_ref(m.best_match_node);
+            host_locked.push_back(m.best_match_node);
+          } else {
+            const size_t i = static_cast<size_t>(uniform(0, static_cast<int>(host_locked.size()) - 1));
+            tree.dec_host_lock_ref(host_locked[i]);
+            host_locked.erase(host_locked.begin() + static_cast<long>(i));
+          }
+          break;
+        }
+        case 7:
+          tree.evict_host(uniform(0, 5 * static_cast<int>(page_size)));
+          break;
+        default: {
+          const bool write_back = uniform(0, 1) == 0;
+          const auto r = tree.evict(uniform(0, 5 * static_cast<int>(page_size)), write_back);
+          if (r.needs_backup != hicache::kNoNode) {
+            tree.check_invariants();
+            const auto size = static_cast<size_t>(tree.node_info(r.needs_backup).num_tokens);
+            const auto host = fresh(next_host_slot, size);
+            tree.commit_backup(r.needs_backup, host.data(), host.size());
+          }
+        }
       }
       tree.check_invariants();
     }
     for (NodeId id : locked) tree.dec_lock_ref(id);
-    tree.evict(tree.total_size());
+    for (NodeId id : host_locked) tree.dec_host_lock_ref(id);
+    tree.evict(tree.total_size(), false);
+    tree.evict_host(tree.host_total_size());
     tree.check_invariants();
-    if (tree.total_size() != 0 || tree.num_nodes() != 0) {
-      std::fprintf(stderr, "page_size %ld: tree not empty after evicting everything\n",
-                   static_cast<long>(page_size));
+    if (tree.total_size() != 0 || tree.host_total_size() != 0 || tree.num_nodes() != 0) {
+      std::fprintf(stderr, "page_size %ld: tree not empty after evicting everything\n%s",
+                   static_cast<long>(page_size), tree.pretty_print().c_str());
       return 1;
     }
     // Error paths leave the tree consistent.

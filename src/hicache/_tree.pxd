@@ -27,6 +27,23 @@ cdef extern from "hicache/radix_tree.h" namespace "hicache" nogil:
     cdef cppclass CInsertResult "hicache::InsertResult":
         int64_t prefix_len
         NodeId last_node
+        int64_t adopted_len
+
+    cdef cppclass CLockReceipt "hicache::LockReceipt":
+        NodeId node_id
+        int64_t delta
+
+    cdef cppclass CEvictResult "hicache::EvictResult":
+        vector[SlotIndex] device_freed
+        vector[SlotIndex] host_freed
+        int64_t demoted_tokens
+        int64_t dropped_tokens
+        NodeId needs_backup
+
+    cdef cppclass CTransferPlan "hicache::TransferPlan":
+        vector[NodeId] nodes
+        vector[int64_t] lengths
+        vector[SlotIndex] indices
 
     cdef cppclass CNodeInfo "hicache::NodeInfo":
         NodeId node_id
@@ -38,27 +55,44 @@ cdef extern from "hicache/radix_tree.h" namespace "hicache" nogil:
         uint64_t hit_count
         uint64_t last_access_time
         cbool has_device_value
+        cbool has_host_value
         string extra_key
         cbool has_extra_key
 
     cdef cppclass CRadixTree "hicache::RadixTree":
-        CRadixTree(int64_t page_size, int64_t num_device_slots) except +translate_cpp_exception
+        CRadixTree(int64_t page_size, int64_t num_device_slots,
+                   int64_t num_host_slots) except +translate_cpp_exception
         int64_t page_size()
         int64_t num_device_slots()
+        int64_t num_host_slots()
         CMatchResult match_prefix(const Token* key, size_t length,
                                   string_view extra_key) except +translate_cpp_exception
         CInsertResult insert(const Token* key, size_t length, const SlotIndex* value,
                              size_t value_len, string_view extra_key) except +translate_cpp_exception
-        int64_t inc_lock_ref(NodeId node_id) except +translate_cpp_exception
+        CLockReceipt inc_lock_ref(NodeId node_id) except +translate_cpp_exception
         int64_t dec_lock_ref(NodeId node_id) except +translate_cpp_exception
-        vector[SlotIndex] evict(int64_t num_tokens) except +translate_cpp_exception
+        int64_t inc_host_lock_ref(NodeId node_id) except +translate_cpp_exception
+        int64_t dec_host_lock_ref(NodeId node_id) except +translate_cpp_exception
+        CEvictResult evict(int64_t num_tokens, cbool write_back) except +translate_cpp_exception
+        vector[SlotIndex] evict_host(int64_t num_tokens) except +translate_cpp_exception
+        CTransferPlan backup_plan(NodeId node_id,
+                                  uint64_t min_hit_count) except +translate_cpp_exception
+        void commit_backup(NodeId node_id, const SlotIndex* host,
+                           size_t length) except +translate_cpp_exception
+        CTransferPlan load_back_plan(NodeId anchor) except +translate_cpp_exception
+        void commit_load_back(NodeId anchor, const SlotIndex* device,
+                              size_t length) except +translate_cpp_exception
         int64_t evictable_size()
         int64_t protected_size()
         int64_t total_size()
+        int64_t host_total_size()
+        int64_t host_evictable_size()
+        int64_t host_protected_size()
         int64_t num_nodes()
         cbool contains_node(NodeId node_id)
         CNodeInfo node_info(NodeId node_id) except +translate_cpp_exception
         vector[SlotIndex] all_device_indices() except +translate_cpp_exception
+        vector[SlotIndex] all_host_indices() except +translate_cpp_exception
         vector[SlotIndex] reset() except +translate_cpp_exception
         string pretty_print() except +translate_cpp_exception
         void check_invariants() except +translate_cpp_exception
@@ -76,5 +110,6 @@ cdef class RadixTree:
     cdef vector[SlotIndex] _value_scratch
     cdef readonly int64_t page_size
     cdef readonly int64_t num_device_slots
+    cdef readonly int64_t num_host_slots
     cdef int _as_tokens(self, object key, const Token** out, size_t* n) except -1
     cdef int _as_slots(self, object value, const SlotIndex** out, size_t* n) except -1

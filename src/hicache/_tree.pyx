@@ -8,7 +8,7 @@ call (``hicache.cache.HiCache`` holds one lock for that).
 """
 
 from cpython.buffer cimport PyBUF_FORMAT, PyBUF_ND, PyBUF_STRIDES
-from libc.stdint cimport int32_t, int64_t, uintptr_t
+from libc.stdint cimport int32_t, int64_t, uint64_t, uintptr_t
 from libc.string cimport memcpy
 from libcpp.string_view cimport string_view
 
@@ -17,7 +17,8 @@ from array import array
 import torch
 
 from hicache.errors import IndexOutOfRangeError, InvalidArgumentError, InvariantError
-from hicache.results import InsertResult, MatchResult, NodeInfo
+from hicache.results import (
+    EvictResult, InsertResult, LockReceipt, MatchResult, NodeInfo, TransferPlan)
 
 set_hicache_error_types(InvalidArgumentError, IndexOutOfRangeError, InvariantError)
 
@@ -62,6 +63,10 @@ cdef object _to_tensor(vector[SlotIndex]& values):
     cdef Int64Buffer buf = Int64Buffer.__new__(Int64Buffer)
     buf.data.swap(values)
     return torch.frombuffer(buf, dtype=torch.int64)
+
+
+cdef object _plan(CTransferPlan& plan):
+    return TransferPlan(list(plan.nodes), list(plan.lengths), _to_tensor(plan.indices))
 
 
 cdef int _check_cpu_vector(object t, str name) except -1:
@@ -109,31 +114,40 @@ cdef inline string_view _view(bytes b):
 
 
 cdef class RadixTree:
-    """A radix tree over page-aligned token keys holding device KV slot indices.
+    """A radix tree over page-aligned token keys holding device (L1) and host (L2) KV slot indices.
 
-    The device tier of SGLang's radix cache with its C++ core: ``match_prefix``, ``insert``, path
-    locks (``inc_lock_ref``/``dec_lock_ref``) and LRU eviction. Eviction is page-granular: it trims
-    the least recently used leaf from its tail instead of dropping whole nodes (SGLang drops whole
-    nodes), and costs O(1) per freed page whatever the tree size (an intrusive LRU list instead of
-    SGLang's per-call heap over every leaf).
+    SGLang's radix cache and HiRadixCache tree with a C++ core: ``match_prefix``, ``insert``, path
+    locks (``inc_lock_ref``/``dec_lock_ref``), host locks, LRU eviction of device KV (``evict``,
+    which demotes backed-up nodes to host-only) and of host KV (``evict_host``), and the plans and
+    commits of backups and load-backs. The tree decides, the caller executes: every call returns
+    the slots to free or copy; nothing here touches a pool.
+
+    Node states: device-only, device+host (``backuped``), host-only (``evicted``). Device nodes form
+    a root-anchored prefix of every path. Eviction is page-granular: it takes the least recently
+    used leaf's tail pages instead of whole nodes (SGLang takes whole nodes), and costs O(1) per
+    freed page whatever the tree size (intrusive LRU lists instead of SGLang's per-call heaps).
 
     Recency: ``match_prefix`` and ``insert`` touch their path deepest-first (ancestors end up more
-    recent than descendants), and ``dec_lock_ref`` touches each node whose ``lock_ref`` drops to 0.
-    A node is evictable when it has device KV and ``lock_ref == 0``.
+    recent than descendants); ``dec_lock_ref``/``dec_host_lock_ref`` touch nodes released to 0;
+    demotion touches the demoted node. A node is evictable from device when it has device KV and
+    ``lock_ref == 0``; from host when it is host-only and ``host_lock_ref == 0``.
 
     Args:
         page_size: tokens per page, >= 1. Keys and values are used in whole pages.
-        num_device_slots: size of the device pool in slots (tokens). When > 0, inserted slot indices
-            must lie in ``[0, num_device_slots)``; 0 disables that check.
+        num_device_slots: size of the device pool in slots (tokens). When > 0, device slot indices
+            given to the tree must lie in ``[0, num_device_slots)``; 0 disables that check.
+        num_host_slots: the same for the host pool.
 
     Raises:
-        InvalidArgumentError: ``page_size < 1`` or ``num_device_slots < 0``.
+        InvalidArgumentError: ``page_size < 1`` or a negative pool size.
     """
 
-    def __cinit__(self, int64_t page_size=1, int64_t num_device_slots=0):
-        self._tree.reset(new CRadixTree(page_size, num_device_slots))
+    def __cinit__(self, int64_t page_size=1, int64_t num_device_slots=0,
+                  int64_t num_host_slots=0):
+        self._tree.reset(new CRadixTree(page_size, num_device_slots, num_host_slots))
         self.page_size = page_size
         self.num_device_slots = num_device_slots
+        self.num_host_slots = num_host_slots
 
     @property
     def root_id(self) -> int:
@@ -214,9 +228,9 @@ cdef class RadixTree:
     def match_prefix(self, key, extra_key=None):
         """Finds the longest cached prefix of ``key``.
 
-        The key is floored to a multiple of ``page_size``. A match ending inside a node splits it:
-        the node keeps its id as the lower part, the new upper part gets a fresh id. The matched
-        path is touched (most recently used).
+        The key is floored to a multiple of ``page_size``. The walk goes through device and
+        host-only nodes. A match ending inside a node splits it: the node keeps its id as the lower
+        part, the new upper part gets a fresh id. The matched path is touched (most recently used).
 
         Args:
             key: ``[num_tokens]`` token ids: a list, an int32/int64 CPU tensor or a numpy array.
@@ -224,9 +238,10 @@ cdef class RadixTree:
                 never share cached pages. ``None`` and ``""`` mean no namespace.
 
         Returns:
-            MatchResult: ``device_indices`` (int64 CPU tensor, owned by the caller), the node ids
-            ``last_device_node``/``last_host_node``/``best_match_node`` (equal on the device tier)
-            and ``host_hit_length`` (0 on the device tier).
+            MatchResult: ``device_indices`` (int64 CPU tensor, owned by the caller: the device
+            slots of the matched device nodes), ``last_device_node`` (deepest matched device node),
+            ``last_host_node`` = ``best_match_node`` (deepest matched node, on device or host: the
+            load-back anchor) and ``host_hit_length`` (tokens matched in host-only nodes).
 
         Raises:
             InvalidArgumentError: ``key`` has a wrong type, dtype, device or shape, or a token
@@ -244,8 +259,10 @@ cdef class RadixTree:
     def insert(self, key, value, extra_key=None):
         """Inserts ``key`` with its device KV slots ``value``.
 
-        Only the page-aligned part ``key[:floor(len/page_size)*page_size]`` is inserted. Nodes that
-        already cache a prefix keep their own slots; the new tail takes ``value[prefix_len:]``.
+        Only the page-aligned part ``key[:floor(len/page_size)*page_size]`` is inserted. Device
+        nodes that already cache a prefix keep their own slots; host-only nodes on the path adopt
+        the caller's slots for their tokens (no load-back needed); the new tail takes the rest.
+        Every node walked counts a hit (``write_through_selective`` uses it).
 
         Args:
             key: ``[num_tokens]`` token ids (as in :meth:`match_prefix`).
@@ -255,8 +272,9 @@ cdef class RadixTree:
             extra_key: namespace, as in :meth:`match_prefix`.
 
         Returns:
-            InsertResult: ``prefix_len`` (tokens already cached: the caller still owns
-            ``value[:prefix_len]`` and frees what it does not need) and ``last_node``.
+            InsertResult: ``prefix_len`` (tokens already on device: the caller still owns
+            ``value[:prefix_len]`` and frees what it does not need), ``last_node`` and
+            ``adopted_len``; the tree owns ``value[prefix_len:aligned]``.
 
         Raises:
             InvalidArgumentError: wrong type/dtype/device/shape, ``len(value) != len(key)``, a
@@ -271,21 +289,26 @@ cdef class RadixTree:
         self._as_tokens(key, &tokens, &n)
         self._as_slots(value, &slots, &m)
         cdef CInsertResult r = self._tree.get().insert(tokens, n, slots, m, ns)
-        return InsertResult(r.prefix_len, r.last_node)
+        return InsertResult(r.prefix_len, r.last_node, r.adopted_len)
 
     def inc_lock_ref(self, int64_t node_id):
-        """Locks ``node_id`` and its ancestors against eviction (a path lock).
+        """Locks a node's device KV and its ancestors' against eviction (a path lock).
+
+        The lock starts at the deepest node with device KV at or above ``node_id``: the evicted
+        bottom of the path is skipped (DESIGN.md failure class 4).
 
         Returns:
-            int: tokens moved from evictable to protected.
+            LockReceipt: ``node_id`` (the node locked: pass it to :meth:`dec_lock_ref`) and
+            ``delta`` (tokens moved from evictable to protected).
 
         Raises:
             IndexOutOfRangeError: unknown node id.
         """
-        return self._tree.get().inc_lock_ref(node_id)
+        cdef CLockReceipt r = self._tree.get().inc_lock_ref(node_id)
+        return LockReceipt(r.node_id, r.delta)
 
     def dec_lock_ref(self, int64_t node_id):
-        """Releases one lock taken by :meth:`inc_lock_ref` on ``node_id``.
+        """Releases one lock taken by :meth:`inc_lock_ref`; ``node_id`` is its receipt's node.
 
         Nodes whose ``lock_ref`` drops to 0 become evictable and count as just used.
 
@@ -298,20 +321,141 @@ cdef class RadixTree:
         """
         return self._tree.get().dec_lock_ref(node_id)
 
-    def evict(self, int64_t num_tokens):
-        """Evicts ``ceil(num_tokens / page_size)`` pages of device KV, least recently used first.
+    def inc_host_lock_ref(self, int64_t node_id):
+        """Protects the host KV of ``node_id`` and its ancestors while a host operation runs.
 
-        Trims the LRU leaf from its tail (the deepest pages go first) and removes leaves that become
-        empty. Stops early when nothing evictable is left.
+        SGLang's ``host_ref_counter`` / ``host_lock_ref``, as a path lock: a host-locked node is
+        never host-evicted nor removed from the tree.
 
         Returns:
-            torch.Tensor: ``[num_freed]`` int64 CPU tensor of the freed slots; the caller returns
-            them to its allocator.
+            int: host tokens moved out of the host-evictable set.
+
+        Raises:
+            IndexOutOfRangeError: unknown node id.
+        """
+        return self._tree.get().inc_host_lock_ref(node_id)
+
+    def dec_host_lock_ref(self, int64_t node_id):
+        """Releases one :meth:`inc_host_lock_ref` on ``node_id``; released nodes count as used.
+
+        Returns:
+            int: host tokens moved back into the host-evictable set.
+
+        Raises:
+            InvalidArgumentError: the node is not host-locked.
+            IndexOutOfRangeError: unknown node id.
+        """
+        return self._tree.get().dec_host_lock_ref(node_id)
+
+    def evict(self, int64_t num_tokens, bint write_back=False):
+        """Evicts ``ceil(num_tokens / page_size)`` pages of device KV, least recently used first.
+
+        Takes the LRU leaf's tail pages first. A backed-up victim is demoted (it stays in the tree
+        as host-only, SGLang's ``_demote``); an unbacked one is dropped with any host-only
+        descendants. Under ``write_back`` an unbacked victim is not dropped: the call stops and
+        names it in ``needs_backup`` (already trimmed to the pages still to free), to be backed up
+        and evicted by the next call (SGLang's ``BackupKV`` action). Stops early when nothing
+        evictable is left, or at an unbacked leaf whose subtree is host-locked.
+
+        Returns:
+            EvictResult: freed device and host slots (the caller frees them in its pools), the
+            demoted and dropped token counts, and ``needs_backup`` (-1 for none).
 
         Raises:
             InvalidArgumentError: ``num_tokens < 0``.
         """
-        return _to_tensor(self._tree.get().evict(num_tokens))
+        cdef CEvictResult r = self._tree.get().evict(num_tokens, write_back)
+        return EvictResult(_to_tensor(r.device_freed), _to_tensor(r.host_freed),
+                           r.demoted_tokens, r.dropped_tokens, r.needs_backup)
+
+    def evict_host(self, int64_t num_tokens):
+        """Evicts ``ceil(num_tokens / page_size)`` pages of host KV (SGLang's ``evict_host``).
+
+        Takes host-only leaves, least recently used first, from their tail pages; never a
+        host-locked node, never a node with device KV (its host copy stays while it is on device).
+
+        Returns:
+            torch.Tensor: ``[n]`` int64 CPU tensor of the freed host slots.
+
+        Raises:
+            InvalidArgumentError: ``num_tokens < 0``.
+        """
+        return _to_tensor(self._tree.get().evict_host(num_tokens))
+
+    def backup_plan(self, int64_t node_id, uint64_t min_hit_count=1):
+        """What write-through must back up on the path root..``node_id``.
+
+        The device nodes without a host value and with ``hit_count >= min_hit_count``, root-first
+        (SGLang's ``BackupKV`` chain; 1 for ``write_through``, 2 for ``write_through_selective``).
+
+        Returns:
+            TransferPlan: node ids, tokens per node and their device slots.
+
+        Raises:
+            IndexOutOfRangeError: unknown node id.
+        """
+        cdef CTransferPlan p = self._tree.get().backup_plan(node_id, min_hit_count)
+        return _plan(p)
+
+    def commit_backup(self, int64_t node_id, host_indices):
+        """Records that device node ``node_id`` is backed up in host slots ``host_indices``.
+
+        Called when the device -> host copy is queued (SGLang's ``commit_backup``); the caller
+        keeps the node locked until the copy has finished.
+
+        Args:
+            node_id: a device node without a host value.
+            host_indices: ``[num_tokens of the node]`` int64 CPU host slots, whole pages.
+
+        Raises:
+            InvalidArgumentError: the node is evicted or already backed up, a wrong length, or
+                slots not made of whole pages.
+            IndexOutOfRangeError: unknown node id, or a slot ``>= num_host_slots``.
+        """
+        cdef const SlotIndex* slots
+        cdef size_t m
+        self._as_slots(host_indices, &slots, &m)
+        self._tree.get().commit_backup(node_id, slots, m)
+
+    def load_back_plan(self, int64_t anchor):
+        """What loading ``anchor`` back must copy: the host-only nodes from its deepest device
+        ancestor down to ``anchor``, root-first, with their host slots (SGLang's
+        ``build_load_back_spec``). Empty when ``anchor`` is on device.
+
+        Raises:
+            IndexOutOfRangeError: unknown node id.
+        """
+        cdef CTransferPlan p = self._tree.get().load_back_plan(anchor)
+        return _plan(p)
+
+    def commit_load_back(self, int64_t anchor, device_indices):
+        """Gives the nodes of ``load_back_plan(anchor)`` the device slots ``device_indices``.
+
+        Called when the host -> device copy is queued (SGLang's ``commit_load_back``): the nodes
+        become device+host, unlocked and just used; the caller locks ``anchor`` until the copy has
+        finished.
+
+        Raises:
+            InvalidArgumentError: a length other than the plan's tokens, or slots not made of
+                whole pages.
+            IndexOutOfRangeError: unknown node id or a slot ``>= num_device_slots``.
+        """
+        cdef const SlotIndex* slots
+        cdef size_t m
+        self._as_slots(device_indices, &slots, &m)
+        self._tree.get().commit_load_back(anchor, slots, m)
+
+    def host_total_size(self):
+        """Tokens with host KV in the tree (host-only and device+host nodes)."""
+        return self._tree.get().host_total_size()
+
+    def host_evictable_size(self):
+        """Tokens of host KV in host-only, host-unlocked nodes: what ``evict_host`` can free."""
+        return self._tree.get().host_evictable_size()
+
+    def host_protected_size(self):
+        """Host tokens ``evict_host`` cannot free now: on device too, or host-locked."""
+        return self._tree.get().host_protected_size()
 
     def evictable_size(self):
         """Tokens with device KV in unlocked nodes."""
@@ -342,19 +486,23 @@ cdef class RadixTree:
         cdef CNodeInfo i = self._tree.get().node_info(node_id)
         return NodeInfo(i.node_id, i.parent_id, i.num_tokens, i.num_children, i.lock_ref,
                         i.host_ref_counter, i.hit_count, i.last_access_time, i.has_device_value,
-                        i.extra_key.decode("utf-8") if i.has_extra_key else None)
+                        i.has_host_value, i.extra_key.decode("utf-8") if i.has_extra_key else None)
 
     def all_device_indices(self):
         """All device slots held by the tree, as an int64 CPU tensor (order unspecified)."""
         return _to_tensor(self._tree.get().all_device_indices())
 
+    def all_host_indices(self):
+        """All host slots held by the tree, as an int64 CPU tensor (order unspecified)."""
+        return _to_tensor(self._tree.get().all_host_indices())
+
     def reset(self):
         """Drops every node and returns the device slots they held (int64 CPU tensor).
 
-        Node ids are not reused afterwards.
+        Call :meth:`all_host_indices` first to free the host slots. Node ids are not reused.
 
         Raises:
-            InvalidArgumentError: some node is still locked.
+            InvalidArgumentError: some node is still locked or host-locked.
         """
         return _to_tensor(self._tree.get().reset())
 

@@ -21,7 +21,7 @@ import torch
 from hicache._tree import RadixTree
 from hicache.errors import InvalidArgumentError, InvariantError, PoolExhaustedError
 from hicache.memory import DeviceKVPool, PageAllocator
-from hicache.results import InsertResult, MatchResult
+from hicache.results import InsertResult, LockReceipt, MatchResult
 
 __all__ = ["HiCache", "Req"]
 
@@ -98,8 +98,8 @@ class HiCache:
         with self._lock:
             return self.tree.insert(key, value, extra_key)
 
-    def inc_lock_ref(self, node_id: int) -> int:
-        """Protects ``node_id`` and its ancestors from eviction; returns tokens newly protected."""
+    def inc_lock_ref(self, node_id: int) -> LockReceipt:
+        """Protects ``node_id`` and its ancestors from eviction; returns the lock's receipt."""
         with self._lock:
             return self.tree.inc_lock_ref(node_id)
 
@@ -115,7 +115,7 @@ class HiCache:
             int: tokens freed (fewer than asked when too little is evictable).
         """
         with self._lock:
-            freed = self.tree.evict(num_tokens)
+            freed = self.tree.evict(num_tokens).device_indices
             if freed.numel():
                 self.allocator.free(freed)
             self.num_evicted_tokens += int(freed.numel())

@@ -40,13 +40,71 @@ class InsertResult(NamedTuple):
     """Outcome of an insert.
 
     Attributes:
-        prefix_len: tokens of the page-aligned key that were already cached. The caller owns its
-            own slots for them (``value[:prefix_len]``) and must free those it does not need.
+        prefix_len: tokens of the page-aligned key that were already cached on device. The caller
+            owns its own slots for them (``value[:prefix_len]``) and must free those it does not
+            need; every slot of ``value[prefix_len:aligned]`` now belongs to the tree.
         last_node: id of the node that ends the inserted key.
+        adopted_len: tokens of host-only (evicted) nodes on the path that took the caller's slots
+            instead of being loaded back (SGLang's ``_unevict_node_on_insert``); they follow the
+            ``prefix_len`` device tokens.
     """
 
     prefix_len: int
     last_node: int
+    adopted_len: int = 0
+
+
+class LockReceipt(NamedTuple):
+    """What :meth:`RadixTree.inc_lock_ref` locked (SGLang 0.5.23's ``IncLockRefResult``).
+
+    Attributes:
+        node_id: the node actually locked: the deepest node with device KV at or above the node
+            asked for (locking skips the evicted bottom of the path). Pass it to ``dec_lock_ref``.
+        delta: tokens moved from evictable to protected.
+    """
+
+    node_id: int
+    delta: int
+
+
+class EvictResult(NamedTuple):
+    """What a device eviction did; the caller frees the slots in their pools.
+
+    Attributes:
+        device_indices: ``[n]`` int64 CPU tensor of freed device slots.
+        host_indices: ``[m]`` int64 CPU tensor of freed host slots (host-only descendants dropped
+            with an unbacked leaf; usually empty).
+        demoted_tokens: backed-up tokens that stayed in the tree as host-only (``evicted``).
+        dropped_tokens: unbacked device tokens removed from the tree (their KV is lost).
+        needs_backup: under ``write_back``, the id of the LRU device leaf that must be backed up
+            (``commit_backup`` + a finished copy) before eviction can go on; -1 otherwise.
+    """
+
+    device_indices: torch.Tensor
+    host_indices: torch.Tensor
+    demoted_tokens: int
+    dropped_tokens: int
+    needs_backup: int
+
+
+class TransferPlan(NamedTuple):
+    """Nodes and source slots of a backup or a load-back, root-first.
+
+    Attributes:
+        node_ids: ids of the nodes to transfer, root-first.
+        lengths: tokens per node, same order.
+        indices: ``[sum(lengths)]`` int64 CPU tensor of the source slots, node after node: device
+            slots for a backup (device -> host), host slots for a load-back (host -> device).
+    """
+
+    node_ids: list[int]
+    lengths: list[int]
+    indices: torch.Tensor
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens to transfer: ``len(indices)``."""
+        return int(self.indices.shape[0])
 
 
 class NodeInfo(NamedTuple):
@@ -61,4 +119,5 @@ class NodeInfo(NamedTuple):
     hit_count: int
     last_access_time: int
     has_device_value: bool
+    has_host_value: bool
     extra_key: str | None

@@ -1,8 +1,10 @@
 """Differential property tests: ``RadixTree`` against the page-level ``ReferenceTree``.
 
 A hypothesis state machine drives both with the same random inserts, matches, locks, unlocks,
-evictions and resets, and after every step checks the tree's own invariants and that every size
-and every held slot agree with the model. Keys are built from a few page-sized blocks out of a
+host locks, backups (write-through plans and their commits), device evictions (write-through and
+write-back: demotion, drops, backup requests), host evictions, load-backs and resets, in any
+interleaving, and after every step checks the tree's own invariants and that every size and every
+held device and host slot agree with the model. Keys are built from a few page-sized blocks out of a
 small pool so that prefixes are shared, nodes split and branches compete in eviction.
 
 Profiles: ``ci`` (default) and ``long``; pick one with ``HYPOTHESIS_PROFILE=long``.
@@ -57,38 +59,51 @@ class TreeVsModel(RuleBasedStateMachine):
         self.tree = RadixTree(page_size=self.page_size)
         self.model = ReferenceTree(page_size=self.page_size)
         self.block_pool = make_block_pool(self.page_size)
-        self.next_page = 0  # fresh slots come from here, a whole page at a time
-        # Held locks: (node_id, extra_key, locked key prefix).
+        # Fresh slots come from these counters, a whole page at a time (never reused, so a slot
+        # owned twice would show).
+        self.next_page = 0
+        self.next_host_page = 0
+        # Held locks: (receipt node id, extra_key, locked key prefix) — device and host.
         self.locks: list[tuple[int, str | None, list[int]]] = []
+        self.host_locks: list[tuple[int, str | None, list[int]]] = []
 
     def _key(self, blocks: list[int], tail_len: int) -> list[int]:
         key = [token for b in blocks for token in self.block_pool[b]]
         return key + [5] * min(tail_len, self.page_size - 1)
 
-    def _fresh_slots(self, num_tokens: int) -> list[int]:
+    def _fresh(self, num_tokens: int, host: bool = False) -> list[int]:
         num_pages = -(-num_tokens // self.page_size)
-        start = self.next_page * self.page_size
-        self.next_page += num_pages
+        if host:
+            start = self.next_host_page * self.page_size
+            self.next_host_page += num_pages
+        else:
+            start = self.next_page * self.page_size
+            self.next_page += num_pages
         return list(range(start, start + num_tokens))
 
     def _match(self, blocks: list[int], tail_len: int, extra_index: int):
+        """Matches in both; returns (result, extra_key, device prefix, whole matched prefix)."""
         extra_key = self.extra_keys[extra_index % len(self.extra_keys)]
         key = self._key(blocks, tail_len)
         result = self.tree.match_prefix(key, extra_key)
-        model_len, model_slots = self.model.match_prefix(key, extra_key)
+        model_len, model_slots, model_host_len = self.model.match_prefix(key, extra_key)
         assert result.device_indices.dtype == torch.int64
         assert result.device_indices.tolist() == model_slots
         assert result.device_prefix_len == model_len
-        assert result.host_hit_length == 0
-        assert result.last_host_node == result.last_device_node
-        assert result.best_match_node == result.last_device_node
+        assert result.host_hit_length == model_host_len
+        assert result.last_host_node == result.best_match_node
         if model_len == 0:
             assert result.last_device_node == self.tree.root_id
         else:
             info = self.tree.node_info(result.last_device_node)
             assert info.has_device_value
             assert info.extra_key == extra_key
-        return result, extra_key, key[:model_len]
+        if model_host_len == 0:
+            assert result.best_match_node == result.last_device_node
+        else:
+            info = self.tree.node_info(result.best_match_node)
+            assert not info.has_device_value and info.has_host_value
+        return result, extra_key, key[:model_len], key[: model_len + model_host_len]
 
     blocks_st = st.lists(st.integers(0, NUM_BLOCKS_IN_POOL - 1), min_size=1, max_size=MAX_BLOCKS)
     tail_st = st.integers(0, 63)
@@ -98,9 +113,9 @@ class TreeVsModel(RuleBasedStateMachine):
     def insert(self, blocks: list[int], tail_len: int, extra_index: int) -> None:
         extra_key = self.extra_keys[extra_index % len(self.extra_keys)]
         key = self._key(blocks, tail_len)
-        value = self._fresh_slots(len(key))
+        value = self._fresh(len(key))
         result = self.tree.insert(key, torch.tensor(value, dtype=torch.int64), extra_key)
-        assert result.prefix_len == self.model.insert(key, value, extra_key)
+        assert (result.prefix_len, result.adopted_len) == self.model.insert(key, value, extra_key)
         if len(key) >= self.page_size:
             assert self.tree.node_info(result.last_node).extra_key == extra_key
 
@@ -110,12 +125,13 @@ class TreeVsModel(RuleBasedStateMachine):
 
     @rule(blocks=blocks_st, tail_len=tail_st, extra_index=extra_st)
     def match_and_lock(self, blocks: list[int], tail_len: int, extra_index: int) -> None:
-        result, extra_key, prefix = self._match(blocks, tail_len, extra_index)
-        if not prefix:
-            return
-        node_id = result.last_device_node
-        assert self.tree.inc_lock_ref(node_id) == self.model.lock(prefix, extra_key)
-        self.locks.append((node_id, extra_key, prefix))
+        result, extra_key, prefix, _ = self._match(blocks, tail_len, extra_index)
+        # Locking the anchor skips its evicted bottom: the receipt names the last device node.
+        receipt = self.tree.inc_lock_ref(result.best_match_node)
+        assert receipt.node_id == result.last_device_node
+        assert receipt.delta == self.model.lock(prefix, extra_key)
+        if prefix:
+            self.locks.append((receipt.node_id, extra_key, prefix))
 
     @precondition(lambda self: self.locks)
     @rule(index=st.integers(0, 1 << 16))
@@ -123,20 +139,96 @@ class TreeVsModel(RuleBasedStateMachine):
         node_id, extra_key, prefix = self.locks.pop(index % len(self.locks))
         assert self.tree.dec_lock_ref(node_id) == self.model.unlock(prefix, extra_key)
 
-    @rule(num_pages=st.integers(0, 8), extra_tokens=st.integers(0, 63))
-    def evict(self, num_pages: int, extra_tokens: int) -> None:
-        num_tokens = num_pages * self.page_size + extra_tokens % self.page_size
-        freed = self.tree.evict(num_tokens)
-        model_freed = self.model.evict(num_tokens)
-        assert freed.dtype == torch.int64
-        assert len(freed) == len(model_freed)
-        assert sorted(freed.tolist()) == sorted(model_freed)
+    @rule(blocks=blocks_st, tail_len=tail_st, extra_index=extra_st)
+    def match_and_host_lock(self, blocks: list[int], tail_len: int, extra_index: int) -> None:
+        result, extra_key, _, matched = self._match(blocks, tail_len, extra_index)
+        if not matched:
+            return
+        delta = self.tree.inc_host_lock_ref(result.best_match_node)
+        assert delta == self.model.host_lock(matched, extra_key)
+        self.host_locks.append((result.best_match_node, extra_key, matched))
 
-    @precondition(lambda self: not self.locks)
+    @precondition(lambda self: self.host_locks)
+    @rule(index=st.integers(0, 1 << 16))
+    def host_unlock(self, index: int) -> None:
+        node_id, extra_key, prefix = self.host_locks.pop(index % len(self.host_locks))
+        assert self.tree.dec_host_lock_ref(node_id) == self.model.host_unlock(prefix, extra_key)
+
+    @rule(
+        blocks=blocks_st,
+        tail_len=tail_st,
+        extra_index=extra_st,
+        min_hit_count=st.integers(1, 3),
+    )
+    def write_through(
+        self, blocks: list[int], tail_len: int, extra_index: int, min_hit_count: int
+    ) -> None:
+        result, extra_key, prefix, _ = self._match(blocks, tail_len, extra_index)
+        plan = self.tree.backup_plan(result.last_device_node, min_hit_count)
+        model_plan = self.model.backup_plan(prefix, min_hit_count, extra_key)
+        expected = [s for k in model_plan for s in self.model.pages[k].device]
+        assert plan.indices.tolist() == expected
+        assert sum(plan.lengths) == plan.num_tokens == len(expected)
+        host = self._fresh(len(expected), host=True)
+        start = 0
+        for node_id, length in zip(plan.node_ids, plan.lengths, strict=True):
+            self.tree.commit_backup(node_id, torch.tensor(host[start : start + length]))
+            start += length
+        self.model.commit_backup(model_plan, host)
+
+    @rule(blocks=blocks_st, tail_len=tail_st, extra_index=extra_st)
+    def load_back(self, blocks: list[int], tail_len: int, extra_index: int) -> None:
+        result, extra_key, _, matched = self._match(blocks, tail_len, extra_index)
+        anchor = result.best_match_node
+        if not matched:
+            return
+        # As the cache does it: host-lock the anchor from plan to commit.
+        assert self.tree.inc_host_lock_ref(anchor) == self.model.host_lock(matched, extra_key)
+        plan = self.tree.load_back_plan(anchor)
+        model_plan = self.model.load_back_plan(matched, extra_key)
+        assert plan.indices.tolist() == [s for k in model_plan for s in self.model.pages[k].host]
+        assert plan.num_tokens == result.host_hit_length
+        device = self._fresh(plan.num_tokens)
+        self.tree.commit_load_back(anchor, torch.tensor(device, dtype=torch.int64))
+        self.model.commit_load_back(matched, device, extra_key)
+        assert self.tree.dec_host_lock_ref(anchor) == self.model.host_unlock(matched, extra_key)
+        assert self.tree.node_info(anchor).has_device_value
+
+    @rule(num_pages=st.integers(0, 8), extra_tokens=st.integers(0, 63), write_back=st.booleans())
+    def evict(self, num_pages: int, extra_tokens: int, write_back: bool) -> None:
+        num_tokens = num_pages * self.page_size + extra_tokens % self.page_size
+        result = self.tree.evict(num_tokens, write_back=write_back)
+        out = self.model.evict(num_tokens, write_back=write_back)
+        assert result.device_indices.dtype == torch.int64
+        assert sorted(result.device_indices.tolist()) == sorted(out.device_freed)
+        assert sorted(result.host_indices.tolist()) == sorted(out.host_freed)
+        assert result.demoted_tokens == out.demoted_tokens
+        assert result.dropped_tokens == out.dropped_tokens
+        assert (result.needs_backup != -1) == (out.needs_backup is not None)
+        if out.needs_backup is None:
+            return
+        # Back the reported node up (a write-back): its pages end at the model's victim page.
+        num_tokens = self.tree.node_info(result.needs_backup).num_tokens
+        extra_key, tokens = out.needs_backup
+        pages = self.model.backup_plan(list(tokens), 1, extra_key)[-num_tokens // self.page_size :]
+        assert pages[-1] == out.needs_backup and len(pages) * self.page_size == num_tokens
+        host = self._fresh(num_tokens, host=True)
+        self.tree.commit_backup(result.needs_backup, torch.tensor(host))
+        self.model.commit_backup(pages, host)
+
+    @rule(num_pages=st.integers(0, 8), extra_tokens=st.integers(0, 63))
+    def evict_host(self, num_pages: int, extra_tokens: int) -> None:
+        num_tokens = num_pages * self.page_size + extra_tokens % self.page_size
+        freed = self.tree.evict_host(num_tokens)
+        assert sorted(freed.tolist()) == sorted(self.model.evict_host(num_tokens))
+
+    @precondition(lambda self: not self.locks and not self.host_locks)
     @rule()
     def reset(self) -> None:
+        assert sorted(self.tree.all_host_indices().tolist()) == sorted(self.model.all_host_slots())
         assert sorted(self.tree.reset().tolist()) == sorted(self.model.reset())
         assert self.tree.num_nodes() == 0  # the root is not counted
+        assert self.tree.host_total_size() == 0
 
     @invariant()
     def agrees_with_model(self) -> None:
@@ -144,13 +236,20 @@ class TreeVsModel(RuleBasedStateMachine):
         assert self.tree.total_size() == self.model.total_size()
         assert self.tree.evictable_size() == self.model.evictable_size()
         assert self.tree.protected_size() == self.model.protected_size()
+        assert self.tree.host_total_size() == self.model.host_total_size()
+        assert self.tree.host_evictable_size() == self.model.host_evictable_size()
         slots = self.tree.all_device_indices().tolist()
         assert len(slots) == self.tree.total_size()
-        assert len(set(slots)) == len(slots)
         assert sorted(slots) == sorted(self.model.all_slots())
+        host_slots = self.tree.all_host_indices().tolist()
+        assert sorted(host_slots) == sorted(self.model.all_host_slots())
         for node_id, extra_key, prefix in self.locks:
             assert self.tree.contains_node(node_id)
             assert self.tree.node_info(node_id).lock_ref == self.model.lock_count(prefix, extra_key)
+        for node_id, extra_key, prefix in self.host_locks:
+            assert self.tree.contains_node(node_id)
+            info = self.tree.node_info(node_id)
+            assert info.host_ref_counter == self.model.page(prefix, extra_key).host_lock_count
 
 
 def make_machine(page_size: int, with_extra_keys: bool) -> type[TreeVsModel]:

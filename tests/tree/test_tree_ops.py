@@ -121,7 +121,7 @@ def test_insert_of_cached_key_returns_full_prefix_and_changes_nothing() -> None:
     tree = RadixTree()
     node_id = tree.insert([1, 2, 3], [10, 11, 12]).last_node
     again = tree.insert([1, 2, 3], [20, 21, 22])
-    assert again == (3, node_id)
+    assert again == (3, node_id, 0)
     assert slots(tree.match_prefix([1, 2, 3]).device_indices) == [10, 11, 12]
     assert tree.total_size() == 3
     # A cached prefix of a node: the node splits and the upper part is returned.
@@ -157,7 +157,7 @@ def test_page_alignment_ignores_partial_tail() -> None:
 def test_insert_shorter_than_a_page_caches_nothing() -> None:
     tree = RadixTree(page_size=4)
     inserted = tree.insert([1, 2, 3], [0, 1, 2])
-    assert inserted == (0, tree.root_id)
+    assert inserted == (0, tree.root_id, 0)
     assert tree.total_size() == 0
     assert tree.num_nodes() == 0
     tree.check_invariants()
@@ -186,7 +186,7 @@ def test_matched_indices_are_owned_by_the_caller() -> None:
     tree = RadixTree()
     tree.insert([1, 2, 3], [10, 11, 12])
     result = tree.match_prefix([1, 2, 3])
-    tree.evict(3)
+    tree.evict(3).device_indices
     tree.insert([1, 2, 3], [20, 21, 22])
     assert slots(result.device_indices) == [10, 11, 12]
 
@@ -207,10 +207,10 @@ def test_lock_and_unlock_move_tokens_between_evictable_and_protected() -> None:
     tree = RadixTree()
     parent, leaf_a, leaf_b = make_fork(tree)
     assert (tree.evictable_size(), tree.protected_size()) == (6, 0)
-    assert tree.inc_lock_ref(leaf_a) == 4
+    assert tree.inc_lock_ref(leaf_a).delta == 4
     assert (tree.evictable_size(), tree.protected_size()) == (2, 4)
-    assert tree.inc_lock_ref(leaf_b) == 2
-    assert tree.inc_lock_ref(leaf_b) == 0
+    assert tree.inc_lock_ref(leaf_b).delta == 2
+    assert tree.inc_lock_ref(leaf_b).delta == 0
     assert (tree.evictable_size(), tree.protected_size()) == (0, 6)
     assert [tree.node_info(n).lock_ref for n in (parent, leaf_a, leaf_b)] == [3, 1, 2]
     tree.check_invariants()
@@ -272,7 +272,7 @@ def test_evicted_node_id_is_unknown_and_never_reused() -> None:
     tree = RadixTree()
     node_id = tree.insert([1, 2], [10, 11]).last_node
     assert tree.contains_node(node_id)
-    assert sorted(slots(tree.evict(2))) == [10, 11]
+    assert sorted(slots(tree.evict(2).device_indices)) == [10, 11]
     assert not tree.contains_node(node_id)
     with pytest.raises(IndexError):
         tree.inc_lock_ref(node_id)
@@ -363,9 +363,9 @@ def test_evict_follows_lru_order_across_leaves() -> None:
     tree.insert([2, 2], [2, 3])
     tree.insert([3, 3], [4, 5])
     tree.match_prefix([1, 1])  # [1, 1] becomes the most recent
-    assert sorted(slots(tree.evict(2))) == [2, 3]
-    assert sorted(slots(tree.evict(2))) == [4, 5]
-    assert sorted(slots(tree.evict(2))) == [0, 1]
+    assert sorted(slots(tree.evict(2).device_indices)) == [2, 3]
+    assert sorted(slots(tree.evict(2).device_indices)) == [4, 5]
+    assert sorted(slots(tree.evict(2).device_indices)) == [0, 1]
     assert tree.total_size() == 0
     assert tree.num_nodes() == 0
     tree.check_invariants()
@@ -374,14 +374,14 @@ def test_evict_follows_lru_order_across_leaves() -> None:
 def test_evict_takes_leaves_before_their_parent() -> None:
     tree = RadixTree()
     parent, leaf_a, leaf_b = make_fork(tree)  # leaf_b is the most recent leaf
-    assert slots(tree.evict(1)) == [13]
-    assert slots(tree.evict(1)) == [12]
+    assert slots(tree.evict(1).device_indices) == [13]
+    assert slots(tree.evict(1).device_indices) == [12]
     assert not tree.contains_node(leaf_a)
-    assert slots(tree.evict(1)) == [23]
-    assert slots(tree.evict(1)) == [22]
+    assert slots(tree.evict(1).device_indices) == [23]
+    assert slots(tree.evict(1).device_indices) == [22]
     assert not tree.contains_node(leaf_b)
     assert tree.contains_node(parent)
-    assert slots(tree.evict(1)) == [11]
+    assert slots(tree.evict(1).device_indices) == [11]
     assert tree.node_info(parent).num_tokens == 1
     tree.check_invariants()
 
@@ -389,13 +389,13 @@ def test_evict_takes_leaves_before_their_parent() -> None:
 def test_partial_eviction_trims_the_deepest_page() -> None:
     tree = RadixTree(page_size=4)
     node_id = tree.insert(list(range(12)), list(range(12))).last_node
-    assert sorted(slots(tree.evict(1))) == [8, 9, 10, 11]
+    assert sorted(slots(tree.evict(1).device_indices)) == [8, 9, 10, 11]
     assert tree.total_size() == 8
     assert tree.contains_node(node_id)
     assert tree.node_info(node_id).num_tokens == 8
     assert slots(tree.match_prefix(list(range(12))).device_indices) == list(range(8))
     # 5 tokens round up to 2 pages.
-    assert sorted(slots(tree.evict(5))) == list(range(8))
+    assert sorted(slots(tree.evict(5).device_indices)) == list(range(8))
     assert tree.total_size() == 0
     tree.check_invariants()
 
@@ -403,7 +403,7 @@ def test_partial_eviction_trims_the_deepest_page() -> None:
 def test_evict_zero_tokens_frees_nothing() -> None:
     tree = RadixTree(page_size=4)
     tree.insert(list(range(8)), list(range(8)))
-    assert slots(tree.evict(0)) == []
+    assert slots(tree.evict(0).device_indices) == []
     assert tree.total_size() == 8
 
 
@@ -411,13 +411,13 @@ def test_locked_nodes_are_never_evicted() -> None:
     tree = RadixTree()
     parent, leaf_a, leaf_b = make_fork(tree)
     tree.inc_lock_ref(leaf_a)
-    assert sorted(slots(tree.evict(100))) == [22, 23]
+    assert sorted(slots(tree.evict(100).device_indices)) == [22, 23]
     assert not tree.contains_node(leaf_b)
     assert (tree.total_size(), tree.protected_size(), tree.evictable_size()) == (4, 4, 0)
-    assert slots(tree.evict(100)) == []
+    assert slots(tree.evict(100).device_indices) == []
     tree.check_invariants()
     assert tree.dec_lock_ref(leaf_a) == 4
-    assert sorted(slots(tree.evict(100))) == [10, 11, 12, 13]
+    assert sorted(slots(tree.evict(100).device_indices)) == [10, 11, 12, 13]
     assert not tree.contains_node(parent)
     assert tree.total_size() == 0
     tree.check_invariants()
@@ -426,9 +426,9 @@ def test_locked_nodes_are_never_evicted() -> None:
 def test_evict_more_than_evictable_returns_what_exists() -> None:
     tree = RadixTree(page_size=2)
     tree.insert([1, 2, 3, 4, 5, 6], [0, 1, 2, 3, 4, 5])
-    assert sorted(slots(tree.evict(1000))) == [0, 1, 2, 3, 4, 5]
+    assert sorted(slots(tree.evict(1000).device_indices)) == [0, 1, 2, 3, 4, 5]
     assert (tree.total_size(), tree.num_nodes()) == (0, 0)
-    assert slots(tree.evict(1000)) == []
+    assert slots(tree.evict(1000).device_indices) == []
     tree.check_invariants()
 
 
@@ -440,7 +440,7 @@ def test_unlock_counts_as_a_use() -> None:
     tree.inc_lock_ref(node_id)
     tree.match_prefix([2])  # [2] is more recent than [1] ...
     tree.dec_lock_ref(node_id)  # ... until [1] is unlocked
-    assert slots(tree.evict(1)) == [20]
+    assert slots(tree.evict(1).device_indices) == [20]
 
 
 def test_lock_alone_does_not_count_as_a_use() -> None:
@@ -452,7 +452,7 @@ def test_lock_alone_does_not_count_as_a_use() -> None:
     tree.dec_lock_ref(a)  # still locked: no touch
     tree.match_prefix([2])
     tree.dec_lock_ref(a)  # now unlocked: touched, more recent than [2]
-    assert slots(tree.evict(1)) == [20]
+    assert slots(tree.evict(1).device_indices) == [20]
     tick = tree.node_info(a).last_access_time
     tree.inc_lock_ref(a)  # locking does not touch
     assert tree.node_info(a).last_access_time == tick
@@ -465,8 +465,8 @@ def test_match_touches_ancestors_after_the_deepest_node() -> None:
     tree.insert([1, 1, 2, 2], [0, 1, 2, 3])
     tree.insert([5, 5], [4, 5])
     tree.match_prefix([1, 1, 2, 2])  # both pages of the path are newer than [5, 5]
-    assert sorted(slots(tree.evict(2))) == [4, 5]
-    assert sorted(slots(tree.evict(2))) == [2, 3]
+    assert sorted(slots(tree.evict(2).device_indices)) == [4, 5]
+    assert sorted(slots(tree.evict(2).device_indices)) == [2, 3]
 
 
 # --- reset ------------------------------------------------------------------------------------

@@ -10,16 +10,17 @@
 
 namespace hicache {
 
-// Per-component state of one node (SGLang 0.5.23's ComponentData). Only the Full component's device
-// tier is filled today; host values and the SWA/Mamba components are filled by the host-tier and
-// hybrid work. A component whose value is missing on a node that exists is a tombstone.
+// Per-component state of one node (SGLang 0.5.23's ComponentData). The Full component's device and
+// host tiers are filled today; the SWA/Mamba components are filled by the hybrid work. A component
+// whose value is missing on a node that exists is a tombstone.
 struct ComponentData {
   std::vector<SlotIndex> value;       // device slots; Full: one per key token
   std::vector<SlotIndex> host_value;  // host slots; Full: one per key token
   bool has_value = false;             // false with the node present = evicted (Full) / tombstone
   bool has_host_value = false;        // Full: "backuped"
-  int32_t lock_ref = 0;               // requests using the device state (path lock for Full)
-  int32_t host_lock_ref = 0;          // in-flight host operations (SGLang's host_ref_counter)
+  int32_t lock_ref = 0;       // requests using the device state (path lock for Full)
+  int32_t host_lock_ref = 0;  // in-flight host operations (SGLang's host_ref_counter); a path
+                              // lock for Full, so a host-locked node's ancestors are host-locked
 };
 
 struct Node {
@@ -45,10 +46,14 @@ struct Node {
 
   // Member of the device LRU while it has a Full device value and Full lock_ref == 0.
   LruHook<Node> device_lru;
+  // Member of the host LRU while it is host-only (evicted and backuped) and Full host_lock_ref == 0.
+  LruHook<Node> host_lru;
 
   ComponentData& full() { return comp[static_cast<int>(Component::kFull)]; }
   const ComponentData& full() const { return comp[static_cast<int>(Component::kFull)]; }
   int64_t num_tokens() const { return static_cast<int64_t>(key.size()); }
+  bool evicted() const { return !full().has_value; }     // SGLang's `evicted` (no device KV)
+  bool backuped() const { return full().has_host_value; }  // SGLang's `backuped` (host KV)
   bool is_root() const { return parent == nullptr; }
 };
 

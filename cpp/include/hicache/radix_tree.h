@@ -1,4 +1,9 @@
-// The radix tree over page-aligned token keys: match, insert, split, locks, LRU eviction.
+// The radix tree over page-aligned token keys: match, insert, split, locks, LRU eviction, and the
+// host (L2) tier of SGLang's HiRadixCache: host values, demotion, host eviction, load-back plans.
+//
+// Node states (Full component): device-only, device+host ("backuped"), host-only ("evicted"). A
+// node with neither does not exist. Device nodes form a root-anchored prefix of every path, so a
+// path is some device nodes followed by some host-only nodes (DESIGN.md invariant 1).
 //
 // Single-threaded: the Python cache serialises every call with one lock (DESIGN.md, threading
 // contract). Errors: std::invalid_argument for a bad argument, std::out_of_range for an unknown id
@@ -28,8 +33,37 @@ struct MatchResult {
 };
 
 struct InsertResult {
-  int64_t prefix_len = 0;  // tokens of the aligned key already in the tree (caller's duplicates)
+  // Tokens of the aligned key already on device in the tree: the caller's duplicates. Host-only
+  // nodes on the path adopt the caller's slots (SGLang's _unevict_node_on_insert) and do not count.
+  int64_t prefix_len = 0;
   NodeId last_node = kRootId;
+  int64_t adopted_len = 0;  // tokens of host-only nodes that took the caller's slots
+};
+
+// What inc_lock_ref locked: the deepest device node at or above the node asked for (locking skips
+// the evicted bottom of the path). dec_lock_ref takes node_id back (SGLang's lock receipt).
+struct LockReceipt {
+  NodeId node_id = kRootId;
+  int64_t delta = 0;  // tokens moved from evictable to protected
+};
+
+// What evict did. The caller frees the slots in their pools.
+struct EvictResult {
+  std::vector<SlotIndex> device_freed;
+  std::vector<SlotIndex> host_freed;  // host slots of host-only nodes dropped with an unbacked leaf
+  int64_t demoted_tokens = 0;         // backuped tokens that stayed in the tree as host-only
+  int64_t dropped_tokens = 0;         // unbacked device tokens removed from the tree
+  // write_back only: the LRU device leaf is not backed up; back it up (commit_backup), then evict
+  // again. Already trimmed to the pages this call still had to free. kNoNode otherwise.
+  NodeId needs_backup = kNoNode;
+};
+
+// Nodes and slots of a backup (device -> host) or load-back (host -> device), root-first:
+// indices are the concatenated source slots (device slots for a backup, host slots for a load).
+struct TransferPlan {
+  std::vector<NodeId> nodes;
+  std::vector<int64_t> lengths;  // tokens per node
+  std::vector<SlotIndex> indices;
 };
 
 struct NodeInfo {
@@ -42,50 +76,88 @@ struct NodeInfo {
   uint64_t hit_count = 0;
   Tick last_access_time = 0;
   bool has_device_value = false;
+  bool has_host_value = false;
   std::string extra_key;
   bool has_extra_key = false;
 };
 
 class RadixTree {
  public:
-  // page_size: tokens per page (>= 1). num_device_slots: if > 0, inserted slots must be below it.
-  RadixTree(int64_t page_size, int64_t num_device_slots);
+  // page_size: tokens per page (>= 1). num_device_slots / num_host_slots: if > 0, device / host
+  // slots handed to the tree must be below them (0 = unchecked).
+  RadixTree(int64_t page_size, int64_t num_device_slots, int64_t num_host_slots = 0);
   ~RadixTree();
   RadixTree(const RadixTree&) = delete;
   RadixTree& operator=(const RadixTree&) = delete;
 
   int64_t page_size() const { return page_size_; }
   int64_t num_device_slots() const { return num_device_slots_; }
+  int64_t num_host_slots() const { return num_host_slots_; }
 
   // Longest cached prefix of key[0:len] floored to page_size, in the namespace `extra_key`
-  // (empty = none). Splits the node where the match ends inside it, then touches the matched
-  // path deepest-first. O(matched tokens).
+  // (empty = none), through device and host-only nodes. Splits the node where the match ends
+  // inside it, then touches the matched path deepest-first. O(matched tokens).
   MatchResult match_prefix(const Token* key, size_t len, std::string_view extra_key);
 
   // Inserts key[0:floor(len)] with device slots value[0:floor(len)]; value_len must equal len.
-  // Existing nodes keep their slots; only the new tail takes value[prefix_len:]. Touches the path.
+  // Device nodes keep their slots; host-only nodes on the path adopt value[...] for their tokens;
+  // the new tail takes the rest. Counts a hit on every node walked. Touches the path.
   InsertResult insert(const Token* key, size_t len, const SlotIndex* value, size_t value_len,
                       std::string_view extra_key);
 
-  // Path locks (SGLang inc_lock_ref / dec_lock_ref on the Full component). Return the number of
-  // tokens moved from evictable to protected (inc) or back (dec). dec touches nodes released to 0.
-  int64_t inc_lock_ref(NodeId id);
+  // Path locks (SGLang inc_lock_ref / dec_lock_ref on the Full component). inc locks from the
+  // deepest device node at or above `id` up to the root and returns that node as the receipt; dec
+  // takes the receipt's node. dec touches nodes released to 0.
+  LockReceipt inc_lock_ref(NodeId id);
   int64_t dec_lock_ref(NodeId id);
 
+  // Host path locks (SGLang's host_ref_counter): protect the host KV of `id` and its ancestors
+  // from evict_host and from removal while a host operation is in flight. Return the host tokens
+  // moved out of (inc) or back into (dec) the host-evictable set; dec touches released nodes.
+  int64_t inc_host_lock_ref(NodeId id);
+  int64_t dec_host_lock_ref(NodeId id);
+
   // Frees ceil(num_tokens / page_size) pages of device KV (fewer if not enough is evictable),
-  // least recently used first, trimming the LRU leaf from its tail. Returns the freed slots.
-  std::vector<SlotIndex> evict(int64_t num_tokens);
+  // least recently used first, from the LRU leaf's tail. A backuped victim is demoted (stays as
+  // host-only); an unbacked one is dropped, unless write_back, where the call stops and names it
+  // in needs_backup. An unbacked leaf whose host-only subtree is host-locked stops the call.
+  EvictResult evict(int64_t num_tokens, bool write_back);
+
+  // Frees ceil(num_tokens / page_size) pages of host KV from host-only leaves, least recently
+  // used first, never a host-locked node (SGLang's evict_host). Returns the freed host slots.
+  std::vector<SlotIndex> evict_host(int64_t num_tokens);
+
+  // Device nodes on the path root..id without a host value and with hit_count >= min_hit_count,
+  // root-first, with their device slots: what write-through must back up.
+  TransferPlan backup_plan(NodeId id, uint64_t min_hit_count) const;
+  // Gives device node `id` (no host value yet) the host slots host[0:len], len = its tokens.
+  // Called when the backup is queued (SGLang's commit_backup); the caller keeps the node locked
+  // until the copy is done.
+  void commit_backup(NodeId id, const SlotIndex* host, size_t len);
+
+  // The host-only nodes from the deepest device ancestor of `anchor` down to anchor, root-first,
+  // with their host slots: what load_back must copy. Empty if anchor is on device.
+  TransferPlan load_back_plan(NodeId anchor) const;
+  // Gives those nodes the device slots device[0:len] (len = the plan's tokens); they become
+  // device+host nodes, unlocked. Called when the load is queued (SGLang's commit_load_back).
+  void commit_load_back(NodeId anchor, const SlotIndex* device, size_t len);
 
   int64_t evictable_size() const { return evictable_size_; }
   int64_t protected_size() const { return protected_size_; }
   int64_t total_size() const { return evictable_size_ + protected_size_; }
+  // Host tokens in the tree; evictable = in host-only, host-unlocked nodes.
+  int64_t host_total_size() const { return host_total_size_; }
+  int64_t host_evictable_size() const { return host_evictable_size_; }
+  int64_t host_protected_size() const { return host_total_size_ - host_evictable_size_; }
   int64_t num_nodes() const { return static_cast<int64_t>(nodes_.size()); }  // excluding root
 
   bool contains_node(NodeId id) const { return id == kRootId || nodes_.count(id) != 0; }
   NodeInfo node_info(NodeId id) const;
   std::vector<SlotIndex> all_device_indices() const;
+  std::vector<SlotIndex> all_host_indices() const;
 
-  // Drops every node; returns their device slots. Throws invalid_argument if anything is locked.
+  // Drops every node; returns their device slots (all_host_indices() first for the host ones).
+  // Throws invalid_argument if anything is locked or host-locked.
   std::vector<SlotIndex> reset();
 
   std::string pretty_print() const;
@@ -95,6 +167,7 @@ class RadixTree {
 
  private:
   using DeviceLru = LruList<Node, &Node::device_lru>;
+  using HostLru = LruList<Node, &Node::host_lru>;
 
   Node* node_by_id(NodeId id, const char* caller) const;
   int32_t namespace_id(std::string_view extra_key, bool create);
@@ -108,11 +181,16 @@ class RadixTree {
   Node* split(Node* node, size_t prefix_len);
   void touch_path(Node* node);
   void destroy_leaf(Node* node);
-  void check_value(const SlotIndex* value, size_t len) const;
+  void demote(Node* node, EvictResult& result);
+  bool drop_unbacked(Node* node, EvictResult& result);
+  void trim_tail(Node* node, size_t keep);
+  void check_slots(const char* caller, const SlotIndex* slots, size_t len, int64_t num_slots,
+                   const char* pool) const;
   NodeId mint_id() { return next_id_++; }
 
   const int64_t page_size_;
   const int64_t num_device_slots_;
+  const int64_t num_host_slots_;
   std::unique_ptr<Node> root_;
   // Owner of every non-root node, keyed by id: resolves ids crossing the boundary.
   std::unordered_map<NodeId, std::unique_ptr<Node>> nodes_;
@@ -121,8 +199,11 @@ class RadixTree {
   std::unordered_map<std::string, int32_t> namespaces_;
   std::vector<std::string> namespace_names_;  // index = namespace id; [0] = "" (none)
   DeviceLru device_lru_;  // unlocked nodes with device KV; back = least recently used
+  HostLru host_lru_;      // host-only, host-unlocked nodes; back = least recently used
   int64_t evictable_size_ = 0;
   int64_t protected_size_ = 0;
+  int64_t host_total_size_ = 0;
+  int64_t host_evictable_size_ = 0;
   NodeId next_id_ = kRootId + 1;
   Tick tick_ = 0;
 };
