@@ -160,6 +160,16 @@ void RadixTree::check_invariants() const {
       fail(n->id, "evicted but still holds device slots");
     }
 
+    // In-flight transfers (SGLang's sanity_check item 9): a pending backup is of a locked device
+    // node that has its host slots; a pending load-back is of a locked device+host node.
+    if (n->backup_pending != kNoNode &&
+        (!full.has_value || !full.has_host_value || full.lock_ref == 0)) {
+      fail(n->id, "backup-pending but not a locked device+host node");
+    }
+    if (n->load_pending != kNoNode && (!full.has_value || !full.has_host_value || full.lock_ref == 0)) {
+      fail(n->id, "load-pending but not a locked device+host node");
+    }
+
     if (full.has_host_value) {
       check_tier(n, full.host_value, num_host_slots_, host_slots, "host");
       host_total += n->num_tokens();

@@ -175,6 +175,8 @@ Node* RadixTree::split(Node* node, size_t prefix_len) {
     }
   }
   upper->hit_count = node->hit_count;
+  upper->backup_pending = node->backup_pending;
+  upper->load_pending = node->load_pending;
   upper->last_access = node->last_access;
   upper->creation_time = node->creation_time;
 
@@ -584,7 +586,41 @@ void RadixTree::commit_backup(NodeId id, const SlotIndex* host, size_t len) {
   ComponentData& full = node->full();
   full.host_value.assign(host, host + len);
   full.has_host_value = true;
+  node->backup_pending = id;
   host_total_size_ += node->num_tokens();
+}
+
+// The node named by ack_id and the fragments split off above it that carry the same mark: a split
+// copies the mark to the new upper node, so they are a chain of ancestors, deepest first.
+template <NodeId Node::*Mark>
+std::vector<Node*> RadixTree::pending_nodes(NodeId ack_id, const char* caller) const {
+  Node* node = node_by_id(ack_id, caller);
+  if (node->*Mark != ack_id) {
+    throw std::invalid_argument(describe(caller, ack_id, "has no transfer in flight under this id"));
+  }
+  std::vector<Node*> chain;
+  for (Node* n = node; !n->is_root() && n->*Mark == ack_id; n = n->parent) chain.push_back(n);
+  return chain;
+}
+
+void RadixTree::finish_backup(NodeId ack_id) {
+  for (Node* n : pending_nodes<&Node::backup_pending>(ack_id, "finish_backup")) {
+    n->backup_pending = kNoNode;
+  }
+}
+
+std::vector<SlotIndex> RadixTree::abort_backup(NodeId ack_id) {
+  std::vector<SlotIndex> freed;
+  for (Node* n : pending_nodes<&Node::backup_pending>(ack_id, "abort_backup")) {
+    // Pending backups are of device nodes (the caller holds their lock), so none is host-only.
+    ComponentData& full = n->full();
+    freed.insert(freed.end(), full.host_value.begin(), full.host_value.end());
+    full.host_value.clear();
+    full.has_host_value = false;
+    host_total_size_ -= n->num_tokens();
+    n->backup_pending = kNoNode;
+  }
+  return freed;
 }
 
 TransferPlan RadixTree::load_back_plan(NodeId anchor) const {
@@ -623,6 +659,7 @@ void RadixTree::commit_load_back(NodeId anchor, const SlotIndex* device, size_t 
     ComponentData& full = n->full();
     full.value.assign(device + pos, device + pos + n->key.size());
     full.has_value = true;
+    n->load_pending = anchor;
     pos += n->key.size();
     if (HostLru::contains(n)) {
       host_lru_.erase(n);
@@ -632,6 +669,34 @@ void RadixTree::commit_load_back(NodeId anchor, const SlotIndex* device, size_t 
     evictable_size_ += n->num_tokens();
   }
   touch_path(node);
+}
+
+void RadixTree::finish_load_back(NodeId ack_id) {
+  for (Node* n : pending_nodes<&Node::load_pending>(ack_id, "finish_load_back")) {
+    n->load_pending = kNoNode;
+  }
+}
+
+std::vector<SlotIndex> RadixTree::abort_load_back(NodeId ack_id) {
+  const std::vector<Node*> chain = pending_nodes<&Node::load_pending>(ack_id, "abort_load_back");
+  for (Node* n : chain) {  // validate everything first: a failing call changes nothing
+    if (n->full().lock_ref > 0) {
+      throw std::invalid_argument(describe("abort_load_back", n->id,
+                                           "is locked: a request uses the KV of the failed load"));
+    }
+    for (Node* c = n->first_child; c != nullptr; c = c->next_sibling) {
+      if (!c->evicted() && (c->load_pending != ack_id)) {
+        throw std::invalid_argument(describe("abort_load_back", n->id,
+                                             "has a device child " + std::to_string(c->id)));
+      }
+    }
+  }
+  EvictResult result;
+  for (Node* n : chain) {  // deepest first: no device node ever sits under a host-only one
+    n->load_pending = kNoNode;
+    demote(n, result);
+  }
+  return result.device_freed;
 }
 
 std::vector<SlotIndex> RadixTree::reset() {

@@ -72,6 +72,12 @@ int main(int argc, char** argv) {
           for (size_t i = 0; i < plan.nodes.size(); ++i) {
             const auto host = fresh(next_host_slot, static_cast<size_t>(plan.lengths[i]));
             tree.commit_backup(plan.nodes[i], host.data(), host.size());
+            // The copy either finishes or fails; either way the node leaves the pending state.
+            if (uniform(0, 3) == 0) {
+              tree.abort_backup(plan.nodes[i]);
+            } else {
+              tree.finish_backup(plan.nodes[i]);
+            }
           }
           break;
         }
@@ -82,6 +88,13 @@ int main(int argc, char** argv) {
           const auto plan = tree.load_back_plan(m.best_match_node);
           const auto device = fresh(next_slot, plan.indices.size());
           tree.commit_load_back(m.best_match_node, device.data(), device.size());
+          if (!plan.nodes.empty()) {
+            if (uniform(0, 3) == 0) {
+              tree.abort_load_back(m.best_match_node);  // unlocked, no device child: must work
+            } else {
+              tree.finish_load_back(m.best_match_node);
+            }
+          }
           tree.dec_host_lock_ref(m.best_match_node);
           break;
         }
@@ -108,6 +121,7 @@ int main(int argc, char** argv) {
             const auto size = static_cast<size_t>(tree.node_info(r.needs_backup).num_tokens);
             const auto host = fresh(next_host_slot, size);
             tree.commit_backup(r.needs_backup, host.data(), host.size());
+            tree.finish_backup(r.needs_backup);
           }
         }
       }

@@ -79,7 +79,11 @@ cdef extern from "hicache/radix_tree.h" namespace "hicache" nogil:
                                   uint64_t min_hit_count) except +translate_cpp_exception
         void commit_backup(NodeId node_id, const SlotIndex* host,
                            size_t length) except +translate_cpp_exception
+        void finish_backup(NodeId ack_id) except +translate_cpp_exception
+        vector[SlotIndex] abort_backup(NodeId ack_id) except +translate_cpp_exception
         CTransferPlan load_back_plan(NodeId anchor) except +translate_cpp_exception
+        void finish_load_back(NodeId ack_id) except +translate_cpp_exception
+        vector[SlotIndex] abort_load_back(NodeId ack_id) except +translate_cpp_exception
         void commit_load_back(NodeId anchor, const SlotIndex* device,
                               size_t length) except +translate_cpp_exception
         int64_t evictable_size()

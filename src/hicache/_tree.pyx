@@ -400,8 +400,9 @@ cdef class RadixTree:
     def commit_backup(self, int64_t node_id, host_indices):
         """Records that device node ``node_id`` is backed up in host slots ``host_indices``.
 
-        Called when the device -> host copy is queued (SGLang's ``commit_backup``); the caller
-        keeps the node locked until the copy has finished.
+        Called when the device -> host copy is queued (SGLang's ``commit_backup``): the node is
+        backup-pending under ack id ``node_id`` until :meth:`finish_backup` or
+        :meth:`abort_backup`, and the caller keeps it locked until then.
 
         Args:
             node_id: a device node without a host value.
@@ -416,6 +417,31 @@ cdef class RadixTree:
         cdef size_t m
         self._as_slots(host_indices, &slots, &m)
         self._tree.get().commit_backup(node_id, slots, m)
+
+    def finish_backup(self, int64_t ack_id):
+        """The copy of backup ``ack_id`` (the node id given to :meth:`commit_backup`) finished.
+
+        Clears the pending mark on the node and on every fragment split off it meanwhile.
+
+        Raises:
+            InvalidArgumentError: no backup is in flight under ``ack_id``.
+            IndexOutOfRangeError: unknown node id.
+        """
+        self._tree.get().finish_backup(ack_id)
+
+    def abort_backup(self, int64_t ack_id):
+        """The copy of backup ``ack_id`` failed: the node and its fragments lose their host value.
+
+        Their host bytes are garbage and must never be served.
+
+        Returns:
+            torch.Tensor: int64 CPU tensor of the host slots to free.
+
+        Raises:
+            InvalidArgumentError: no backup is in flight under ``ack_id``.
+            IndexOutOfRangeError: unknown node id.
+        """
+        return _to_tensor(self._tree.get().abort_backup(ack_id))
 
     def load_back_plan(self, int64_t anchor):
         """What loading ``anchor`` back must copy: the host-only nodes from its deepest device
@@ -432,8 +458,8 @@ cdef class RadixTree:
         """Gives the nodes of ``load_back_plan(anchor)`` the device slots ``device_indices``.
 
         Called when the host -> device copy is queued (SGLang's ``commit_load_back``): the nodes
-        become device+host, unlocked and just used; the caller locks ``anchor`` until the copy has
-        finished.
+        become device+host, unlocked, just used and load-pending under ack id ``anchor``; the
+        caller locks ``anchor`` until :meth:`finish_load_back` or :meth:`abort_load_back`.
 
         Raises:
             InvalidArgumentError: a length other than the plan's tokens, or slots not made of
@@ -444,6 +470,30 @@ cdef class RadixTree:
         cdef size_t m
         self._as_slots(device_indices, &slots, &m)
         self._tree.get().commit_load_back(anchor, slots, m)
+
+    def finish_load_back(self, int64_t ack_id):
+        """The load ``ack_id`` (the anchor given to :meth:`commit_load_back`) finished.
+
+        Raises:
+            InvalidArgumentError: no load is in flight under ``ack_id``.
+            IndexOutOfRangeError: unknown node id.
+        """
+        self._tree.get().finish_load_back(ack_id)
+
+    def abort_load_back(self, int64_t ack_id):
+        """The load ``ack_id`` failed: its nodes go back to host-only (their device KV is garbage).
+
+        Release the load's lock first. Nothing changes if a node is still locked or has a device
+        child (a request already uses the KV).
+
+        Returns:
+            torch.Tensor: int64 CPU tensor of the device slots to free.
+
+        Raises:
+            InvalidArgumentError: no load in flight under ``ack_id``, or its nodes are in use.
+            IndexOutOfRangeError: unknown node id.
+        """
+        return _to_tensor(self._tree.get().abort_load_back(ack_id))
 
     def host_total_size(self):
         """Tokens with host KV in the tree (host-only and device+host nodes)."""

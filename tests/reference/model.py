@@ -203,6 +203,37 @@ class ReferenceTree:
             assert page.device is not None and page.host is None
             page.host = list(host[i * self.page_size : (i + 1) * self.page_size])
 
+    def abort_backup(self, page_keys: list[PageKey]) -> list[int]:
+        """A failed backup: ``page_keys`` lose their host slots, which are returned."""
+        freed: list[int] = []
+        for page_key in page_keys:
+            page = self.pages[page_key]
+            assert page.device is not None and page.host is not None
+            freed.extend(page.host)
+            page.host = None
+        return freed
+
+    def abort_load_back(self, page_keys: list[PageKey]) -> list[int] | None:
+        """A failed load: ``page_keys`` go back to host-only, deepest first; returns their slots.
+
+        Returns None (and changes nothing) when a page is locked or a device page outside
+        ``page_keys`` extends one of them.
+        """
+        for page_key in page_keys:
+            if self.pages[page_key].lock_count > 0:
+                return None
+            for child in self._children(page_key):
+                if self.pages[child].device is not None and child not in page_keys:
+                    return None
+        freed: list[int] = []
+        for page_key in reversed(page_keys):
+            page = self.pages[page_key]
+            freed.extend(page.device)
+            page.device = None
+            if page.host_lock_count == 0:
+                self._touch([page_key])
+        return freed
+
     def load_back_plan(self, prefix: list[int], extra_key: str | None = None) -> list[PageKey]:
         """The host-only pages of ``prefix`` (its bottom segment), root-first."""
         return [k for k in self._page_keys(prefix, extra_key) if self.pages[k].device is None]

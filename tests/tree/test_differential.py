@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from hicache._tree import RadixTree
+from hicache.errors import InvalidArgumentError
 from tests.reference.model import ReferenceTree
 
 settings.register_profile(
@@ -66,6 +67,10 @@ class TreeVsModel(RuleBasedStateMachine):
         # Held locks: (receipt node id, extra_key, locked key prefix) — device and host.
         self.locks: list[tuple[int, str | None, list[int]]] = []
         self.host_locks: list[tuple[int, str | None, list[int]]] = []
+        # In-flight transfers, as the cache holds them: (ack id, extra_key, model pages, locked
+        # prefix); a load also holds a host lock on the same prefix.
+        self.backups: list[tuple[int, str | None, list, list[int]]] = []
+        self.loads: list[tuple[int, str | None, list, list[int]]] = []
 
     def _key(self, blocks: list[int], tail_len: int) -> list[int]:
         key = [token for b in blocks for token in self.block_pool[b]]
@@ -172,9 +177,25 @@ class TreeVsModel(RuleBasedStateMachine):
         host = self._fresh(len(expected), host=True)
         start = 0
         for node_id, length in zip(plan.node_ids, plan.lengths, strict=True):
+            pages = model_plan[start // self.page_size : (start + length) // self.page_size]
             self.tree.commit_backup(node_id, torch.tensor(host[start : start + length]))
+            self.model.commit_backup(pages, host[start : start + length])
             start += length
-        self.model.commit_backup(model_plan, host)
+            # The cache locks the node until the copy's ack (a path lock up to the root).
+            node_prefix = list(pages[-1][1])
+            assert self.tree.inc_lock_ref(node_id).delta == self.model.lock(node_prefix, extra_key)
+            self.backups.append((node_id, extra_key, pages, node_prefix))
+
+    @precondition(lambda self: self.backups)
+    @rule(index=st.integers(0, 1 << 16), fail=st.booleans())
+    def backup_ack(self, index: int, fail: bool) -> None:
+        node_id, extra_key, pages, prefix = self.backups.pop(index % len(self.backups))
+        if fail:
+            freed = self.tree.abort_backup(node_id)
+            assert sorted(freed.tolist()) == sorted(self.model.abort_backup(pages))
+        else:
+            self.tree.finish_backup(node_id)
+        assert self.tree.dec_lock_ref(node_id) == self.model.unlock(prefix, extra_key)
 
     @rule(blocks=blocks_st, tail_len=tail_st, extra_index=extra_st)
     def load_back(self, blocks: list[int], tail_len: int, extra_index: int) -> None:
@@ -191,8 +212,33 @@ class TreeVsModel(RuleBasedStateMachine):
         device = self._fresh(plan.num_tokens)
         self.tree.commit_load_back(anchor, torch.tensor(device, dtype=torch.int64))
         self.model.commit_load_back(matched, device, extra_key)
-        assert self.tree.dec_host_lock_ref(anchor) == self.model.host_unlock(matched, extra_key)
         assert self.tree.node_info(anchor).has_device_value
+        if not model_plan:
+            assert self.tree.dec_host_lock_ref(anchor) == self.model.host_unlock(matched, extra_key)
+            return
+        # In flight until its ack: the anchor stays locked and host-locked.
+        receipt = self.tree.inc_lock_ref(anchor)
+        assert receipt.node_id == anchor
+        assert receipt.delta == self.model.lock(matched, extra_key)
+        self.loads.append((anchor, extra_key, model_plan, matched))
+
+    @precondition(lambda self: self.loads)
+    @rule(index=st.integers(0, 1 << 16), fail=st.booleans())
+    def load_ack(self, index: int, fail: bool) -> None:
+        anchor, extra_key, pages, prefix = self.loads.pop(index % len(self.loads))
+        assert self.tree.dec_lock_ref(anchor) == self.model.unlock(prefix, extra_key)
+        if fail:
+            model_freed = self.model.abort_load_back(pages)
+            if model_freed is None:  # a request uses the loaded KV: the abort must refuse
+                with pytest.raises(InvalidArgumentError, match="abort_load_back"):
+                    self.tree.abort_load_back(anchor)
+                self.tree.finish_load_back(anchor)
+            else:
+                freed = self.tree.abort_load_back(anchor)
+                assert sorted(freed.tolist()) == sorted(model_freed)
+        else:
+            self.tree.finish_load_back(anchor)
+        assert self.tree.dec_host_lock_ref(anchor) == self.model.host_unlock(prefix, extra_key)
 
     @rule(num_pages=st.integers(0, 8), extra_tokens=st.integers(0, 63), write_back=st.booleans())
     def evict(self, num_pages: int, extra_tokens: int, write_back: bool) -> None:
@@ -215,6 +261,7 @@ class TreeVsModel(RuleBasedStateMachine):
         host = self._fresh(num_tokens, host=True)
         self.tree.commit_backup(result.needs_backup, torch.tensor(host))
         self.model.commit_backup(pages, host)
+        self.tree.finish_backup(result.needs_backup)  # write_back backs up synchronously
 
     @rule(num_pages=st.integers(0, 8), extra_tokens=st.integers(0, 63))
     def evict_host(self, num_pages: int, extra_tokens: int) -> None:
@@ -222,7 +269,7 @@ class TreeVsModel(RuleBasedStateMachine):
         freed = self.tree.evict_host(num_tokens)
         assert sorted(freed.tolist()) == sorted(self.model.evict_host(num_tokens))
 
-    @precondition(lambda self: not self.locks and not self.host_locks)
+    @precondition(lambda self: not (self.locks or self.host_locks or self.backups or self.loads))
     @rule()
     def reset(self) -> None:
         assert sorted(self.tree.all_host_indices().tolist()) == sorted(self.model.all_host_slots())

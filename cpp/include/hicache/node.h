@@ -41,6 +41,11 @@ struct Node {
   std::array<ComponentData, kNumComponents> comp;
 
   uint64_t hit_count = 0;  // inserts that walked over this node (write_through_selective uses it)
+  // In-flight transfers (SGLang's write_through_pending_id / load_back_pending_id): the ack id of
+  // the backup or load-back that is copying this node, kNoNode when none. A split copies them to
+  // the new upper node, so an ack or abort reaches every fragment of the node it was issued for.
+  NodeId backup_pending = kNoNode;
+  NodeId load_pending = kNoNode;
   Tick last_access = 0;
   Tick creation_time = 0;
 

@@ -130,17 +130,29 @@ class RadixTree {
   // Device nodes on the path root..id without a host value and with hit_count >= min_hit_count,
   // root-first, with their device slots: what write-through must back up.
   TransferPlan backup_plan(NodeId id, uint64_t min_hit_count) const;
-  // Gives device node `id` (no host value yet) the host slots host[0:len], len = its tokens.
-  // Called when the backup is queued (SGLang's commit_backup); the caller keeps the node locked
-  // until the copy is done.
+  // Gives device node `id` (no host value yet) the host slots host[0:len], len = its tokens, and
+  // marks it backup-pending with ack id `id`. Called when the backup is queued (SGLang's
+  // commit_backup); the caller keeps the node locked until finish_backup or abort_backup.
   void commit_backup(NodeId id, const SlotIndex* host, size_t len);
+  // The copy of backup `ack_id` finished: clears the pending mark on its node and fragments.
+  void finish_backup(NodeId ack_id);
+  // The copy of backup `ack_id` failed: its node and fragments lose their host value again (the
+  // host bytes are garbage and must never be served). Returns the host slots to free.
+  std::vector<SlotIndex> abort_backup(NodeId ack_id);
 
   // The host-only nodes from the deepest device ancestor of `anchor` down to anchor, root-first,
   // with their host slots: what load_back must copy. Empty if anchor is on device.
   TransferPlan load_back_plan(NodeId anchor) const;
   // Gives those nodes the device slots device[0:len] (len = the plan's tokens); they become
-  // device+host nodes, unlocked. Called when the load is queued (SGLang's commit_load_back).
+  // device+host nodes, unlocked, load-pending with ack id `anchor`. Called when the load is queued
+  // (SGLang's commit_load_back); the caller locks anchor until finish_ or abort_load_back.
   void commit_load_back(NodeId anchor, const SlotIndex* device, size_t len);
+  // The load `ack_id` finished: clears the pending mark on its nodes.
+  void finish_load_back(NodeId ack_id);
+  // The load `ack_id` failed: its nodes go back to host-only (their device bytes are garbage).
+  // They must be unlocked and have no device child (else invalid_argument, nothing changed).
+  // Returns the device slots to free.
+  std::vector<SlotIndex> abort_load_back(NodeId ack_id);
 
   int64_t evictable_size() const { return evictable_size_; }
   int64_t protected_size() const { return protected_size_; }
@@ -182,6 +194,8 @@ class RadixTree {
   void touch_path(Node* node);
   void destroy_leaf(Node* node);
   void demote(Node* node, EvictResult& result);
+  template <NodeId Node::*Mark>
+  std::vector<Node*> pending_nodes(NodeId ack_id, const char* caller) const;
   bool drop_unbacked(Node* node, EvictResult& result);
   void trim_tail(Node* node, size_t keep);
   void check_slots(const char* caller, const SlotIndex* slots, size_t len, int64_t num_slots,
