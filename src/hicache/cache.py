@@ -1,35 +1,81 @@
-"""The public cache API: the radix tree, the device KV pool and its allocator, kept consistent.
+"""The public cache API: the radix tree, the device (L1) and host (L2) KV pools, kept consistent.
 
-``HiCache`` is what an engine's scheduler talks to. It mirrors SGLang's radix cache API
-(``match_prefix``, ``insert``, ``inc_lock_ref``/``dec_lock_ref``, ``evict``,
+``HiCache`` is what an engine's scheduler talks to. It mirrors SGLang's ``HiRadixCache`` API
+(``match_prefix``, ``insert``, ``inc_lock_ref``/``dec_lock_ref``, ``evict``, ``evict_host``,
+``init_load_back``, ``ready_to_load_host_cache``, ``check_hicache_events``,
 ``cache_finished_req``/``cache_unfinished_req``) and adds the slot allocation that SGLang leaves to
 its ``token_to_kv_pool_allocator``, so that "every slot is owned exactly once" (DESIGN.md invariant
 3) is checked in one place. The tree decides, the cache executes: tree calls return freed slots and
-the cache hands them back to the allocator.
+transfer plans; the cache hands slots back to the allocators and queues copies on the
+:class:`~hicache.controller.CacheController`, whose acks it feeds back to the tree.
+
+Without a host pool the cache is SGLang's plain ``RadixCache`` (the device tier only).
 
 Threading: the C++ tree is single-threaded; one re-entrant lock serialises every tree call
-(DESIGN.md, threading contract).
+(DESIGN.md, threading contract). The controller's workers (or CUDA streams) only copy KV; acks are
+applied by :meth:`HiCache.check_hicache_events` on the caller's thread.
 """
 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 
+from hicache import profiling
 from hicache._tree import RadixTree
-from hicache.errors import InvalidArgumentError, InvariantError, PoolExhaustedError
-from hicache.memory import DeviceKVPool, PageAllocator
-from hicache.results import InsertResult, LockReceipt, MatchResult
+from hicache.controller import CacheController
+from hicache.errors import (
+    InvalidArgumentError,
+    InvariantError,
+    PoolExhaustedError,
+    TransferError,
+)
+from hicache.memory import DeviceKVPool, HostKVPool, PageAllocator
+from hicache.results import EvictResult, InsertResult, LockReceipt, MatchResult
 
-__all__ = ["HiCache", "Req"]
+__all__ = ["WRITE_POLICIES", "CacheStats", "HiCache", "Req"]
 
 _ROOT_ID = 0
+
+# SGLang's --hicache-write-policy values, with the hit count at which an insert backs a node up
+# (SGLang's write_through_threshold: 1 for write_through, 2 otherwise; write_back never does).
+WRITE_POLICIES = {"write_through": 1, "write_through_selective": 2, "write_back": None}
 
 
 def _empty_slots() -> torch.Tensor:
     return torch.empty(0, dtype=torch.int64)
+
+
+@dataclass
+class CacheStats:
+    """Token counters since construction or :meth:`HiCache.reset` (all in tokens).
+
+    Attributes:
+        evicted_tokens: device tokens freed by eviction (demoted + dropped).
+        demoted_tokens: device tokens evicted with a host copy kept (they stay matchable on L2).
+        dropped_tokens: device tokens evicted without a host copy (their KV is gone).
+        host_evicted_tokens: host tokens freed by ``evict_host`` (or dropped with a device leaf).
+        backup_tokens: tokens queued for device -> host backup.
+        backup_failed_tokens: tokens whose backup was skipped (host full) or whose copy failed.
+        load_back_tokens: tokens queued for host -> device load-back.
+        load_back_failed_tokens: tokens whose load-back could not be queued (device full) or
+            whose copy failed.
+    """
+
+    evicted_tokens: int = 0
+    demoted_tokens: int = 0
+    dropped_tokens: int = 0
+    host_evicted_tokens: int = 0
+    backup_tokens: int = 0
+    backup_failed_tokens: int = 0
+    load_back_tokens: int = 0
+    load_back_failed_tokens: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        """The counters as a plain dict."""
+        return asdict(self)
 
 
 @dataclass
@@ -56,50 +102,109 @@ class Req:
 
 
 class HiCache:
-    """A prefix KV cache over a device KV pool (the L1 tier of SGLang's HiCache).
+    """A hierarchical prefix KV cache over a device KV pool and, optionally, a host KV pool.
 
     Args:
-        device_pool: the KV pool whose slots the tree indexes.
-        page_size: tokens per page, >= 1; ``device_pool.num_slots`` must be a multiple of it.
+        device_pool: the KV pool whose slots the tree indexes (L1).
+        page_size: tokens per page, >= 1; the pools' sizes must be multiples of it.
+        host_pool: the host (L2) pool; ``None`` for a device-only cache (SGLang's ``RadixCache``).
+            Its ``page_size`` must equal ``page_size``.
+        write_policy: one of :data:`WRITE_POLICIES` (SGLang's ``--hicache-write-policy``):
+            ``write_through`` backs a node up when it is first inserted, ``write_through_selective``
+            once an insert has walked it twice, ``write_back`` only when it is evicted from device.
+        io_backend: the controller's transfer backend (``"direct"``).
 
     Raises:
-        InvalidArgumentError: bad ``page_size`` or a pool size that is not whole pages.
+        InvalidArgumentError: bad ``page_size``, pool sizes that are not whole pages, a host pool of
+            another page size, an unknown write policy or io backend.
     """
 
-    def __init__(self, device_pool: DeviceKVPool, page_size: int = 1) -> None:
+    def __init__(
+        self,
+        device_pool: DeviceKVPool,
+        page_size: int = 1,
+        host_pool: HostKVPool | None = None,
+        write_policy: str = "write_through",
+        io_backend: str = "direct",
+    ) -> None:
+        if write_policy not in WRITE_POLICIES:
+            raise InvalidArgumentError(
+                f"HiCache: write_policy: expected one of {sorted(WRITE_POLICIES)}, "
+                f"got {write_policy!r}"
+            )
+        if host_pool is not None and host_pool.page_size != page_size:
+            raise InvalidArgumentError(
+                f"HiCache: host_pool.page_size {host_pool.page_size} differs from page_size "
+                f"{page_size}"
+            )
         self.device_pool = device_pool
+        self.host_pool = host_pool
         self.page_size = page_size
+        self.write_policy = write_policy
         self.allocator = PageAllocator(device_pool.num_slots, page_size)
-        self.tree = RadixTree(page_size, device_pool.num_slots)
+        num_host_slots = host_pool.num_slots if host_pool is not None else 0
+        self.tree = RadixTree(page_size, device_pool.num_slots, num_host_slots)
+        self.controller = (
+            CacheController(device_pool, host_pool, io_backend) if host_pool is not None else None
+        )
+        self.stats = CacheStats()
         self._lock = threading.RLock()
-        self.num_evicted_tokens = 0  # tokens freed by eviction since construction / reset
+        self._write_threshold = WRITE_POLICIES[write_policy] if host_pool is not None else None
+        self._write_back = host_pool is not None and write_policy == "write_back"
+        # In-flight transfers by ack id (the node id given to the tree's commit): the node the
+        # transfer's lock receipt names. Loads also hold a host lock on the ack id.
+        self._ongoing_writes: dict[int, int | None] = {}
+        self._ongoing_loads: dict[int, int] = {}
+
+    @property
+    def num_evicted_tokens(self) -> int:
+        """Device tokens freed by eviction since construction or reset."""
+        return self.stats.evicted_tokens
 
     # ---- tree operations ------------------------------------------------------------------------
 
-    def match_prefix(self, key, extra_key: str | None = None) -> MatchResult:
-        """Finds the longest cached prefix of ``key`` (see :meth:`RadixTree.match_prefix`).
+    def match_prefix(
+        self, key, extra_key: str | None = None, load_back: bool = False
+    ) -> MatchResult:
+        """Finds the longest cached prefix of ``key`` on device and host.
 
         Args:
             key: ``[num_tokens]`` token ids (list, int32/int64 CPU tensor, numpy array).
             extra_key: namespace; keys with different extra keys never share pages.
+            load_back: when part of the match is host-only, also queue its load-back (see
+                :meth:`init_load_back`) and return the match as it is after that: the loaded
+                tokens then count in ``device_indices``. Their KV is valid once the batch's layer
+                events fire (:meth:`ready_to_load_host_cache`, :meth:`wait_until_layer_ready`).
 
         Returns:
-            MatchResult: ``device_indices`` is an int64 CPU tensor of the tree's slots.
+            MatchResult: ``device_indices`` is an int64 CPU tensor of the tree's device slots;
+            ``host_hit_length`` counts the host-only tokens below ``last_device_node``.
         """
-        with self._lock:
-            return self.tree.match_prefix(key, extra_key)
+        with self._lock, profiling.nvtx_range(profiling.MATCH_PREFIX):
+            result = self.tree.match_prefix(key, extra_key)
+            if load_back and result.host_hit_length > 0:
+                if self.init_load_back(result.best_match_node) > 0:
+                    result = self.tree.match_prefix(key, extra_key)
+            return result
 
     def insert(self, key, value: torch.Tensor, extra_key: str | None = None) -> InsertResult:
         """Inserts ``key`` with device slots ``value`` (see :meth:`RadixTree.insert`).
 
         The caller keeps ownership of ``value[:prefix_len]`` (already cached: free them) and of the
-        unaligned tail ``value[floor(len/page_size)*page_size:]``.
+        unaligned tail ``value[floor(len/page_size)*page_size:]``; the tree owns the rest. Under a
+        write-through policy, the inserted path's unbacked nodes are then queued for backup.
         """
-        with self._lock:
-            return self.tree.insert(key, value, extra_key)
+        with self._lock, profiling.nvtx_range(profiling.INSERT):
+            result = self.tree.insert(key, value, extra_key)
+            self._write_through(result.last_node)
+            return result
 
     def inc_lock_ref(self, node_id: int) -> LockReceipt:
-        """Protects ``node_id`` and its ancestors from eviction; returns the lock's receipt."""
+        """Protects a node's device KV and its ancestors' from eviction; returns the receipt.
+
+        The lock starts at the deepest device node at or above ``node_id``; pass the receipt's
+        ``node_id`` to :meth:`dec_lock_ref`.
+        """
         with self._lock:
             return self.tree.inc_lock_ref(node_id)
 
@@ -109,16 +214,39 @@ class HiCache:
             return self.tree.dec_lock_ref(node_id)
 
     def evict(self, num_tokens: int) -> int:
-        """Evicts ``ceil(num_tokens / page_size)`` LRU pages and frees their slots.
+        """Evicts at least ``num_tokens`` device tokens (whole pages), least recently used first.
+
+        Backed-up nodes are demoted to host-only; unbacked ones are dropped, except under
+        ``write_back``, where each is first backed up (a synchronous device -> host copy; SGLang's
+        ``BackupKV`` + ``writing_check(write_back=True)``). When the host cannot take a backup the
+        node is dropped instead of demoted (SGLang PR #27108: never demote without a copy).
 
         Returns:
-            int: tokens freed (fewer than asked when too little is evictable).
+            int: device tokens freed (fewer than asked when too little is evictable).
         """
-        with self._lock:
-            freed = self.tree.evict(num_tokens).device_indices
-            if freed.numel():
-                self.allocator.free(freed)
-            self.num_evicted_tokens += int(freed.numel())
+        with self._lock, profiling.nvtx_range(profiling.EVICT):
+            remaining, freed = num_tokens, 0
+            write_back = self._write_back
+            while remaining > 0:
+                result = self.tree.evict(remaining, write_back=write_back)
+                n = self._free_evicted(result)
+                freed += n
+                remaining -= n
+                if result.needs_backup < 0:
+                    break
+                if not self._backup_now(result.needs_backup):
+                    write_back = False  # host full: drop what must go
+            return freed
+
+    def evict_host(self, num_tokens: int) -> int:
+        """Evicts at least ``num_tokens`` host tokens (whole pages) from host-only leaves.
+
+        Returns:
+            int: host tokens freed (fewer when too little is host-evictable).
+        """
+        with self._lock, profiling.nvtx_range(profiling.EVICT_HOST):
+            freed = self.tree.evict_host(num_tokens)
+            self._free_host(freed)
             return int(freed.numel())
 
     def evictable_size(self) -> int:
@@ -137,6 +265,193 @@ class HiCache:
         """Free device slots (tokens), not counting what eviction could free."""
         return self.allocator.available_size()
 
+    # ---- load-back (host -> device) -------------------------------------------------------------
+
+    def init_load_back(self, node_id: int) -> int:
+        """Queues the load-back of the host-only part of the path ending at ``node_id``.
+
+        SGLang's ``init_load_back`` / ``load_back``. ``node_id`` must be a match's
+        ``best_match_node``: the only valid anchor (DESIGN.md failure class 4). The anchor is
+        host-locked from the plan to the ack, so that no host eviction (triggered by the device
+        allocation below, e.g. by a write-back) frees the source pages (SGLang PRs #26728, #31427);
+        its device ancestors are locked while device slots are allocated, then the loaded path
+        stays locked until the ack. The copy itself runs when :meth:`ready_to_load_host_cache` is
+        called; the loaded slots hold valid KV once its layer events fire.
+
+        Returns:
+            int: tokens queued for loading; 0 when nothing is host-only there or the device
+            cannot hold them (the caller recomputes them instead).
+
+        Raises:
+            IndexOutOfRangeError: unknown node id.
+        """
+        with self._lock, profiling.nvtx_range(profiling.LOAD_BACK):
+            if self.controller is None:
+                return 0
+            plan = self.tree.load_back_plan(node_id)
+            if plan.num_tokens == 0:
+                return 0
+            self.tree.inc_host_lock_ref(node_id)
+            ancestors = self.tree.inc_lock_ref(node_id).node_id
+            try:
+                device_indices = self.alloc(plan.num_tokens)
+            except PoolExhaustedError:
+                self.tree.dec_lock_ref(ancestors)
+                self.tree.dec_host_lock_ref(node_id)
+                self.stats.load_back_failed_tokens += plan.num_tokens
+                return 0
+            self.tree.commit_load_back(node_id, device_indices)
+            self.tree.dec_lock_ref(ancestors)
+            self._ongoing_loads[node_id] = self.tree.inc_lock_ref(node_id).node_id
+            self._controller().load(plan.indices, device_indices, node_id)
+            self.stats.load_back_tokens += plan.num_tokens
+            return plan.num_tokens
+
+    def ready_to_load_host_cache(self) -> int:
+        """Starts every queued load-back, layer by layer (SGLang's ``ready_to_load_host_cache``).
+
+        Returns:
+            int: the consumer index of this batch's layer events (for
+            :meth:`wait_until_layer_ready`), or -1 when nothing was queued.
+        """
+        with self._lock:
+            return self.controller.start_loading() if self.controller is not None else -1
+
+    def wait_until_layer_ready(self, layer: int, consumer_index: int | None = None) -> None:
+        """Waits until layer ``layer`` of a load batch is on device (see the controller)."""
+        if self.controller is not None:
+            self.controller.wait_until_layer_ready(layer, consumer_index)
+
+    # ---- acks -----------------------------------------------------------------------------------
+
+    def check_hicache_events(self, block: bool = False) -> None:
+        """Submits queued backups and applies finished transfers to the tree.
+
+        SGLang's ``check_hicache_events``: a finished backup clears its node's pending mark and
+        releases its lock; a finished load releases the loaded path's locks. A failed copy is
+        undone in the tree (its slots freed; the garbage it wrote is never served), counted in
+        :attr:`stats`, and then raised.
+
+        Args:
+            block: wait for every submitted transfer first.
+
+        Raises:
+            TransferError: a copy failed; the cache is consistent and the failed transfer undone.
+        """
+        if self.controller is None:
+            return
+        with self._lock, profiling.nvtx_range(profiling.ACK):
+            errors: list[TransferError] = []
+            self.controller.start_writing()
+            self._apply_acks(self.controller.writing_check, self._finish_write, block, errors)
+            self._apply_acks(self.controller.loading_check, self._finish_load, block, errors)
+            if errors:
+                raise errors[0]
+
+    def flush(self) -> None:
+        """Starts every queued transfer, waits for all of them and applies their acks.
+
+        Raises:
+            TransferError: as :meth:`check_hicache_events`.
+        """
+        if self.controller is None:
+            return
+        with self._lock:
+            self.controller.start_loading()
+            self.check_hicache_events(block=True)
+
+    def _apply_acks(self, check, finish, block: bool, errors: list[TransferError]) -> None:
+        """Pops acks from ``check`` until none is ready; a failed batch is undone via ``finish``."""
+        while True:
+            try:
+                ack_ids = check(block)
+            except TransferError as e:
+                for ack_id in e.ack_ids:
+                    finish(ack_id, ok=False)
+                errors.append(e)
+                continue
+            for ack_id in ack_ids:
+                finish(ack_id, ok=True)
+            return
+
+    def _finish_write(self, ack_id: int, ok: bool) -> None:
+        receipt = self._ongoing_writes.pop(ack_id)
+        if ok:
+            self.tree.finish_backup(ack_id)
+        else:
+            freed = self.tree.abort_backup(ack_id)
+            self.stats.backup_failed_tokens += int(freed.numel())
+            self._free_host(freed, count=False)
+        if receipt is not None:
+            self.tree.dec_lock_ref(receipt)
+
+    def _finish_load(self, ack_id: int, ok: bool) -> None:
+        self.tree.dec_lock_ref(self._ongoing_loads.pop(ack_id))
+        if ok:
+            self.tree.finish_load_back(ack_id)
+        else:
+            try:
+                freed = self.tree.abort_load_back(ack_id)
+            except InvalidArgumentError:
+                # A request already uses the loaded KV: keep the nodes, the caller must abort it.
+                self.tree.finish_load_back(ack_id)
+            else:
+                self.stats.load_back_failed_tokens += int(freed.numel())
+                self.allocator.free(freed)
+        self.tree.dec_host_lock_ref(ack_id)
+
+    # ---- backup (device -> host) ----------------------------------------------------------------
+
+    def _write_through(self, node_id: int) -> None:
+        """Queues backups of the unbacked nodes on the path to ``node_id`` (write-through)."""
+        if self._write_threshold is None:
+            return
+        plan = self.tree.backup_plan(node_id, self._write_threshold)
+        if plan.num_tokens == 0:
+            return
+        host = self._alloc_host(plan.num_tokens)
+        num_nodes = len(plan.node_ids)
+        if host is None:
+            # Back up the longest root-first run of nodes that fits: coverage stays a prefix.
+            fits = self._host_allocator().available_size() + self.tree.host_evictable_size()
+            num_nodes, total = 0, 0
+            for length in plan.lengths:
+                if total + length > fits:
+                    break
+                num_nodes, total = num_nodes + 1, total + length
+            self.stats.backup_failed_tokens += plan.num_tokens - total
+            host = self._alloc_host(total) if total else None
+            if host is None:
+                return
+        start = 0
+        for node_id_i, length in zip(plan.node_ids[:num_nodes], plan.lengths, strict=False):
+            end = start + length
+            self.tree.commit_backup(node_id_i, host[start:end])
+            receipt = self.tree.inc_lock_ref(node_id_i).node_id
+            self._ongoing_writes[node_id_i] = receipt
+            self._controller().write(plan.indices[start:end], host[start:end], node_id_i)
+            self.stats.backup_tokens += length
+            start = end
+
+    def _backup_now(self, node_id: int) -> bool:
+        """Backs device node ``node_id`` up synchronously (write-back eviction); False if not."""
+        controller = self._controller()
+        plan = self.tree.backup_plan(node_id, 0)
+        length = plan.lengths[-1]
+        host = self._alloc_host(length)
+        if host is None:
+            self.stats.backup_failed_tokens += length
+            return False
+        self.tree.commit_backup(node_id, host)
+        self._ongoing_writes[node_id] = None  # no lock: we wait for the copy right here
+        controller.write(plan.indices[-length:], host, node_id)
+        self.stats.backup_tokens += length
+        controller.start_writing()
+        errors: list[TransferError] = []
+        self._apply_acks(controller.writing_check, self._finish_write, True, errors)
+        # A failed copy was undone (and counted): the node is unbacked again and gets dropped.
+        return self.tree.node_info(node_id).has_host_value
+
     # ---- slots ----------------------------------------------------------------------------------
 
     def alloc(self, num_tokens: int) -> torch.Tensor:
@@ -151,14 +466,16 @@ class HiCache:
 
         Raises:
             InvalidArgumentError: ``num_tokens < 0``.
-            PoolExhaustedError: free plus evictable slots cannot hold the request; nothing was
-                evicted or allocated.
+            PoolExhaustedError: free plus evictable slots cannot hold the request (after waiting
+                for in-flight backups, whose locks make nodes unevictable); nothing was allocated.
         """
         if num_tokens < 0:
             raise InvalidArgumentError(f"alloc: num_tokens must be >= 0, got {num_tokens}")
         need = -(-num_tokens // self.page_size) * self.page_size
         with self._lock:
             free = self.allocator.available_size()
+            if need > free and need > free + self.tree.evictable_size() and self._ongoing_writes:
+                self.check_hicache_events(block=True)  # backups hold locks: let them finish
             if need > free:
                 evictable = self.tree.evictable_size()
                 if need > free + evictable:
@@ -168,12 +485,56 @@ class HiCache:
                         f"of {self.allocator.num_slots})"
                     )
                 self.evict(need - free)
+                if self.allocator.available_size() < need:
+                    raise PoolExhaustedError(
+                        f"alloc: need {need} slots but eviction freed only "
+                        f"{self.allocator.available_size()} (nodes held by host operations)"
+                    )
             return self.allocator.alloc(need)
 
     def free(self, indices: torch.Tensor) -> None:
         """Returns request-owned slots (whole pages) to the allocator."""
         with self._lock:
             self.allocator.free(indices)
+
+    def _alloc_host(self, num_tokens: int) -> torch.Tensor | None:
+        """Host slots for ``num_tokens`` tokens, evicting host-only leaves if needed; None: full."""
+        allocator = self._host_allocator()
+        free = allocator.available_size()
+        if num_tokens > free:
+            if num_tokens > free + self.tree.host_evictable_size():
+                return None
+            self.evict_host(num_tokens - free)
+            if allocator.available_size() < num_tokens:
+                return None
+        return allocator.alloc(num_tokens)
+
+    def _controller(self) -> CacheController:
+        if self.controller is None:
+            raise InvariantError("a host-tier operation ran on a cache without a host pool")
+        return self.controller
+
+    def _host_allocator(self) -> PageAllocator:
+        if self.host_pool is None:
+            raise InvariantError("a host-tier operation ran on a cache without a host pool")
+        return self.host_pool.allocator
+
+    def _free_evicted(self, result: EvictResult) -> int:
+        """Frees what a tree eviction returned; returns the device tokens freed."""
+        n = int(result.device_indices.numel())
+        if n:
+            self.allocator.free(result.device_indices)
+        self._free_host(result.host_indices)
+        self.stats.evicted_tokens += n
+        self.stats.demoted_tokens += result.demoted_tokens
+        self.stats.dropped_tokens += result.dropped_tokens
+        return n
+
+    def _free_host(self, indices: torch.Tensor, count: bool = True) -> None:
+        if indices.numel():
+            self._host_allocator().free(indices)
+            if count:
+                self.stats.host_evicted_tokens += int(indices.numel())
 
     # ---- engine helpers (SGLang's cache_finished_req / cache_unfinished_req) ---------------------
 
@@ -225,19 +586,19 @@ class HiCache:
                     f"cache_unfinished_req: re-match found {match.device_prefix_len} of the "
                     f"{aligned} tokens just inserted"
                 )
-            self.tree.inc_lock_ref(match.last_device_node)
+            receipt = self.tree.inc_lock_ref(match.last_device_node)
             self.tree.dec_lock_ref(req.last_node)
         kv = req.kv_indices.clone()
         kv[:aligned] = match.device_indices
         req.kv_indices = kv
-        req.last_node = match.last_device_node
+        req.last_node = receipt.node_id
         req.prefix_len = aligned
         return result
 
     def _insert_req(self, req: Req) -> tuple[int, InsertResult]:
         """Validates ``req`` and inserts its page-aligned tokens; returns (aligned len, result)."""
         aligned = self._check_req(req)
-        result = self.tree.insert(req.token_ids[:aligned], req.kv_indices[:aligned], req.extra_key)
+        result = self.insert(req.token_ids[:aligned], req.kv_indices[:aligned], req.extra_key)
         if result.prefix_len < req.prefix_len:
             raise InvariantError(
                 f"the tree caches {result.prefix_len} tokens of a prefix the request locked at "
@@ -267,22 +628,45 @@ class HiCache:
     def reset(self) -> None:
         """Empties the tree and frees every slot it held (SGLang's ``flush_cache``).
 
+        Waits for in-flight transfers first.
+
         Raises:
             InvalidArgumentError: a running request still holds a lock.
         """
         with self._lock:
+            self.flush()
+            host = self.tree.all_host_indices()
             freed = self.tree.reset()
             if freed.numel():
                 self.allocator.free(freed)
-            self.num_evicted_tokens = 0
+            if host.numel():
+                self._host_allocator().free(host)
+            self.stats = CacheStats()
+
+    def close(self) -> None:
+        """Finishes in-flight transfers and stops the controller's workers. Idempotent."""
+        with self._lock:
+            if self.controller is not None:
+                try:
+                    self.flush()
+                finally:
+                    self.controller.close()
+
+    def __enter__(self) -> HiCache:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
     def check_invariants(self, request_slots: torch.Tensor | None = None) -> None:
         """Checks the tree's invariants and slot ownership (DESIGN.md invariant 3).
 
+        Device: tree slots are never free; with ``request_slots``, tree slots, free slots and
+        ``request_slots`` partition the pool exactly. Host: tree host slots and free host slots
+        always partition the host pool exactly (in-flight transfers are committed in the tree).
+
         Args:
-            request_slots: int64 CPU tensor of every slot that running requests own. When given,
-                tree slots, free slots and ``request_slots`` must partition the pool exactly; when
-                omitted, only "no tree slot is free" is checked.
+            request_slots: int64 CPU tensor of every device slot that running requests own.
 
         Raises:
             InvariantError: a slot is owned twice, leaked, or a tree invariant is broken.
@@ -292,14 +676,25 @@ class HiCache:
             owned = self.tree.all_device_indices()
             if self.allocator.is_free(owned).any():
                 raise InvariantError("a slot held by the tree is also in the allocator's free list")
+            if self.host_pool is not None:
+                host_owned = self.tree.all_host_indices()
+                free_host = self.host_pool.allocator.free_slot_indices()
+                _check_partition(
+                    torch.cat((host_owned, free_host)), self.host_pool.num_slots, "host slot"
+                )
             if request_slots is None:
                 return
             all_slots = torch.cat((owned, self.allocator.free_slot_indices(), request_slots))
-            counts = torch.bincount(all_slots, minlength=self.allocator.num_slots)
-            if counts.numel() != self.allocator.num_slots or bool((counts != 1).any()):
-                leaked = int((counts == 0).sum())
-                doubled = int((counts > 1).sum())
-                raise InvariantError(
-                    f"slot ownership broken: {leaked} slots owned by nobody, "
-                    f"{doubled} owned more than once"
-                )
+            _check_partition(all_slots, self.allocator.num_slots, "device slot")
+
+
+def _check_partition(slots: torch.Tensor, num_slots: int, what: str) -> None:
+    """Raises InvariantError unless ``slots`` holds every index of ``[0, num_slots)`` once."""
+    counts = torch.bincount(slots, minlength=num_slots)
+    if counts.numel() != num_slots or bool((counts != 1).any()):
+        leaked = int((counts == 0).sum())
+        doubled = int((counts > 1).sum())
+        raise InvariantError(
+            f"{what} ownership broken: {leaked} slots owned by nobody, "
+            f"{doubled} owned more than once"
+        )

@@ -41,3 +41,16 @@ class PoolExhaustedError(HiCacheError, RuntimeError):
     The allocation had no effect: nothing was allocated and nothing beyond what was evictable was
     evicted.
     """
+
+
+class TransferError(HiCacheError, RuntimeError):
+    """A host <-> device copy failed in the controller's worker or stream.
+
+    Attributes:
+        ack_ids: the ack ids (node ids) of every operation of the failed batch; the cache undoes
+            them in the tree.
+    """
+
+    def __init__(self, message: str, ack_ids: tuple[int, ...] = ()) -> None:
+        super().__init__(message)
+        self.ack_ids = tuple(ack_ids)

@@ -1,0 +1,420 @@
+"""The cache controller: host <-> device copies, queued, run asynchronously, acknowledged in order.
+
+SGLang's ``HiCacheController`` for the L1 <-> L2 tier. The cache queues one
+:class:`CacheOperation` per node to back up (:meth:`CacheController.write`) or load back
+(:meth:`CacheController.load`); :meth:`~CacheController.start_writing` and
+:meth:`~CacheController.start_loading` merge each queue into one batch and submit it;
+:meth:`~CacheController.writing_check` and :meth:`~CacheController.loading_check` return the ack ids
+of finished batches, oldest first, for the cache to apply to the tree.
+
+Where the copies run:
+
+- device pool on CUDA: on two dedicated side streams (one for writes, one for loads). Each batch
+  first waits for the current (forward) stream, so that KV written by the model is complete and
+  slots the model still uses are not overwritten early (SGLang's write/load fences, PR #36738);
+  then records a CUDA event after each layer of a load and at the end of every batch.
+- otherwise: on two worker threads (one per direction), with a ``threading.Event`` per layer and
+  per batch, so that the same pipeline (and its races) runs on CPU-only machines.
+
+Ownership (DESIGN.md failure classes 1 and 2): a :class:`CacheOperation` owns copies of its index
+tensors, so queued work never aliases tree state; a batch keeps its index tensors (and, on CUDA,
+their device copies, also ``record_stream``-ed on the side stream) alive until its ack is popped.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from hicache import profiling, transfer
+from hicache.errors import IndexOutOfRangeError, InvalidArgumentError, TransferError
+from hicache.memory.device_pool import DeviceKVPool
+from hicache.memory.host_pool import HostKVPool, check_slot_indices
+
+__all__ = ["CacheController", "CacheOperation"]
+
+
+@dataclass(frozen=True)
+class CacheOperation:
+    """One queued copy between the host and device pools (SGLang's ``CacheOperation``).
+
+    Attributes:
+        host_indices: ``[n]`` int64 CPU host slots, owned by the operation.
+        device_indices: ``[n]`` int64 CPU device slots, owned by the operation.
+        ack_ids: node ids reported by the ack when the copy has finished.
+    """
+
+    host_indices: torch.Tensor
+    device_indices: torch.Tensor
+    ack_ids: tuple[int, ...]
+
+    @classmethod
+    def create(
+        cls, host_indices: torch.Tensor, device_indices: torch.Tensor, ack_id: int
+    ) -> CacheOperation:
+        """An operation owning copies of the given indices (never views of the caller's)."""
+        return cls(host_indices.clone(), device_indices.clone(), (int(ack_id),))
+
+    @classmethod
+    def merge(cls, ops: Sequence[CacheOperation]) -> CacheOperation:
+        """One operation doing all of ``ops`` in order; the inputs are not modified."""
+        if len(ops) == 1:
+            return ops[0]
+        return cls(
+            torch.cat([op.host_indices for op in ops]),
+            torch.cat([op.device_indices for op in ops]),
+            tuple(itertools.chain.from_iterable(op.ack_ids for op in ops)),
+        )
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens copied."""
+        return int(self.host_indices.numel())
+
+
+class _Batch:
+    """A submitted batch: its operation, completion signals per layer and overall, its error.
+
+    On CUDA the signals are events recorded on the side stream; on the thread path they are
+    ``threading.Event``s set by the worker. ``keep_alive`` holds every tensor the copies use.
+    """
+
+    def __init__(self, op: CacheOperation, num_layers: int, cuda: bool) -> None:
+        self.op = op
+        self.error: BaseException | None = None
+        self.keep_alive: list[torch.Tensor] = []
+        self.cuda = cuda
+        # torch.cuda.Event on CUDA, threading.Event otherwise.
+        self.layer_events: list[Any]
+        self.done_event: Any
+        if cuda:
+            self.layer_events = [torch.cuda.Event() for _ in range(num_layers)]
+            self.done_event = torch.cuda.Event()
+        else:
+            self.layer_events = [threading.Event() for _ in range(num_layers)]
+            self.done_event = threading.Event()
+
+    def layer_done(self, layer: int) -> None:
+        if self.cuda:
+            self.layer_events[layer].record()
+        else:
+            self.layer_events[layer].set()
+
+    def finish(self) -> None:
+        """Marks the batch complete (on CUDA: once the stream reaches this point)."""
+        if self.cuda:
+            self.done_event.record()
+        else:
+            for event in self.layer_events:
+                event.set()  # also after an error: nobody waits forever
+            self.done_event.set()
+
+    def is_done(self) -> bool:
+        return self.done_event.query() if self.cuda else self.done_event.is_set()
+
+    def wait(self) -> None:
+        if self.cuda:
+            self.done_event.synchronize()
+        else:
+            self.done_event.wait()
+
+    def wait_layer(self, layer: int) -> None:
+        """CUDA: the current stream waits for the layer; threads: block until it is copied."""
+        if self.cuda:
+            torch.cuda.current_stream().wait_event(self.layer_events[layer])
+        else:
+            self.layer_events[layer].wait()
+
+
+class _Lane:
+    """One direction of transfer: a side stream (CUDA) or a worker thread running batches."""
+
+    def __init__(self, name: str, cuda: bool) -> None:
+        self.stream = torch.cuda.Stream() if cuda else None
+        self.queue: queue.Queue = queue.Queue()
+        self.thread: threading.Thread | None = None
+        if not cuda:
+            self.thread = threading.Thread(target=self._work, name=f"hicache-{name}", daemon=True)
+            self.thread.start()
+
+    def submit(self, batch: _Batch, run: Callable[[_Batch], None]) -> None:
+        if self.stream is not None:
+            forward = torch.cuda.current_stream()  # the fence: KV the model wrote is complete
+            with torch.cuda.stream(self.stream):
+                self.stream.wait_stream(forward)
+                _run(batch, run)
+        else:
+            self.queue.put((batch, run))
+
+    def _work(self) -> None:
+        while True:
+            item = self.queue.get()
+            if item is None:
+                return
+            _run(*item)
+
+    def close(self) -> None:
+        if self.thread is not None and self.thread.is_alive():
+            self.queue.put(None)
+            self.thread.join()
+
+
+def _run(batch: _Batch, run: Callable[[_Batch], None]) -> None:
+    try:
+        run(batch)
+    except BaseException as e:  # noqa: BLE001 -- reported through the ack, never lost
+        batch.error = e
+    finally:
+        batch.finish()
+
+
+class CacheController:
+    """Runs backups (device -> host) and load-backs (host -> device) off the caller's thread.
+
+    Args:
+        device_pool: the device KV pool.
+        host_pool: the host KV pool; same kind, layers, heads, head_dim and dtype.
+        io_backend: transfer backend, one of :func:`hicache.transfer.available_backends`.
+
+    Raises:
+        InvalidArgumentError: an unknown ``io_backend`` or mismatched pools.
+    """
+
+    def __init__(
+        self, device_pool: DeviceKVPool, host_pool: HostKVPool, io_backend: str = "direct"
+    ) -> None:
+        backends = transfer.available_backends()
+        if io_backend not in backends:
+            raise InvalidArgumentError(
+                f"CacheController: io_backend: expected one of {backends}, got {io_backend!r}"
+            )
+        for attr in ("kind", "num_layers", "num_heads", "head_dim", "dtype"):
+            if getattr(device_pool, attr) != getattr(host_pool, attr):
+                raise InvalidArgumentError(
+                    f"CacheController: host_pool.{attr} {getattr(host_pool, attr)} differs from "
+                    f"the device pool's {getattr(device_pool, attr)}"
+                )
+        self.device_pool = device_pool
+        self.host_pool = host_pool
+        self.io_backend = io_backend
+        self.num_layers = device_pool.num_layers
+        self._cuda = device_pool.device.type == "cuda"
+        self.write_queue: list[CacheOperation] = []
+        self.load_queue: list[CacheOperation] = []
+        self._writes: deque[_Batch] = deque()  # submitted, not yet acknowledged, oldest first
+        self._loads: deque[tuple[int, _Batch]] = deque()
+        self._next_consumer = 0
+        self._write_lane = _Lane("write", self._cuda)
+        self._load_lane = _Lane("load", self._cuda)
+        self._closed = False
+
+    # ---- queueing -------------------------------------------------------------------------------
+
+    def write(self, device_indices: torch.Tensor, host_indices: torch.Tensor, ack_id: int) -> None:
+        """Queues a backup of ``device_indices`` into ``host_indices`` (copied: owned by the op).
+
+        Raises:
+            InvalidArgumentError: an index tensor that is not a 1-D int64 CPU tensor, or lengths
+                that differ. Nothing is queued.
+            IndexOutOfRangeError: a slot out of its pool. Nothing is queued.
+        """
+        with profiling.nvtx_range(profiling.ENQUEUE_WRITE):
+            self._check("write", device_indices, host_indices)
+            self.write_queue.append(CacheOperation.create(host_indices, device_indices, ack_id))
+
+    def load(self, host_indices: torch.Tensor, device_indices: torch.Tensor, ack_id: int) -> None:
+        """Queues a load of ``host_indices`` into ``device_indices`` (copied: owned by the op).
+
+        Raises:
+            InvalidArgumentError, IndexOutOfRangeError: as :meth:`write`. Nothing is queued.
+        """
+        with profiling.nvtx_range(profiling.ENQUEUE_LOAD):
+            self._check("load", device_indices, host_indices)
+            self.load_queue.append(CacheOperation.create(host_indices, device_indices, ack_id))
+
+    def _check(self, fn: str, device_indices: torch.Tensor, host_indices: torch.Tensor) -> None:
+        if self._closed:
+            raise InvalidArgumentError(f"CacheController.{fn}: the controller is closed")
+        check_slot_indices(
+            device_indices, f"{fn}: device_indices", self.device_pool.num_slots, require_cpu=True
+        )
+        check_slot_indices(
+            host_indices, f"{fn}: host_indices", self.host_pool.num_slots, require_cpu=True
+        )
+        if device_indices.numel() != host_indices.numel():
+            raise InvalidArgumentError(
+                f"{fn}: device_indices has {device_indices.numel()} slots but host_indices has "
+                f"{host_indices.numel()}"
+            )
+
+    # ---- submission -----------------------------------------------------------------------------
+
+    def start_writing(self) -> None:
+        """Merges every queued backup into one batch and submits it (no-op when none)."""
+        if not self.write_queue:
+            return
+        op = CacheOperation.merge(self.write_queue)
+        self.write_queue = []
+        batch = _Batch(op, 0, self._cuda)
+        self._writes.append(batch)
+        self._write_lane.submit(batch, self._run_write)
+
+    def start_loading(self) -> int:
+        """Merges every queued load into one batch and submits it, layer by layer.
+
+        SGLang's ``start_loading`` with its ``LayerDoneCounter``: each layer's completion is
+        signalled separately, so the model can run layer ``i`` while ``i + 1`` loads.
+
+        Returns:
+            int: the batch's consumer index for :meth:`wait_until_layer_ready`; -1 if none.
+        """
+        if not self.load_queue:
+            return -1
+        op = CacheOperation.merge(self.load_queue)
+        self.load_queue = []
+        batch = _Batch(op, self.num_layers, self._cuda)
+        consumer = self._next_consumer
+        self._next_consumer += 1
+        self._loads.append((consumer, batch))
+        self._load_lane.submit(batch, self._run_load)
+        return consumer
+
+    def _device_indices(self, batch: _Batch) -> torch.Tensor:
+        """The batch's device indices on the pool's device, kept alive by the batch."""
+        indices = batch.op.device_indices
+        if self._cuda:
+            indices = indices.pin_memory().to(self.device_pool.device, non_blocking=True)
+            indices.record_stream(torch.cuda.current_stream())
+        batch.keep_alive.append(indices)
+        return indices
+
+    def _run_write(self, batch: _Batch) -> None:
+        with profiling.nvtx_range(profiling.WRITE_BATCH, batch.op.num_tokens):
+            transfer.backup_all_layers(
+                self.device_pool,
+                self.host_pool,
+                self._device_indices(batch),
+                batch.op.host_indices,
+            )
+
+    def _run_load(self, batch: _Batch) -> None:
+        with profiling.nvtx_range(profiling.LOAD_BATCH, batch.op.num_tokens):
+            device_indices = self._device_indices(batch)
+            for layer in range(self.num_layers):
+                with profiling.nvtx_range(profiling.LOAD_LAYER, layer):
+                    transfer.load_layer(
+                        self.host_pool,
+                        self.device_pool,
+                        batch.op.host_indices,
+                        device_indices,
+                        layer,
+                    )
+                batch.layer_done(layer)
+
+    # ---- completion -----------------------------------------------------------------------------
+
+    def writing_check(self, block: bool = False) -> list[int]:
+        """Pops the acks of finished backup batches, oldest first.
+
+        Args:
+            block: wait for every submitted batch (queued ones are not submitted: call
+                :meth:`start_writing` first).
+
+        Returns:
+            list[int]: ack ids of the finished operations, in submission order.
+
+        Raises:
+            TransferError: the oldest finished batch failed (raised when no earlier ack is pending
+                in the same call); its ``ack_ids`` name the operations to undo.
+        """
+        with profiling.nvtx_range(profiling.ACK_WRITE):
+            return _pop_finished(self._writes, block, "backup", lambda b: b)
+
+    def loading_check(self, block: bool = False) -> list[int]:
+        """Pops the acks of finished load batches, oldest first (see :meth:`writing_check`)."""
+        with profiling.nvtx_range(profiling.ACK_LOAD):
+            return _pop_finished(self._loads, block, "load", lambda item: item[1])
+
+    def wait_until_layer_ready(self, layer: int, consumer_index: int | None = None) -> None:
+        """Waits until ``layer`` of a load batch is on the device.
+
+        On CUDA the *current stream* waits for the layer's event (the host does not block); on the
+        thread path the caller blocks until the layer has been copied.
+
+        Args:
+            layer: layer index in ``[0, num_layers)``.
+            consumer_index: a value returned by :meth:`start_loading`; default: the latest one. A
+                batch already acknowledged (or none at all) needs no wait.
+
+        Raises:
+            IndexOutOfRangeError: ``layer`` out of range.
+            InvalidArgumentError: a consumer index never returned by :meth:`start_loading`.
+        """
+        if not 0 <= layer < self.num_layers:
+            raise IndexOutOfRangeError(
+                f"wait_until_layer_ready: layer {layer} out of range [0, {self.num_layers})"
+            )
+        if consumer_index is None:
+            consumer_index = self._next_consumer - 1
+        if consumer_index < -1 or consumer_index >= self._next_consumer:
+            raise InvalidArgumentError(
+                f"wait_until_layer_ready: consumer index {consumer_index} was never returned by "
+                "start_loading"
+            )
+        for consumer, batch in list(self._loads):
+            if consumer == consumer_index:
+                batch.wait_layer(layer)
+                return
+
+    def num_pending_writes(self) -> int:
+        """Backup operations queued or in flight (not yet acknowledged)."""
+        return len(self.write_queue) + sum(len(b.op.ack_ids) for b in self._writes)
+
+    def num_pending_loads(self) -> int:
+        """Load operations queued or in flight (not yet acknowledged)."""
+        return len(self.load_queue) + sum(len(b.op.ack_ids) for _, b in self._loads)
+
+    def close(self) -> None:
+        """Stops the worker threads after their submitted batches. Idempotent.
+
+        Queued (unsubmitted) operations are dropped; call the cache's ``flush`` first.
+        """
+        self._closed = True
+        self._write_lane.close()
+        self._load_lane.close()
+
+    def __enter__(self) -> CacheController:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
+
+
+def _pop_finished(batches: deque, block: bool, what: str, get: Callable) -> list[int]:
+    """Pops finished batches from the front of ``batches``; see ``writing_check``."""
+    ack_ids: list[int] = []
+    while batches:
+        batch = get(batches[0])
+        if block:
+            batch.wait()
+        elif not batch.is_done():
+            break
+        if batch.error is not None:
+            if ack_ids:
+                break  # report the successes first; the next call raises
+            batches.popleft()
+            raise TransferError(
+                f"{what} batch of {batch.op.num_tokens} tokens (ack ids "
+                f"{list(batch.op.ack_ids)}) failed: {batch.error!r}",
+                batch.op.ack_ids,
+            ) from batch.error
+        batches.popleft()
+        ack_ids.extend(batch.op.ack_ids)
+    return ack_ids
