@@ -17,8 +17,9 @@ def _add_replay_parser(sub: argparse._SubParsersAction) -> None:
         "replay",
         help="replay a Mooncake trace through the cache and report hits",
         description="Replay a Mooncake-format trace (default: the bundled conversation trace) "
-        "request by request: match_prefix -> lock -> allocate (evicting LRU pages) -> "
-        "write KV -> insert -> unlock, verifying the KV of every hit.",
+        "request by request: match_prefix -> load back host hits -> lock -> allocate (evicting "
+        "LRU pages) -> write KV -> insert (write-through backups) -> unlock, verifying the KV of "
+        "every hit.",
     )
     p.add_argument(
         "--trace",
@@ -45,6 +46,34 @@ def _add_replay_parser(sub: argparse._SubParsersAction) -> None:
         type=float,
         default=0.1,
         help="device capacity as a fraction of the trace's unique blocks (default 0.1)",
+    )
+    host = p.add_mutually_exclusive_group()
+    host.add_argument(
+        "--host-blocks", type=int, default=None, help="host (L2) pool capacity in trace blocks"
+    )
+    host.add_argument(
+        "--hicache-ratio",
+        type=float,
+        default=None,
+        help="host capacity as a multiple of the device capacity (SGLang's --hicache-ratio)",
+    )
+    host.add_argument(
+        "--hicache-size", type=float, default=None, help="host capacity in GB (1e9 bytes)"
+    )
+    p.add_argument(
+        "--hicache-write-policy",
+        choices=("write_through", "write_through_selective", "write_back"),
+        default="write_through",
+        help="when device KV is backed up to host (default write_through)",
+    )
+    p.add_argument(
+        "--hicache-mem-layout",
+        choices=("layer_first", "page_first", "page_first_direct"),
+        default="layer_first",
+        help="host pool layout (default layer_first)",
+    )
+    p.add_argument(
+        "--hicache-io-backend", default="direct", help="transfer backend (default direct)"
     )
     p.add_argument("--layers", type=int, default=2, help="KV layers (default 2)")
     p.add_argument("--heads", type=int, default=2, help="KV heads (default 2; MLA uses 1)")
@@ -74,6 +103,23 @@ def _print_report(report) -> None:
     rows = [
         ("requests", f"{report.requests:,}"),
         ("capacity (blocks)", f"{report.capacity_blocks:,} of {report.unique_blocks:,} unique"),
+    ]
+    if report.host_capacity_blocks:
+        stats = report.cache_stats
+        rows += [
+            ("host capacity (blocks)", f"{report.host_capacity_blocks:,}"),
+            ("write policy / io backend", f"{report.config['write_policy']} / {report.io_backend}"),
+            ("device (L1) hit blocks", f"{report.device_hit_blocks:,}"),
+            ("host (L2) hit blocks", f"{report.host_hit_blocks:,}"),
+            ("load-back tokens", f"{report.load_back_tokens:,}"),
+            ("backup tokens", f"{stats['backup_tokens']:,}"),
+            (
+                "demoted / dropped tokens",
+                f"{stats['demoted_tokens']:,} / {stats['dropped_tokens']:,}",
+            ),
+            ("host-evicted tokens", f"{stats['host_evicted_tokens']:,}"),
+        ]
+    rows += [
         ("block hits", f"{report.hit_blocks:,} / {report.total_blocks:,}"),
         ("block hit ratio", f"{report.block_hit_ratio:.6f}"),
         ("token hits", f"{report.hit_tokens:,} / {report.input_tokens:,}"),
@@ -118,6 +164,12 @@ def _replay(args: argparse.Namespace) -> int:
         device=args.device,
         verify=not args.no_verify,
         check_every=args.check_every,
+        host_blocks=args.host_blocks,
+        hicache_ratio=args.hicache_ratio,
+        hicache_size_gb=args.hicache_size,
+        write_policy=args.hicache_write_policy,
+        host_layout=args.hicache_mem_layout,
+        io_backend=args.hicache_io_backend,
     )
     with Progress(
         "[progress.description]{task.description}",

@@ -8,20 +8,22 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from hicache.cache import HiCache, Req
+from hicache.cache import WRITE_POLICIES, HiCache, Req
 from hicache.errors import HiCacheError, InvalidArgumentError
-from hicache.memory import DeviceKVPool
+from hicache.memory import DeviceKVPool, HostKVPool
 from hicache.replay.trace import TRACE_BLOCK_TOKENS, TraceRequest, block_tokens
 
 __all__ = ["KVIntegrityError", "ReplayConfig", "ReplayReport", "expected_kv", "run_replay"]
 
 OPERATIONS = (
     "match_prefix",
+    "load_back",
     "inc_lock_ref",
     "alloc",
     "write_kv",
     "verify_kv",
     "cache_finished_req",
+    "check_hicache_events",
 )
 
 
@@ -43,9 +45,17 @@ class ReplayConfig:
         num_layers, num_heads, head_dim, dtype, kind: shape of the device KV pool (``kind`` is
             ``"mha"`` or ``"mla"``).
         device: torch device of the pool; None picks CUDA when available.
-        verify: read back and compare the KV of every hit.
+        verify: read back and compare the KV of every hit (device hits and loaded-back host
+            hits alike: the bytes loaded back must equal what was written).
         check_every: run the cache's full invariant and slot-ownership check every N requests
             (0: only at the end).
+        host_blocks: host (L2) pool capacity in trace blocks; None: ``hicache_ratio`` times the
+            device capacity; both None (or 0): no host tier.
+        hicache_ratio: host capacity / device capacity (SGLang's ``--hicache-ratio``).
+        hicache_size_gb: host capacity in GB (SGLang's ``--hicache-size``), floored to pages.
+        write_policy: SGLang's ``--hicache-write-policy``.
+        host_layout: host pool layout (SGLang's ``--hicache-mem-layout``).
+        io_backend: transfer backend (SGLang's ``--hicache-io-backend``).
     """
 
     block_tokens: int = 16
@@ -60,22 +70,38 @@ class ReplayConfig:
     device: str | None = None
     verify: bool = True
     check_every: int = 0
+    host_blocks: int | None = None
+    hicache_ratio: float | None = None
+    hicache_size_gb: float | None = None
+    write_policy: str = "write_through"
+    host_layout: str = "layer_first"
+    io_backend: str = "direct"
 
 
 @dataclass
 class ReplayReport:
-    """Results of a replay. Hit counts follow the block-level rule of traces/README.md."""
+    """Results of a replay. Hit counts follow the block-level rule of traces/README.md.
+
+    ``hit_blocks`` = ``device_hit_blocks`` (L1, on device at match time) + ``host_hit_blocks``
+    (L2, host-only at match time and loaded back).
+    """
 
     trace: str
     config: dict
     requests: int = 0
     total_blocks: int = 0
     hit_blocks: int = 0
+    device_hit_blocks: int = 0
+    host_hit_blocks: int = 0
     input_tokens: int = 0
     hit_tokens: int = 0  # real (unscaled) tokens: sum of min(hit_blocks * 512, input_length)
     unique_blocks: int = 0
     capacity_blocks: int = 0
+    host_capacity_blocks: int = 0
     evicted_blocks: float = 0.0
+    load_back_tokens: int = 0
+    cache_stats: dict = field(default_factory=dict)
+    io_backend: str = ""
     verified_tokens: int = 0
     wall_seconds: float = 0.0
     op_seconds: dict = field(default_factory=lambda: dict.fromkeys(OPERATIONS, 0.0))
@@ -151,11 +177,14 @@ def run_replay(
 ) -> ReplayReport:
     """Replays ``requests`` through a fresh :class:`HiCache`, request by request.
 
-    Per request, as an engine scheduler would: ``match_prefix`` -> ``inc_lock_ref`` on the last
-    device node -> read back and verify the hit KV -> ``alloc`` slots for the missing tokens
-    (evicting LRU pages as needed) -> write their KV -> ``cache_finished_req`` (insert, free
-    duplicates and the unaligned tail, unlock). Only prompts are cached (the trace has no output
-    tokens), as the reference rule says.
+    Per request, as an engine scheduler would: ``match_prefix`` -> if part of the match is on
+    host only, ``init_load_back`` from ``best_match_node`` and wait for its layers ->
+    ``inc_lock_ref`` on the last device node -> read back and verify the hit KV -> ``alloc`` slots
+    for the missing tokens (evicting LRU pages as needed, demoting backed-up ones to host) ->
+    write their KV -> ``cache_finished_req`` (insert, write-through backups, free duplicates and
+    the unaligned tail, unlock) -> ``check_hicache_events`` (waiting for this step's backups, so
+    that the replay is deterministic). Only prompts are cached (the trace has no output tokens),
+    as the reference rule says.
 
     Args:
         requests: the trace.
@@ -191,68 +220,114 @@ def run_replay(
     pool = DeviceKVPool(
         num_slots, config.num_layers, config.num_heads, config.head_dim, dtype, device, config.kind
     )
-    cache = HiCache(pool, page_size=ps)
+    host_pool = _host_pool(config, pool, capacity)
+    if config.write_policy not in WRITE_POLICIES:
+        raise InvalidArgumentError(
+            f"unknown write policy {config.write_policy!r}; expected one of "
+            f"{sorted(WRITE_POLICIES)}"
+        )
+    cache = HiCache(pool, ps, host_pool, config.write_policy, config.io_backend)
     report = ReplayReport(
         trace=trace_name,
         config=asdict(config),
         unique_blocks=unique,
         capacity_blocks=capacity,
+        host_capacity_blocks=host_pool.num_slots // bt if host_pool is not None else 0,
         device=str(pool.device),
+        io_backend=cache.controller.io_backend if cache.controller is not None else "",
     )
     ops = report.op_seconds
     no_slots = torch.empty(0, dtype=torch.int64)
     clock = time.perf_counter
     start = clock()
-    for i, trace_req in enumerate(requests):
-        tokens = block_tokens(trace_req.hash_ids, bt)
-        t0 = clock()
-        match = cache.match_prefix(tokens)
-        t1 = clock()
-        cache.inc_lock_ref(match.last_device_node)
-        t2 = clock()
-        hit = match.device_prefix_len
-        if config.verify and hit:
-            got = pool.read(match.device_indices)
-            want = expected_kv(tokens[:hit], pool)
-            if not all(torch.equal(g, w) for g, w in zip(got, want, strict=True)):
-                raise KVIntegrityError(
-                    f"request {i}: the KV read back for its {hit} hit tokens differs from the KV "
-                    f"written for them"
-                )
-            report.verified_tokens += hit
-        t3 = clock()
-        new_slots = cache.alloc(len(tokens) - hit)
-        t4 = clock()
-        num_new = len(tokens) - hit
-        if num_new:
-            pool.write(new_slots[:num_new], *expected_kv(tokens[hit:], pool))
-        t5 = clock()
-        req = Req(
-            tokens,
-            kv_indices=torch.cat((match.device_indices, new_slots)),
-            last_node=match.last_device_node,
-            prefix_len=hit,
-        )
-        cache.cache_finished_req(req)
-        t6 = clock()
-        ops["match_prefix"] += t1 - t0
-        ops["inc_lock_ref"] += t2 - t1
-        ops["verify_kv"] += t3 - t2
-        ops["alloc"] += t4 - t3
-        ops["write_kv"] += t5 - t4
-        ops["cache_finished_req"] += t6 - t5
+    try:
+        for i, trace_req in enumerate(requests):
+            tokens = block_tokens(trace_req.hash_ids, bt)
+            t0 = clock()
+            match = cache.match_prefix(tokens)
+            t1 = clock()
+            device_hit = match.device_prefix_len
+            if match.host_hit_length and cache.init_load_back(match.best_match_node):
+                # As a scheduler does: start the batch's loads, let each layer wait for its load.
+                consumer = cache.ready_to_load_host_cache()
+                for layer in range(pool.num_layers):
+                    cache.wait_until_layer_ready(layer, consumer)
+                match = cache.match_prefix(tokens)
+            t2 = clock()
+            receipt = cache.inc_lock_ref(match.last_device_node)
+            t3 = clock()
+            hit = match.device_prefix_len
+            if config.verify and hit:
+                got = pool.read(match.device_indices)
+                want = expected_kv(tokens[:hit], pool)
+                if not all(torch.equal(g, w) for g, w in zip(got, want, strict=True)):
+                    raise KVIntegrityError(
+                        f"request {i}: the KV read back for its {hit} hit tokens "
+                        f"({hit - device_hit} loaded back from host) differs from the KV "
+                        "written for them"
+                    )
+                report.verified_tokens += hit
+            t4 = clock()
+            new_slots = cache.alloc(len(tokens) - hit)
+            t5 = clock()
+            num_new = len(tokens) - hit
+            if num_new:
+                pool.write(new_slots[:num_new], *expected_kv(tokens[hit:], pool))
+            t6 = clock()
+            req = Req(
+                tokens,
+                kv_indices=torch.cat((match.device_indices, new_slots)),
+                last_node=receipt.node_id,
+                prefix_len=hit,
+            )
+            cache.cache_finished_req(req)
+            t7 = clock()
+            # Deterministic replay: this step's backups land before the next step evicts.
+            cache.check_hicache_events(block=True)
+            t8 = clock()
+            ops["match_prefix"] += t1 - t0
+            ops["load_back"] += t2 - t1
+            ops["inc_lock_ref"] += t3 - t2
+            ops["verify_kv"] += t4 - t3
+            ops["alloc"] += t5 - t4
+            ops["write_kv"] += t6 - t5
+            ops["cache_finished_req"] += t7 - t6
+            ops["check_hicache_events"] += t8 - t7
 
-        hit_blocks = hit // bt
-        report.requests += 1
-        report.total_blocks += len(trace_req.hash_ids)
-        report.hit_blocks += hit_blocks
-        report.input_tokens += trace_req.input_length
-        report.hit_tokens += min(hit_blocks * TRACE_BLOCK_TOKENS, trace_req.input_length)
-        if config.check_every and (i + 1) % config.check_every == 0:
-            cache.check_invariants(request_slots=no_slots)
-        if progress is not None:
-            progress(i + 1)
+            hit_blocks = hit // bt
+            report.requests += 1
+            report.total_blocks += len(trace_req.hash_ids)
+            report.hit_blocks += hit_blocks
+            report.device_hit_blocks += device_hit // bt
+            report.host_hit_blocks += hit_blocks - device_hit // bt
+            report.input_tokens += trace_req.input_length
+            report.hit_tokens += min(hit_blocks * TRACE_BLOCK_TOKENS, trace_req.input_length)
+            if config.check_every and (i + 1) % config.check_every == 0:
+                cache.check_invariants(request_slots=no_slots)
+            if progress is not None:
+                progress(i + 1)
+        cache.flush()
+        cache.check_invariants(request_slots=no_slots)
+    finally:
+        cache.close()
     report.wall_seconds = clock() - start
     report.evicted_blocks = cache.num_evicted_tokens / bt
-    cache.check_invariants(request_slots=no_slots)
+    report.load_back_tokens = cache.stats.load_back_tokens
+    report.cache_stats = cache.stats.as_dict()
     return report
+
+
+def _host_pool(config: ReplayConfig, pool: DeviceKVPool, capacity: int) -> HostKVPool | None:
+    """The host pool ``config`` asks for (None: no host tier)."""
+    bt, ps = config.block_tokens, config.page_size
+    if config.host_blocks is not None:
+        num_slots = config.host_blocks * bt // ps * ps
+    elif config.hicache_ratio is not None:
+        num_slots = int(capacity * config.hicache_ratio) * bt // ps * ps
+    elif config.hicache_size_gb is not None:
+        return HostKVPool.from_size_gb(pool, config.hicache_size_gb, ps, config.host_layout)
+    else:
+        return None
+    if num_slots <= 0:
+        return None
+    return HostKVPool(pool, num_slots, ps, config.host_layout)
