@@ -159,6 +159,7 @@ class _Lane:
             if item is None:
                 return
             _run(*item)
+            del item  # the batch's tensors live as long as the controller holds the batch
 
     def close(self) -> None:
         if self.thread is not None and self.thread.is_alive():
