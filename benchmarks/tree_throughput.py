@@ -147,7 +147,7 @@ def profile_hicache(keys: list[np.ndarray], cap_blocks: int, bt: int, page: int)
         t5 = perf()
         if over > 0:
             ev = tree.evict(over)
-            evicted_tokens += len(ev)
+            evicted_tokens += len(ev.device_indices)
             cnt["evict"] += 1
         t6 = perf()
         value = torch.arange(next_slot, next_slot + n, dtype=torch.int64)
