@@ -1,29 +1,48 @@
 """hicache: a hierarchical prefix KV cache for LLM inference engines.
 
-The radix tree core is C++ (``hicache._tree``); pools, the cache and the replay tool are Python.
+The radix tree core is C++ (``hicache._tree``); pools, the cache, its controller and the replay tool
+are Python.
 """
 
 from hicache._tree import RadixTree
+from hicache.cache import HiCache, Req
+from hicache.controller import CacheController, CacheOperation
 from hicache.errors import (
     HiCacheError,
     IndexOutOfRangeError,
     InvalidArgumentError,
     InvariantError,
     PoolExhaustedError,
+    TransferError,
 )
-from hicache.results import InsertResult, MatchResult, NodeInfo
+from hicache.results import (
+    EvictResult,
+    InsertResult,
+    LockReceipt,
+    MatchResult,
+    NodeInfo,
+    TransferPlan,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CacheController",
+    "CacheOperation",
+    "EvictResult",
+    "HiCache",
     "HiCacheError",
     "IndexOutOfRangeError",
     "InsertResult",
     "InvalidArgumentError",
     "InvariantError",
+    "LockReceipt",
     "MatchResult",
     "NodeInfo",
     "PoolExhaustedError",
     "RadixTree",
+    "Req",
+    "TransferError",
+    "TransferPlan",
     "__version__",
 ]

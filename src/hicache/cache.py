@@ -468,6 +468,8 @@ class HiCache:
             InvalidArgumentError: ``num_tokens < 0``.
             PoolExhaustedError: free plus evictable slots cannot hold the request (after waiting
                 for in-flight backups, whose locks make nodes unevictable); nothing was allocated.
+            TransferError: a backup it waited for failed (undone in the tree; see
+                :meth:`check_hicache_events`); nothing was allocated.
         """
         if num_tokens < 0:
             raise InvalidArgumentError(f"alloc: num_tokens must be >= 0, got {num_tokens}")
