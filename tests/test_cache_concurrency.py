@@ -1,0 +1,118 @@
+"""Concurrency stress on CPU: a scheduler thread against the controller's worker threads.
+
+The scheduler thread replays requests through a HiCache with a small device and host pool
+(match with load-back, per-layer waits, lock, alloc, write KV, cache_finished_req, and
+``check_hicache_events`` without blocking, so acks land whenever the workers are done), while the
+transfer functions sleep at random to widen every race window, and a second thread keeps matching
+prefixes (HiCache's lock serialises tree calls). After draining, every device and host slot is
+free or owned by exactly one node, and every request's prefix reads back the KV written for it.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import pytest
+import torch
+
+from hicache import transfer
+from hicache.cache import HiCache, Req
+from hicache.errors import PoolExhaustedError
+from hicache.memory import DeviceKVPool, HostKVPool
+from hicache.replay.runner import expected_kv
+
+PAGE = 4
+NO_SLOTS = torch.empty(0, dtype=torch.int64)
+
+
+def _keys(num: int, seed: int) -> list[torch.Tensor]:
+    """Multi-turn-like keys: a few roots, each request extends an earlier one or starts fresh."""
+    rng = random.Random(seed)
+    keys: list[list[int]] = []
+    for i in range(num):
+        if keys and rng.random() < 0.7:
+            base = rng.choice(keys[-20:])
+            key = base + [10_000 + 1000 * i + j for j in range(PAGE * rng.randint(1, 4))]
+        else:
+            key = [1000 * (i % 5) + j for j in range(PAGE * rng.randint(1, 6))]
+        keys.append(key[: PAGE * 24])
+    return [torch.tensor(k, dtype=torch.int32) for k in keys]
+
+
+def _jitter(fn, rng: random.Random, lock: threading.Lock):
+    def slow(*args, **kwargs):
+        with lock:
+            delay = rng.random() * 0.002
+        time.sleep(delay)
+        return fn(*args, **kwargs)
+
+    return slow
+
+
+def _run_request(cache: HiCache, tokens: torch.Tensor) -> None:
+    pool = cache.device_pool
+    m = cache.match_prefix(tokens, load_back=True)
+    consumer = cache.ready_to_load_host_cache()
+    for layer in range(pool.num_layers):
+        cache.wait_until_layer_ready(layer, consumer)
+    hit = m.device_prefix_len
+    got = pool.read(m.device_indices)
+    for g, w in zip(got, expected_kv(tokens[:hit], pool), strict=True):
+        assert torch.equal(g, w), "a hit read back KV that differs from what was written"
+    receipt = cache.inc_lock_ref(m.last_device_node)
+    try:
+        slots = cache.alloc(len(tokens) - hit)
+    except PoolExhaustedError:
+        cache.dec_lock_ref(receipt.node_id)
+        return
+    pool.write(slots[: len(tokens) - hit], *expected_kv(tokens[hit:], pool))
+    req = Req(tokens, kv_indices=torch.cat((m.device_indices, slots)), prefix_len=hit)
+    req.last_node = receipt.node_id
+    cache.cache_finished_req(req)
+    cache.check_hicache_events()  # non-blocking: acks land whenever the workers finish
+
+
+@pytest.mark.parametrize("policy", ["write_through", "write_back"])
+def test_scheduler_and_workers_race_without_losing_a_slot(monkeypatch, policy):
+    rng, rng_lock = random.Random(7), threading.Lock()
+    for name in ("backup_all_layers", "load_layer"):
+        monkeypatch.setattr(transfer, name, _jitter(getattr(transfer, name), rng, rng_lock))
+    pool = DeviceKVPool(160, 2, 2, 4, torch.float16, "cpu")
+    cache = HiCache(pool, PAGE, HostKVPool(pool, 320, PAGE, "page_first"), policy)
+    keys = _keys(300, seed=11)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def matcher() -> None:
+        i = 0
+        while not stop.is_set():
+            try:
+                m = cache.match_prefix(keys[i % len(keys)])
+                assert m.device_prefix_len % PAGE == 0
+            except BaseException as e:  # noqa: BLE001 -- reported by the main thread
+                errors.append(e)
+                return
+            i += 1
+
+    thread = threading.Thread(target=matcher)
+    thread.start()
+    try:
+        for step, tokens in enumerate(keys):
+            _run_request(cache, tokens)
+            if step % 50 == 0:
+                cache.check_invariants(request_slots=NO_SLOTS)
+    finally:
+        stop.set()
+        thread.join()
+    assert not errors, errors
+    cache.flush()
+    cache.check_invariants(request_slots=NO_SLOTS)
+    assert cache.stats.load_back_tokens > 0 and cache.stats.demoted_tokens > 0
+    # Every key again: device hits and loaded-back host hits read back what was written.
+    for tokens in keys[-60:]:
+        _run_request(cache, tokens)
+    cache.flush()
+    cache.check_invariants(request_slots=NO_SLOTS)
+    cache.close()
