@@ -226,16 +226,17 @@ class HiCache:
         """
         with self._lock, profiling.nvtx_range(profiling.EVICT):
             remaining, freed = num_tokens, 0
-            write_back = self._write_back
             while remaining > 0:
-                result = self.tree.evict(remaining, write_back=write_back)
+                result = self.tree.evict(remaining, write_back=self._write_back)
                 n = self._free_evicted(result)
+                if result.needs_backup >= 0 and not self._backup_now(result.needs_backup):
+                    # No host room for this node: drop it (it is still the LRU leaf), then go on.
+                    size = self.tree.node_info(result.needs_backup).num_tokens
+                    n += self._free_evicted(self.tree.evict(size, write_back=False))
                 freed += n
                 remaining -= n
                 if result.needs_backup < 0:
                     break
-                if not self._backup_now(result.needs_backup):
-                    write_back = False  # host full: drop what must go
             return freed
 
     def evict_host(self, num_tokens: int) -> int:
