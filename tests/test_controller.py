@@ -165,6 +165,39 @@ def test_failed_batch_raises_transfer_error_and_controller_stays_usable(monkeypa
         assert controller.writing_check(block=True) == [4]
 
 
+def test_waiting_for_a_layer_a_failed_load_never_copied_raises(monkeypatch):
+    pool, host_pool = _pools()
+    original = transfer.load_layer
+
+    def fail_at_layer_1(host_p, device_p, host_idx, device_idx, layer):
+        if layer == 1:
+            raise RuntimeError("simulated failure at layer 1")
+        original(host_p, device_p, host_idx, device_idx, layer)
+
+    monkeypatch.setattr(transfer, "load_layer", fail_at_layer_1)
+    with CacheController(pool, host_pool) as controller:
+        controller.load(torch.arange(4), torch.arange(4), ack_id=9)
+        consumer = controller.start_loading()
+        controller.wait_until_layer_ready(0, consumer)  # layer 0 was copied
+        for layer in (1, 2):
+            with pytest.raises(TransferError, match="never copied") as info:
+                controller.wait_until_layer_ready(layer, consumer)
+            assert info.value.ack_ids == (9,)
+        with pytest.raises(TransferError):
+            controller.loading_check(block=True)
+
+
+def test_ack_ids_must_be_ints_and_merge_needs_operations():
+    pool, host_pool = _pools()
+    with CacheController(pool, host_pool) as controller:
+        with pytest.raises(InvalidArgumentError, match="ack_id"):
+            controller.write(torch.arange(4), torch.arange(4), ack_id=3.7)
+        with pytest.raises(InvalidArgumentError, match="ack_id"):
+            controller.load(torch.arange(4), torch.arange(4), ack_id=True)
+    with pytest.raises(InvalidArgumentError, match="no operations"):
+        CacheOperation.merge([])
+
+
 def test_close_is_idempotent_and_refuses_new_work():
     pool, host_pool = _pools()
     controller = CacheController(pool, host_pool)

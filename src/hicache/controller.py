@@ -17,8 +17,12 @@ Where the copies run:
   per batch, so that the same pipeline (and its races) runs on CPU-only machines.
 
 Ownership (DESIGN.md failure classes 1 and 2): a :class:`CacheOperation` owns copies of its index
-tensors, so queued work never aliases tree state; a batch keeps its index tensors (and, on CUDA,
-their device copies, also ``record_stream``-ed on the side stream) alive until its ack is popped.
+tensors, so queued work never aliases tree state; a batch keeps them alive until its ack is popped.
+On CUDA, the copies of the indices on the device are made by the transfer functions *on the side
+stream that uses them*, so the caching allocator never hands their memory to another stream before
+that stream's copies have run (the ownership rule ``record_stream`` exists to restore for tensors
+made on one stream and used on another). The controller validates indices on the CPU when they are
+queued, and passes CPU indices on, so that no range check ever synchronises with a stream.
 """
 
 from __future__ import annotations
@@ -64,7 +68,13 @@ class CacheOperation:
 
     @classmethod
     def merge(cls, ops: Sequence[CacheOperation]) -> CacheOperation:
-        """One operation doing all of ``ops`` in order; the inputs are not modified."""
+        """One operation doing all of ``ops`` in order; the inputs are not modified.
+
+        Raises:
+            InvalidArgumentError: ``ops`` is empty.
+        """
+        if not ops:
+            raise InvalidArgumentError("CacheOperation.merge: no operations to merge")
         if len(ops) == 1:
             return ops[0]
         return cls(
@@ -83,13 +93,13 @@ class _Batch:
     """A submitted batch: its operation, completion signals per layer and overall, its error.
 
     On CUDA the signals are events recorded on the side stream; on the thread path they are
-    ``threading.Event``s set by the worker. ``keep_alive`` holds every tensor the copies use.
+    ``threading.Event``s set by the worker. The operation's tensors live as long as the batch.
     """
 
     def __init__(self, op: CacheOperation, num_layers: int, cuda: bool) -> None:
         self.op = op
-        self.error: BaseException | None = None
-        self.keep_alive: list[torch.Tensor] = []
+        self.error: Exception | None = None
+        self.layers_done = 0  # layers whose copies were issued without an error
         self.cuda = cuda
         # torch.cuda.Event on CUDA, threading.Event otherwise.
         self.layer_events: list[Any]
@@ -102,6 +112,7 @@ class _Batch:
             self.done_event = threading.Event()
 
     def layer_done(self, layer: int) -> None:
+        self.layers_done = layer + 1
         if self.cuda:
             self.layer_events[layer].record()
         else:
@@ -126,11 +137,19 @@ class _Batch:
             self.done_event.wait()
 
     def wait_layer(self, layer: int) -> None:
-        """CUDA: the current stream waits for the layer; threads: block until it is copied."""
+        """CUDA: the current stream waits for the layer; threads: block until it is copied.
+
+        Raises:
+            TransferError: the batch failed before this layer was copied: its KV is not there.
+        """
         if self.cuda:
             torch.cuda.current_stream().wait_event(self.layer_events[layer])
         else:
             self.layer_events[layer].wait()
+        if self.error is not None and layer >= self.layers_done:
+            raise TransferError(
+                f"layer {layer} of a load batch was never copied: {self.error!r}", self.op.ack_ids
+            ) from self.error
 
 
 class _Lane:
@@ -161,16 +180,21 @@ class _Lane:
             _run(*item)
             del item  # the batch's tensors live as long as the controller holds the batch
 
-    def close(self) -> None:
+    def close(self, timeout: float) -> None:
+        """Waits for the submitted batches, then stops the worker."""
+        if self.stream is not None:
+            self.stream.synchronize()
         if self.thread is not None and self.thread.is_alive():
             self.queue.put(None)
-            self.thread.join()
+            self.thread.join(timeout)
+            if self.thread.is_alive():
+                raise TransferError(f"{self.thread.name} did not stop within {timeout} s")
 
 
 def _run(batch: _Batch, run: Callable[[_Batch], None]) -> None:
     try:
         run(batch)
-    except BaseException as e:  # noqa: BLE001 -- reported through the ack, never lost
+    except Exception as e:  # noqa: BLE001 -- reported through the ack, never lost
         batch.error = e
     finally:
         batch.finish()
@@ -227,7 +251,7 @@ class CacheController:
             IndexOutOfRangeError: a slot out of its pool. Nothing is queued.
         """
         with profiling.nvtx_range(profiling.ENQUEUE_WRITE):
-            self._check("write", device_indices, host_indices)
+            self._check("write", device_indices, host_indices, ack_id)
             self.write_queue.append(CacheOperation.create(host_indices, device_indices, ack_id))
 
     def load(self, host_indices: torch.Tensor, device_indices: torch.Tensor, ack_id: int) -> None:
@@ -237,12 +261,18 @@ class CacheController:
             InvalidArgumentError, IndexOutOfRangeError: as :meth:`write`. Nothing is queued.
         """
         with profiling.nvtx_range(profiling.ENQUEUE_LOAD):
-            self._check("load", device_indices, host_indices)
+            self._check("load", device_indices, host_indices, ack_id)
             self.load_queue.append(CacheOperation.create(host_indices, device_indices, ack_id))
 
-    def _check(self, fn: str, device_indices: torch.Tensor, host_indices: torch.Tensor) -> None:
+    def _check(
+        self, fn: str, device_indices: torch.Tensor, host_indices: torch.Tensor, ack_id: int
+    ) -> None:
         if self._closed:
             raise InvalidArgumentError(f"CacheController.{fn}: the controller is closed")
+        if isinstance(ack_id, bool) or not isinstance(ack_id, int):
+            raise InvalidArgumentError(
+                f"{fn}: ack_id: expected an int (a node id), got {type(ack_id).__name__}"
+            )
         check_slot_indices(
             device_indices, f"{fn}: device_indices", self.device_pool.num_slots, require_cpu=True
         )
@@ -287,35 +317,20 @@ class CacheController:
         self._load_lane.submit(batch, self._run_load)
         return consumer
 
-    def _device_indices(self, batch: _Batch) -> torch.Tensor:
-        """The batch's device indices on the pool's device, kept alive by the batch."""
-        indices = batch.op.device_indices
-        if self._cuda:
-            indices = indices.pin_memory().to(self.device_pool.device, non_blocking=True)
-            indices.record_stream(torch.cuda.current_stream())
-        batch.keep_alive.append(indices)
-        return indices
-
     def _run_write(self, batch: _Batch) -> None:
-        with profiling.nvtx_range(profiling.WRITE_BATCH, batch.op.num_tokens):
+        op = batch.op
+        with profiling.nvtx_range(profiling.WRITE_BATCH, op.num_tokens):
             transfer.backup_all_layers(
-                self.device_pool,
-                self.host_pool,
-                self._device_indices(batch),
-                batch.op.host_indices,
+                self.device_pool, self.host_pool, op.device_indices, op.host_indices
             )
 
     def _run_load(self, batch: _Batch) -> None:
-        with profiling.nvtx_range(profiling.LOAD_BATCH, batch.op.num_tokens):
-            device_indices = self._device_indices(batch)
+        op = batch.op
+        with profiling.nvtx_range(profiling.LOAD_BATCH, op.num_tokens):
             for layer in range(self.num_layers):
                 with profiling.nvtx_range(profiling.LOAD_LAYER, layer):
                     transfer.load_layer(
-                        self.host_pool,
-                        self.device_pool,
-                        batch.op.host_indices,
-                        device_indices,
-                        layer,
+                        self.host_pool, self.device_pool, op.host_indices, op.device_indices, layer
                     )
                 batch.layer_done(layer)
 
@@ -382,14 +397,18 @@ class CacheController:
         """Load operations queued or in flight (not yet acknowledged)."""
         return len(self.load_queue) + sum(len(b.op.ack_ids) for _, b in self._loads)
 
-    def close(self) -> None:
-        """Stops the worker threads after their submitted batches. Idempotent.
+    def close(self, timeout: float = 30.0) -> None:
+        """Waits for the submitted batches and stops the workers. Idempotent.
 
-        Queued (unsubmitted) operations are dropped; call the cache's ``flush`` first.
+        Queued (unsubmitted) operations are dropped and unacknowledged acks are not applied: call
+        the cache's ``flush`` first (``HiCache.close`` does).
+
+        Raises:
+            TransferError: a worker did not stop within ``timeout`` seconds.
         """
         self._closed = True
-        self._write_lane.close()
-        self._load_lane.close()
+        self._write_lane.close(timeout)
+        self._load_lane.close(timeout)
 
     def __enter__(self) -> CacheController:
         return self

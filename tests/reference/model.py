@@ -89,7 +89,11 @@ class ReferenceTree:
     def _children(self, page_key: PageKey) -> list[PageKey]:
         extra, tokens = page_key
         n = len(tokens) + self.page_size
-        return [k for k in self.pages if k[0] == extra and len(k[1]) == n and k[1][: len(tokens)] == tokens]
+        return [
+            k
+            for k in self.pages
+            if k[0] == extra and len(k[1]) == n and k[1][: len(tokens)] == tokens
+        ]
 
     def _subtree(self, page_key: PageKey) -> list[PageKey]:
         extra, tokens = page_key
@@ -107,12 +111,16 @@ class ReferenceTree:
         """Returns ``(device tokens, their slots, host-only tokens)`` of the match; touches it."""
         matched = self._matched(key, extra_key)
         self._touch(matched)
-        slots = [s for k in matched if self.pages[k].device is not None for s in self.pages[k].device]
+        slots = [
+            s for k in matched if self.pages[k].device is not None for s in self.pages[k].device
+        ]
         host_only = sum(self.pages[k].device is None for k in matched) * self.page_size
         return len(slots), slots, host_only
 
-    def insert(self, key: list[int], value: list[int], extra_key: str | None = None) -> tuple[int, int]:
-        """Caches the pages of ``key``: new pages and host-only pages take their slots from ``value``.
+    def insert(
+        self, key: list[int], value: list[int], extra_key: str | None = None
+    ) -> tuple[int, int]:
+        """Caches the pages of ``key``; new and host-only pages take their slots from ``value``.
 
         Returns:
             ``(prefix_len, adopted_len)``: tokens already on device (their slots in ``value`` are
@@ -238,12 +246,16 @@ class ReferenceTree:
         """The host-only pages of ``prefix`` (its bottom segment), root-first."""
         return [k for k in self._page_keys(prefix, extra_key) if self.pages[k].device is None]
 
-    def commit_load_back(self, prefix: list[int], device: list[int], extra_key: str | None = None) -> None:
-        """Gives the host-only pages of ``prefix`` the device slots ``device``; touches ``prefix``."""
+    def commit_load_back(
+        self, prefix: list[int], device: list[int], extra_key: str | None = None
+    ) -> None:
+        """Gives the host-only pages of ``prefix`` the slots ``device``; touches ``prefix``."""
         plan = self.load_back_plan(prefix, extra_key)
         assert len(device) == len(plan) * self.page_size
         for i, page_key in enumerate(plan):
-            self.pages[page_key].device = list(device[i * self.page_size : (i + 1) * self.page_size])
+            self.pages[page_key].device = list(
+                device[i * self.page_size : (i + 1) * self.page_size]
+            )
         self._touch(self._page_keys(prefix, extra_key))
 
     def evict(self, num_tokens: int, write_back: bool = False) -> EvictOutcome:
@@ -321,9 +333,10 @@ class ReferenceTree:
         return sum(page.device is not None for page in self.pages.values()) * self.page_size
 
     def protected_size(self) -> int:
-        return sum(
-            page.device is not None and page.lock_count > 0 for page in self.pages.values()
-        ) * self.page_size
+        return (
+            sum(page.device is not None and page.lock_count > 0 for page in self.pages.values())
+            * self.page_size
+        )
 
     def evictable_size(self) -> int:
         return self.total_size() - self.protected_size()
@@ -332,6 +345,7 @@ class ReferenceTree:
         return sum(page.host is not None for page in self.pages.values()) * self.page_size
 
     def host_evictable_size(self) -> int:
-        return sum(
-            page.device is None and page.host_lock_count == 0 for page in self.pages.values()
-        ) * self.page_size
+        return (
+            sum(page.device is None and page.host_lock_count == 0 for page in self.pages.values())
+            * self.page_size
+        )
