@@ -16,6 +16,20 @@ inline uint64_t mix64(uint64_t x) {
   return x ^ (x >> 31);
 }
 
+// The plan of a transfer over `deepest_first` (a path read bottom-up), root-first, with the slots
+// of one tier of each node.
+TransferPlan root_first_plan(const std::vector<const Node*>& deepest_first,
+                             std::vector<SlotIndex> ComponentData::*tier) {
+  TransferPlan plan;
+  for (auto it = deepest_first.rbegin(); it != deepest_first.rend(); ++it) {
+    const std::vector<SlotIndex>& slots = (*it)->full().*tier;
+    plan.nodes.push_back((*it)->id);
+    plan.lengths.push_back((*it)->num_tokens());
+    plan.indices.insert(plan.indices.end(), slots.begin(), slots.end());
+  }
+  return plan;
+}
+
 std::string describe(const char* caller, NodeId id, const std::string& what) {
   std::ostringstream os;
   os << caller << ": node " << id << ": " << what;
@@ -554,18 +568,11 @@ std::vector<SlotIndex> RadixTree::evict_host(int64_t num_tokens) {
 }
 
 TransferPlan RadixTree::backup_plan(NodeId id, uint64_t min_hit_count) const {
-  TransferPlan plan;
   std::vector<const Node*> path;
   for (const Node* n = node_by_id(id, "backup_plan"); !n->is_root(); n = n->parent) {
     if (!n->evicted() && !n->backuped() && n->hit_count >= min_hit_count) path.push_back(n);
   }
-  for (auto it = path.rbegin(); it != path.rend(); ++it) {
-    const auto& value = (*it)->full().value;
-    plan.nodes.push_back((*it)->id);
-    plan.lengths.push_back((*it)->num_tokens());
-    plan.indices.insert(plan.indices.end(), value.begin(), value.end());
-  }
-  return plan;
+  return root_first_plan(path, &ComponentData::value);
 }
 
 void RadixTree::commit_backup(NodeId id, const SlotIndex* host, size_t len) {
@@ -624,18 +631,11 @@ std::vector<SlotIndex> RadixTree::abort_backup(NodeId ack_id) {
 }
 
 TransferPlan RadixTree::load_back_plan(NodeId anchor) const {
-  TransferPlan plan;
   std::vector<const Node*> path;
   for (const Node* n = node_by_id(anchor, "load_back_plan"); n->evicted(); n = n->parent) {
     path.push_back(n);
   }
-  for (auto it = path.rbegin(); it != path.rend(); ++it) {
-    const auto& host = (*it)->full().host_value;
-    plan.nodes.push_back((*it)->id);
-    plan.lengths.push_back((*it)->num_tokens());
-    plan.indices.insert(plan.indices.end(), host.begin(), host.end());
-  }
-  return plan;
+  return root_first_plan(path, &ComponentData::host_value);
 }
 
 void RadixTree::commit_load_back(NodeId anchor, const SlotIndex* device, size_t len) {

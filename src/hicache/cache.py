@@ -319,7 +319,21 @@ class HiCache:
             return self.controller.start_loading() if self.controller is not None else -1
 
     def wait_until_layer_ready(self, layer: int, consumer_index: int | None = None) -> None:
-        """Waits until layer ``layer`` of a load batch is on device (see the controller)."""
+        """Waits until layer ``layer`` of a load batch is on device (SGLang's ``wait_until``).
+
+        On CUDA the current stream waits for that layer's event (the host does not block);
+        without CUDA the caller blocks until the layer has been copied. Does not take the cache's
+        lock. A model calls it before reading layer ``layer``'s KV.
+
+        Args:
+            layer: layer index.
+            consumer_index: a value returned by :meth:`ready_to_load_host_cache` (default: the
+                latest).
+
+        Raises:
+            TransferError: the batch failed before copying this layer (its KV is not there; the
+                next :meth:`check_hicache_events` undoes the load).
+        """
         if self.controller is not None:
             self.controller.wait_until_layer_ready(layer, consumer_index)
 
