@@ -35,9 +35,12 @@ def _kv_ok(cache: HiCache, tokens: torch.Tensor, device_indices: torch.Tensor) -
 def test_write_through_demotes_and_loads_back_the_same_bytes(layout, page_size):
     cache = make_cache("write_through", 32, 64, page_size, layout=layout)
     node = _insert(cache, KEY)
+    info = cache.tree.node_info(node)
+    assert info.has_host_value and info.backup_pending and info.lock_ref == 1  # queued, locked
     cache.flush()
     assert cache.tree.host_total_size() == 32
-    assert cache.tree.node_info(node).has_host_value
+    info = cache.tree.node_info(node)
+    assert info.has_host_value and not info.backup_pending and info.lock_ref == 0
     assert cache.stats.backup_tokens == 32
     _insert(cache, OTHER)  # the device holds 32 slots: KEY is demoted, not dropped
     cache.flush()

@@ -741,6 +741,8 @@ NodeInfo RadixTree::node_info(NodeId id) const {
   info.last_access_time = node->last_access;
   info.has_device_value = node->full().has_value;
   info.has_host_value = node->is_root() || node->full().has_host_value;
+  info.backup_pending = node->backup_pending != kNoNode;
+  info.load_pending = node->load_pending != kNoNode;
   info.has_extra_key = node->ns > 0;
   if (node->ns > 0) info.extra_key = namespace_names_[static_cast<size_t>(node->ns)];
   return info;

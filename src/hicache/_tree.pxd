@@ -56,6 +56,8 @@ cdef extern from "hicache/radix_tree.h" namespace "hicache" nogil:
         uint64_t last_access_time
         cbool has_device_value
         cbool has_host_value
+        cbool backup_pending
+        cbool load_pending
         string extra_key
         cbool has_extra_key
 

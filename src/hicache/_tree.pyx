@@ -536,7 +536,8 @@ cdef class RadixTree:
         cdef CNodeInfo i = self._tree.get().node_info(node_id)
         return NodeInfo(i.node_id, i.parent_id, i.num_tokens, i.num_children, i.lock_ref,
                         i.host_ref_counter, i.hit_count, i.last_access_time, i.has_device_value,
-                        i.has_host_value, i.extra_key.decode("utf-8") if i.has_extra_key else None)
+                        i.has_host_value, i.backup_pending, i.load_pending,
+                        i.extra_key.decode("utf-8") if i.has_extra_key else None)
 
     def all_device_indices(self):
         """All device slots held by the tree, as an int64 CPU tensor (order unspecified)."""

@@ -108,7 +108,11 @@ class TransferPlan(NamedTuple):
 
 
 class NodeInfo(NamedTuple):
-    """A snapshot of one node's bookkeeping, for tests and debugging (not the request path)."""
+    """A snapshot of one node's bookkeeping, for tests and debugging (not the request path).
+
+    ``has_host_value`` is set when a backup is committed (queued); the node is ``backuped`` in
+    SGLang's sense (a complete host copy) once ``backup_pending`` is also False.
+    """
 
     node_id: int
     parent_id: int
@@ -120,4 +124,6 @@ class NodeInfo(NamedTuple):
     last_access_time: int
     has_device_value: bool
     has_host_value: bool
+    backup_pending: bool
+    load_pending: bool
     extra_key: str | None

@@ -190,6 +190,7 @@ class TreeVsModel(RuleBasedStateMachine):
     @rule(index=st.integers(0, 1 << 16), fail=st.booleans())
     def backup_ack(self, index: int, fail: bool) -> None:
         node_id, extra_key, pages, prefix = self.backups.pop(index % len(self.backups))
+        assert self.tree.node_info(node_id).backup_pending
         if fail:
             freed = self.tree.abort_backup(node_id)
             assert sorted(freed.tolist()) == sorted(self.model.abort_backup(pages))
@@ -226,6 +227,7 @@ class TreeVsModel(RuleBasedStateMachine):
     @rule(index=st.integers(0, 1 << 16), fail=st.booleans())
     def load_ack(self, index: int, fail: bool) -> None:
         anchor, extra_key, pages, prefix = self.loads.pop(index % len(self.loads))
+        assert self.tree.node_info(anchor).load_pending
         assert self.tree.dec_lock_ref(anchor) == self.model.unlock(prefix, extra_key)
         if fail:
             model_freed = self.model.abort_load_back(pages)

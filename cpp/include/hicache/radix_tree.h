@@ -76,7 +76,9 @@ struct NodeInfo {
   uint64_t hit_count = 0;
   Tick last_access_time = 0;
   bool has_device_value = false;
-  bool has_host_value = false;
+  bool has_host_value = false;  // host slots assigned (at the backup's commit)
+  bool backup_pending = false;  // its device -> host copy has not been acknowledged yet
+  bool load_pending = false;    // its host -> device copy has not been acknowledged yet
   std::string extra_key;
   bool has_extra_key = false;
 };
