@@ -30,6 +30,22 @@ TransferPlan root_first_plan(const std::vector<const Node*>& deepest_first,
   return plan;
 }
 
+// Every slot of one tier held by the tree under `root` (order unspecified).
+std::vector<SlotIndex> tier_slots(const Node* root, std::vector<SlotIndex> ComponentData::*tier,
+                                  int64_t expected) {
+  std::vector<SlotIndex> out;
+  out.reserve(static_cast<size_t>(expected));
+  std::vector<const Node*> stack{root};
+  while (!stack.empty()) {
+    const Node* n = stack.back();
+    stack.pop_back();
+    const std::vector<SlotIndex>& slots = n->full().*tier;
+    out.insert(out.end(), slots.begin(), slots.end());
+    for (const Node* c = n->first_child; c != nullptr; c = c->next_sibling) stack.push_back(c);
+  }
+  return out;
+}
+
 std::string describe(const char* caller, NodeId id, const std::string& what) {
   std::ostringstream os;
   os << caller << ": node " << id << ": " << what;
@@ -749,31 +765,11 @@ NodeInfo RadixTree::node_info(NodeId id) const {
 }
 
 std::vector<SlotIndex> RadixTree::all_device_indices() const {
-  std::vector<SlotIndex> out;
-  out.reserve(static_cast<size_t>(total_size()));
-  std::vector<const Node*> stack{root_.get()};
-  while (!stack.empty()) {
-    const Node* n = stack.back();
-    stack.pop_back();
-    const auto& v = n->full().value;
-    out.insert(out.end(), v.begin(), v.end());
-    for (const Node* c = n->first_child; c != nullptr; c = c->next_sibling) stack.push_back(c);
-  }
-  return out;
+  return tier_slots(root_.get(), &ComponentData::value, total_size());
 }
 
 std::vector<SlotIndex> RadixTree::all_host_indices() const {
-  std::vector<SlotIndex> out;
-  out.reserve(static_cast<size_t>(host_total_size_));
-  std::vector<const Node*> stack{root_.get()};
-  while (!stack.empty()) {
-    const Node* n = stack.back();
-    stack.pop_back();
-    const auto& v = n->full().host_value;
-    out.insert(out.end(), v.begin(), v.end());
-    for (const Node* c = n->first_child; c != nullptr; c = c->next_sibling) stack.push_back(c);
-  }
-  return out;
+  return tier_slots(root_.get(), &ComponentData::host_value, host_total_size_);
 }
 
 std::string RadixTree::pretty_print() const {
