@@ -78,7 +78,9 @@ def _run_request(cache: HiCache, tokens: torch.Tensor) -> None:
 def test_scheduler_and_workers_race_without_losing_a_slot(monkeypatch, policy):
     rng, rng_lock = random.Random(7), threading.Lock()
     for name in ("backup_all_layers", "load_layer"):
-        monkeypatch.setattr(transfer, name, _jitter(getattr(transfer, name), rng, rng_lock))
+        monkeypatch.setattr(
+            transfer.KVTransfer, name, _jitter(getattr(transfer.KVTransfer, name), rng, rng_lock)
+        )
     pool = DeviceKVPool(160, 2, 2, 4, torch.float16, "cpu")
     cache = HiCache(pool, PAGE, HostKVPool(pool, 320, PAGE, "page_first"), policy)
     keys = _keys(300, seed=11)

@@ -140,7 +140,7 @@ def test_failed_backup_is_undone_and_never_served(monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("DMA engine on fire")
 
-    monkeypatch.setattr(transfer, "backup_all_layers", broken)
+    monkeypatch.setattr(transfer.KVTransfer, "backup_all_layers", broken)
     node = _insert(cache, KEY)
     with pytest.raises(TransferError, match="DMA engine on fire"):
         cache.flush()
@@ -157,16 +157,16 @@ def test_failed_load_back_returns_nodes_to_host(monkeypatch):
     cache = make_cache("write_through", 32, 64)
     run_request(cache, KEY)
     run_request(cache, OTHER)
-    original = transfer.load_layer
+    original = transfer.KVTransfer.load_layer
     calls = []
 
-    def broken_on_layer_1(host_pool, device_pool, host_indices, device_indices, layer):
+    def broken_on_layer_1(self, indices, layer):
         calls.append(layer)
         if layer == 1:
             raise RuntimeError("PCIe link down")
-        original(host_pool, device_pool, host_indices, device_indices, layer)
+        original(self, indices, layer)
 
-    monkeypatch.setattr(transfer, "load_layer", broken_on_layer_1)
+    monkeypatch.setattr(transfer.KVTransfer, "load_layer", broken_on_layer_1)
     free_before = cache.allocator.available_size()
     m = cache.match_prefix(KEY, load_back=True)
     assert m.device_prefix_len == 32
@@ -177,7 +177,7 @@ def test_failed_load_back_returns_nodes_to_host(monkeypatch):
     assert cache.stats.load_back_failed_tokens == 32
     assert cache.allocator.available_size() >= free_before
     cache.check_invariants(request_slots=NO_REQUEST_SLOTS)
-    monkeypatch.setattr(transfer, "load_layer", original)
+    monkeypatch.setattr(transfer.KVTransfer, "load_layer", original)
     assert run_request(cache, KEY) == 32  # the host copy was intact: a retry serves it
 
 

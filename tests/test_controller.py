@@ -66,14 +66,14 @@ def test_layer_zero_is_ready_while_layer_one_still_loads(monkeypatch):
     kv = random_kv(pool, 8, seed=5)
     host_pool.write(torch.arange(8), *kv)
     gate = threading.Event()
-    original = transfer.load_layer
+    original = transfer.KVTransfer.load_layer
 
-    def gated_load_layer(host_p, device_p, host_idx, device_idx, layer):
+    def gated_load_layer(self, indices, layer):
         if layer >= 1:
             assert gate.wait(10)
-        original(host_p, device_p, host_idx, device_idx, layer)
+        original(self, indices, layer)
 
-    monkeypatch.setattr(transfer, "load_layer", gated_load_layer)
+    monkeypatch.setattr(transfer.KVTransfer, "load_layer", gated_load_layer)
     with CacheController(pool, host_pool) as controller:
         controller.load(torch.arange(8), torch.arange(16, 24), ack_id=1)
         consumer = controller.start_loading()
@@ -141,7 +141,7 @@ def test_bad_configuration_and_layers_are_rejected():
 
 def test_failed_batch_raises_transfer_error_and_controller_stays_usable(monkeypatch):
     pool, host_pool = _pools()
-    original = transfer.backup_all_layers
+    original = transfer.KVTransfer.backup_all_layers
     calls = {"n": 0}
 
     def failing_once(*args, **kwargs):
@@ -150,7 +150,7 @@ def test_failed_batch_raises_transfer_error_and_controller_stays_usable(monkeypa
             raise RuntimeError("simulated copy failure")
         original(*args, **kwargs)
 
-    monkeypatch.setattr(transfer, "backup_all_layers", failing_once)
+    monkeypatch.setattr(transfer.KVTransfer, "backup_all_layers", failing_once)
     with CacheController(pool, host_pool) as controller:
         for ack in (1, 2, 3):
             controller.write(torch.arange(4) + 4 * ack, torch.arange(4) + 4 * ack, ack_id=ack)
@@ -167,14 +167,14 @@ def test_failed_batch_raises_transfer_error_and_controller_stays_usable(monkeypa
 
 def test_waiting_for_a_layer_a_failed_load_never_copied_raises(monkeypatch):
     pool, host_pool = _pools()
-    original = transfer.load_layer
+    original = transfer.KVTransfer.load_layer
 
-    def fail_at_layer_1(host_p, device_p, host_idx, device_idx, layer):
+    def fail_at_layer_1(self, indices, layer):
         if layer == 1:
             raise RuntimeError("simulated failure at layer 1")
-        original(host_p, device_p, host_idx, device_idx, layer)
+        original(self, indices, layer)
 
-    monkeypatch.setattr(transfer, "load_layer", fail_at_layer_1)
+    monkeypatch.setattr(transfer.KVTransfer, "load_layer", fail_at_layer_1)
     with CacheController(pool, host_pool) as controller:
         controller.load(torch.arange(4), torch.arange(4), ack_id=9)
         consumer = controller.start_loading()

@@ -112,7 +112,8 @@ class HiCache:
         write_policy: one of :data:`WRITE_POLICIES` (SGLang's ``--hicache-write-policy``):
             ``write_through`` backs a node up when it is first inserted, ``write_through_selective``
             once an insert has walked it twice, ``write_back`` only when it is evicted from device.
-        io_backend: the controller's transfer backend (``"direct"``).
+        io_backend: the controller's transfer backend: ``"auto"`` (the CUDA kernels where they
+            can run, else torch copies), ``"kernel"`` or ``"direct"``.
 
     Raises:
         InvalidArgumentError: bad ``page_size``, pool sizes that are not whole pages, a host pool of
@@ -125,7 +126,7 @@ class HiCache:
         page_size: int = 1,
         host_pool: HostKVPool | None = None,
         write_policy: str = "write_through",
-        io_backend: str = "direct",
+        io_backend: str = "auto",
     ) -> None:
         if write_policy not in WRITE_POLICIES:
             raise InvalidArgumentError(

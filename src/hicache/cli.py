@@ -73,7 +73,11 @@ def _add_replay_parser(sub: argparse._SubParsersAction) -> None:
         help="host pool layout (default layer_first)",
     )
     p.add_argument(
-        "--hicache-io-backend", default="direct", help="transfer backend (default direct)"
+        "--hicache-io-backend",
+        choices=("auto", "kernel", "direct"),
+        default="auto",
+        help="host<->device transfer backend: kernel (hicache's CUDA kernels), direct (torch "
+        "copies), auto (kernel where it can run; default). The report says which ran.",
     )
     p.add_argument("--layers", type=int, default=2, help="KV layers (default 2)")
     p.add_argument("--heads", type=int, default=2, help="KV heads (default 2; MLA uses 1)")

@@ -206,29 +206,22 @@ class CacheController:
     Args:
         device_pool: the device KV pool.
         host_pool: the host KV pool; same kind, layers, heads, head_dim and dtype.
-        io_backend: transfer backend, one of :func:`hicache.transfer.available_backends`.
+        io_backend: ``"direct"``, ``"kernel"`` or ``"auto"`` (SGLang's ``--hicache-io-backend``;
+            see :func:`hicache.transfer.resolve_backend`). :attr:`io_backend` is the one that runs.
 
     Raises:
-        InvalidArgumentError: an unknown ``io_backend`` or mismatched pools.
+        InvalidArgumentError: an unknown ``io_backend``, ``"kernel"`` where it cannot run, or
+            mismatched pools.
     """
 
     def __init__(
-        self, device_pool: DeviceKVPool, host_pool: HostKVPool, io_backend: str = "direct"
+        self, device_pool: DeviceKVPool, host_pool: HostKVPool, io_backend: str = "auto"
     ) -> None:
-        backends = transfer.available_backends()
-        if io_backend not in backends:
-            raise InvalidArgumentError(
-                f"CacheController: io_backend: expected one of {backends}, got {io_backend!r}"
-            )
-        for attr in ("kind", "num_layers", "num_heads", "head_dim", "dtype"):
-            if getattr(device_pool, attr) != getattr(host_pool, attr):
-                raise InvalidArgumentError(
-                    f"CacheController: host_pool.{attr} {getattr(host_pool, attr)} differs from "
-                    f"the device pool's {getattr(device_pool, attr)}"
-                )
+        # Validates the pools and the backend; resolves "auto" (logged) to the backend that runs.
+        self._transfer = transfer.KVTransfer(device_pool, host_pool, io_backend)
         self.device_pool = device_pool
         self.host_pool = host_pool
-        self.io_backend = io_backend
+        self.io_backend = self._transfer.io_backend  # "kernel" or "direct", never "auto"
         self.num_layers = device_pool.num_layers
         self._cuda = device_pool.device.type == "cuda"
         self.write_queue: list[CacheOperation] = []
@@ -320,18 +313,17 @@ class CacheController:
     def _run_write(self, batch: _Batch) -> None:
         op = batch.op
         with profiling.nvtx_range(profiling.WRITE_BATCH, op.num_tokens):
-            transfer.backup_all_layers(
-                self.device_pool, self.host_pool, op.device_indices, op.host_indices
+            self._transfer.backup_all_layers(
+                self._transfer.prepare(op.device_indices, op.host_indices, "write")
             )
 
     def _run_load(self, batch: _Batch) -> None:
         op = batch.op
         with profiling.nvtx_range(profiling.LOAD_BATCH, op.num_tokens):
+            indices = self._transfer.prepare(op.device_indices, op.host_indices, "load")
             for layer in range(self.num_layers):
                 with profiling.nvtx_range(profiling.LOAD_LAYER, layer):
-                    transfer.load_layer(
-                        self.host_pool, self.device_pool, op.host_indices, op.device_indices, layer
-                    )
+                    self._transfer.load_layer(indices, layer)
                 batch.layer_done(layer)
 
     # ---- completion -----------------------------------------------------------------------------

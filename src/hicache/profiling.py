@@ -20,7 +20,13 @@ load_layer     one layer of a load batch; the payload is the layer index
 ack            ``HiCache.check_hicache_events``: acks applied to the tree
 ack_write      ``CacheController.writing_check``
 ack_load       ``CacheController.loading_check``
+kernel_backup  C++ (``cuda/transfer.cu``): one device -> host launch of the transfer kernel
+kernel_load    C++ (``cuda/transfer.cu``): one host -> device launch (a layer, or all layers)
 ============== =============================================================================
+
+The ``kernel_*`` ranges are pushed by the CUDA module, not by Python: their names are listed in
+:data:`CPP_STAGES` and, once more, in ``cpp/include/hicache/nvtx.h``; a test checks that the two
+lists agree.
 
 Without a profiler attached, ``nvtx`` ranges cost a few hundred nanoseconds each; they wrap
 batches and calls, never per-token work.
@@ -32,7 +38,7 @@ from contextlib import AbstractContextManager
 
 import nvtx
 
-__all__ = ["DOMAIN", "STAGES", "nvtx_range"]
+__all__ = ["CPP_STAGES", "DOMAIN", "STAGES", "nvtx_range"]
 
 DOMAIN = "hicache"
 
@@ -49,6 +55,8 @@ LOAD_LAYER = "load_layer"
 ACK = "ack"
 ACK_WRITE = "ack_write"
 ACK_LOAD = "ack_load"
+KERNEL_BACKUP = "kernel_backup"
+KERNEL_LOAD = "kernel_load"
 
 STAGES = (
     MATCH_PREFIX,
@@ -64,7 +72,12 @@ STAGES = (
     ACK,
     ACK_WRITE,
     ACK_LOAD,
+    KERNEL_BACKUP,
+    KERNEL_LOAD,
 )
+
+# The stages that C++ code emits (hicache::nvtx in cpp/include/hicache/nvtx.h).
+CPP_STAGES = (KERNEL_BACKUP, KERNEL_LOAD)
 
 
 def nvtx_range(name: str, payload: int | None = None) -> AbstractContextManager:

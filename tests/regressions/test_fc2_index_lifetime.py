@@ -30,13 +30,13 @@ def _pools(device: str):
 def test_batch_keeps_its_indices_alive_until_the_ack(monkeypatch):
     pool, host_pool = _pools("cpu")
     release = threading.Event()
-    original = transfer.load_layer
+    original = transfer.KVTransfer.load_layer
 
     def slow_load_layer(*args, **kwargs):
         release.wait(10)  # the copy runs late, after the caller dropped everything
         original(*args, **kwargs)
 
-    monkeypatch.setattr(transfer, "load_layer", slow_load_layer)
+    monkeypatch.setattr(transfer.KVTransfer, "load_layer", slow_load_layer)
     tokens = torch.arange(8)
     host_pool.write(torch.arange(8), *expected_kv(tokens, pool))
     with CacheController(pool, host_pool) as controller:

@@ -107,13 +107,13 @@ def test_corrupted_host_copy_is_detected(monkeypatch):
     """An L2 hit whose host bytes were damaged must raise, not count as a hit."""
     from hicache import transfer
 
-    original = transfer.load_layer
+    original = transfer.KVTransfer.load_layer
 
-    def corrupting_load_layer(host_pool, device_pool, host_indices, device_indices, layer):
-        original(host_pool, device_pool, host_indices, device_indices, layer)
-        device_pool.k_buffer[layer, device_indices[0]] += 1
+    def corrupting_load_layer(self, indices, layer):
+        original(self, indices, layer)
+        self.device_pool.k_buffer[layer, indices.device_indices[0]] += 1
 
-    monkeypatch.setattr(transfer, "load_layer", corrupting_load_layer)
+    monkeypatch.setattr(transfer.KVTransfer, "load_layer", corrupting_load_layer)
     config = ReplayConfig(device_ratio=0.05, hicache_ratio=3, device="cpu")
     with pytest.raises(KVIntegrityError, match="loaded back from host"):
         run_replay(_trace("conversation", 800), config)
@@ -139,5 +139,8 @@ def test_cli_replay_with_host_tier(tmp_path, capsys):
 
 def test_cli_rejects_unknown_io_backend(capsys):
     argv = ["replay", "--limit", "5", "--quiet", "--hicache-ratio", "2"]
-    assert main([*argv, "--hicache-io-backend", "nope"]) == 2
-    assert "io_backend" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:  # argparse rejects it, listing the choices
+        main([*argv, "--hicache-io-backend", "nope"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--hicache-io-backend" in err and "'nope'" in err and "kernel" in err

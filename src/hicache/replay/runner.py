@@ -75,7 +75,7 @@ class ReplayConfig:
     hicache_size_gb: float | None = None
     write_policy: str = "write_through"
     host_layout: str = "layer_first"
-    io_backend: str = "direct"
+    io_backend: str = "auto"
 
 
 @dataclass
