@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -196,6 +197,21 @@ def _replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def _log_to_stderr() -> None:
+    """Shows the ``hicache`` logger's INFO lines (e.g. the io backend ``auto`` chose) on stderr.
+
+    rich's stderr console looks ``sys.stderr`` up at each write, so a redirected stderr is honoured.
+    """
+    from rich.console import Console
+    from rich.logging import RichHandler
+
+    logger = logging.getLogger("hicache")
+    if not logger.handlers:
+        console = Console(stderr=True)
+        logger.addHandler(RichHandler(console=console, show_time=False, show_path=False))
+    logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``hicache`` console script.
 
@@ -209,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_replay_parser(sub)
     args = parser.parse_args(argv)
+    _log_to_stderr()
     try:
         return _replay(args)
     except (HiCacheError, FileNotFoundError) as e:

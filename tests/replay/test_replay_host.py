@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from hicache.cli import main
 from hicache.replay import ReplayConfig, load_trace, run_replay
@@ -133,8 +134,10 @@ def test_cli_replay_with_host_tier(tmp_path, capsys):
     )
     assert (report["device_hit_blocks"], report["host_hit_blocks"]) == expected
     assert report["io_backend"] == "direct"
-    printed = capsys.readouterr().out
-    assert "host (L2) hit blocks" in printed and "write_through / direct" in printed
+    captured = capsys.readouterr()
+    assert "host (L2) hit blocks" in captured.out and "write_through / direct" in captured.out
+    if not torch.cuda.is_available():
+        assert "io_backend auto -> direct" in captured.err  # the choice and its reason
 
 
 def test_cli_rejects_unknown_io_backend(capsys):
