@@ -764,6 +764,21 @@ NodeInfo RadixTree::node_info(NodeId id) const {
   return info;
 }
 
+std::vector<NodeId> RadixTree::node_ids() const {
+  std::vector<NodeId> ids;
+  ids.reserve(nodes_.size());
+  std::vector<const Node*> stack{root_.get()};
+  while (!stack.empty()) {
+    const Node* node = stack.back();
+    stack.pop_back();
+    if (!node->is_root()) ids.push_back(node->id);
+    for (const Node* c = node->first_child; c != nullptr; c = c->next_sibling) stack.push_back(c);
+  }
+  return ids;
+}
+
+std::vector<Token> RadixTree::node_key(NodeId id) const { return node_by_id(id, "node_key")->key; }
+
 std::vector<SlotIndex> RadixTree::all_device_indices() const {
   return tier_slots(root_.get(), &ComponentData::value, total_size());
 }

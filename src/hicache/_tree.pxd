@@ -97,6 +97,8 @@ cdef extern from "hicache/radix_tree.h" namespace "hicache" nogil:
         int64_t num_nodes()
         cbool contains_node(NodeId node_id)
         CNodeInfo node_info(NodeId node_id) except +translate_cpp_exception
+        vector[NodeId] node_ids() except +translate_cpp_exception
+        vector[Token] node_key(NodeId node_id) except +translate_cpp_exception
         vector[SlotIndex] all_device_indices() except +translate_cpp_exception
         vector[SlotIndex] all_host_indices() except +translate_cpp_exception
         vector[SlotIndex] reset() except +translate_cpp_exception

@@ -539,6 +539,25 @@ cdef class RadixTree:
                         i.has_host_value, i.backup_pending, i.load_pending,
                         i.extra_key.decode("utf-8") if i.has_extra_key else None)
 
+    def node_ids(self):
+        """Ids of every node but the root, parents before children (for tests and debugging).
+
+        Returns:
+            list[int]: node ids.
+        """
+        return list(self._tree.get().node_ids())
+
+    def node_key(self, int64_t node_id):
+        """A node's own tokens (not its path's), for tests and debugging.
+
+        Returns:
+            list[int]: the node's key, a multiple of page_size tokens; ``[]`` for the root.
+
+        Raises:
+            IndexOutOfRangeError: unknown node id.
+        """
+        return list(self._tree.get().node_key(node_id))
+
     def all_device_indices(self):
         """All device slots held by the tree, as an int64 CPU tensor (order unspecified)."""
         return _to_tensor(self._tree.get().all_device_indices())

@@ -167,6 +167,10 @@ class RadixTree {
 
   bool contains_node(NodeId id) const { return id == kRootId || nodes_.count(id) != 0; }
   NodeInfo node_info(NodeId id) const;
+  // Ids of every node but the root, parents before children (inspection, not the request path).
+  std::vector<NodeId> node_ids() const;
+  // A copy of a node's key (its own tokens, not its path's); the root's is empty.
+  std::vector<Token> node_key(NodeId id) const;
   std::vector<SlotIndex> all_device_indices() const;
   std::vector<SlotIndex> all_host_indices() const;
 
