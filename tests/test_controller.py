@@ -250,3 +250,34 @@ def test_cuda_stream_round_trip(layout):
         got = pool.read(torch.arange(32, 48))  # on the current stream, after the waits
         assert all(torch.equal(g, w) for g, w in zip(got, kv, strict=True))
         assert controller.loading_check(block=True) == [2]
+
+
+def test_transfer_counters_count_bytes_time_and_failures(monkeypatch):
+    pool, host_pool = _pools()
+    bytes_per_token = pool.size_bytes // pool.num_slots
+    original = transfer.KVTransfer.backup_all_layers
+    calls = {"n": 0}
+
+    def failing_second(self, indices):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("simulated copy failure")
+        original(self, indices)
+
+    monkeypatch.setattr(transfer.KVTransfer, "backup_all_layers", failing_second)
+    with CacheController(pool, host_pool) as controller:
+        controller.write(torch.arange(8), torch.arange(8), ack_id=1)
+        controller.start_writing()
+        controller.write(torch.arange(8, 12), torch.arange(8, 12), ack_id=2)
+        controller.start_writing()
+        assert controller.writing_check(block=True) == [1]
+        with pytest.raises(TransferError):
+            controller.writing_check(block=True)
+        controller.load(torch.arange(4), torch.arange(16, 20), ack_id=3)
+        controller.start_loading()
+        assert controller.loading_check(block=True) == [3]
+    backup, load = controller.backup_counters, controller.load_counters
+    assert (backup.batches, backup.tokens, backup.failed_batches) == (1, 8, 1)
+    assert backup.bytes == 8 * bytes_per_token and backup.seconds > 0 and backup.gb_per_s > 0
+    assert (load.batches, load.tokens, load.bytes) == (1, 4, 4 * bytes_per_token)
+    assert load.failed_batches == 0 and load.seconds > 0

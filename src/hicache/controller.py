@@ -30,6 +30,7 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -42,7 +43,32 @@ from hicache.errors import IndexOutOfRangeError, InvalidArgumentError, TransferE
 from hicache.memory.device_pool import DeviceKVPool
 from hicache.memory.host_pool import HostKVPool, check_slot_indices
 
-__all__ = ["CacheController", "CacheOperation"]
+__all__ = ["CacheController", "CacheOperation", "TransferCounters"]
+
+
+@dataclass
+class TransferCounters:
+    """Completed copies of one direction, counted when their acks are popped.
+
+    Attributes:
+        batches: batches that finished without an error.
+        tokens: tokens they copied (all layers).
+        bytes: KV bytes they copied (all layers, K and V).
+        seconds: time the copies took (CUDA: stream time between the batch's events; threads:
+            the worker's wall clock). ``bytes / seconds`` is the achieved bandwidth.
+        failed_batches: batches that raised.
+    """
+
+    batches: int = 0
+    tokens: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    failed_batches: int = 0
+
+    @property
+    def gb_per_s(self) -> float:
+        """Achieved bandwidth in GB/s (1e9 bytes), 0 before the first batch."""
+        return self.bytes / self.seconds / 1e9 if self.seconds > 0 else 0.0
 
 
 @dataclass(frozen=True)
@@ -106,10 +132,27 @@ class _Batch:
         self.done_event: Any
         if cuda:
             self.layer_events = [torch.cuda.Event() for _ in range(num_layers)]
-            self.done_event = torch.cuda.Event()
+            # Timed, so that the ack can report the batch's time on its stream.
+            self.start_event: Any = torch.cuda.Event(enable_timing=True)
+            self.done_event = torch.cuda.Event(enable_timing=True)
         else:
             self.layer_events = [threading.Event() for _ in range(num_layers)]
             self.done_event = threading.Event()
+        # perf_counter() at the start and end of the copies (thread path only).
+        self.started = self.ended = 0.0
+
+    def start(self) -> None:
+        """Marks the start of the batch's copies (on CUDA: where the stream reaches this point)."""
+        if self.cuda:
+            self.start_event.record()
+        else:
+            self.started = time.perf_counter()
+
+    def seconds(self) -> float:
+        """Time the batch's copies took, once it is done: on its stream (CUDA) or wall clock."""
+        if self.cuda:
+            return self.start_event.elapsed_time(self.done_event) / 1e3
+        return self.ended - self.started
 
     def layer_done(self, layer: int) -> None:
         self.layers_done = layer + 1
@@ -123,6 +166,7 @@ class _Batch:
         if self.cuda:
             self.done_event.record()
         else:
+            self.ended = time.perf_counter()
             for event in self.layer_events:
                 event.set()  # also after an error: nobody waits forever
             self.done_event.set()
@@ -192,6 +236,7 @@ class _Lane:
 
 
 def _run(batch: _Batch, run: Callable[[_Batch], None]) -> None:
+    batch.start()
     try:
         run(batch)
     except Exception as e:  # noqa: BLE001 -- reported through the ack, never lost
@@ -232,6 +277,10 @@ class CacheController:
         self._write_lane = _Lane("write", self._cuda)
         self._load_lane = _Lane("load", self._cuda)
         self._closed = False
+        # Completed copies per direction; written by the ack path (writing_check/loading_check).
+        self.backup_counters = TransferCounters()
+        self.load_counters = TransferCounters()
+        self._bytes_per_token = device_pool.size_bytes // device_pool.num_slots
 
     # ---- queueing -------------------------------------------------------------------------------
 
@@ -343,12 +392,30 @@ class CacheController:
                 in the same call); its ``ack_ids`` name the operations to undo.
         """
         with profiling.nvtx_range(profiling.ACK_WRITE):
-            return _pop_finished(self._writes, block, "backup", lambda b: b)
+            return _pop_finished(
+                self._writes, block, "backup", lambda b: b, self._count(self.backup_counters)
+            )
 
     def loading_check(self, block: bool = False) -> list[int]:
         """Pops the acks of finished load batches, oldest first (see :meth:`writing_check`)."""
         with profiling.nvtx_range(profiling.ACK_LOAD):
-            return _pop_finished(self._loads, block, "load", lambda item: item[1])
+            return _pop_finished(
+                self._loads, block, "load", lambda item: item[1], self._count(self.load_counters)
+            )
+
+    def _count(self, counters: TransferCounters) -> Callable[[_Batch], None]:
+        """A callback that adds a popped batch to ``counters``."""
+
+        def count(batch: _Batch) -> None:
+            if batch.error is not None:
+                counters.failed_batches += 1
+                return
+            counters.batches += 1
+            counters.tokens += batch.op.num_tokens
+            counters.bytes += batch.op.num_tokens * self._bytes_per_token
+            counters.seconds += batch.seconds()
+
+        return count
 
     def wait_until_layer_ready(self, layer: int, consumer_index: int | None = None) -> None:
         """Waits until ``layer`` of a load batch is on the device.
@@ -409,8 +476,10 @@ class CacheController:
         self.close()
 
 
-def _pop_finished(batches: deque, block: bool, what: str, get: Callable) -> list[int]:
-    """Pops finished batches from the front of ``batches``; see ``writing_check``."""
+def _pop_finished(
+    batches: deque, block: bool, what: str, get: Callable, popped: Callable[[_Batch], None]
+) -> list[int]:
+    """Pops finished batches from the front of ``batches``, telling ``popped`` of each one."""
     ack_ids: list[int] = []
     while batches:
         batch = get(batches[0])
@@ -422,11 +491,13 @@ def _pop_finished(batches: deque, block: bool, what: str, get: Callable) -> list
             if ack_ids:
                 break  # report the successes first; the next call raises
             batches.popleft()
+            popped(batch)
             raise TransferError(
                 f"{what} batch of {batch.op.num_tokens} tokens (ack ids "
                 f"{list(batch.op.ack_ids)}) failed: {batch.error!r}",
                 batch.op.ack_ids,
             ) from batch.error
         batches.popleft()
+        popped(batch)
         ack_ids.extend(batch.op.ack_ids)
     return ack_ids
