@@ -25,10 +25,10 @@ _WIDE_TAG = b"\xff"
 
 
 def namespace_seed(extra_key: str | None = None, cache_salt: str | None = None) -> bytes | None:
-    """The 32-byte digest that seeds a namespaced chain, or None without a namespace.
+    r"""The 32-byte digest that seeds a namespaced chain, or None without a namespace.
 
     ``SHA256(b"sglang-cache-namespace-v1" || framed(extra_key) || framed(cache_salt))`` where
-    ``framed(None) = b"\\x00"`` and ``framed(s) = b"\\x01" || len(utf8(s)) as 8-byte LE ||
+    ``framed(None) = b"\x00"`` and ``framed(s) = b"\x01" || len(utf8(s)) as 8-byte LE ||
     utf8(s)``, so an empty string differs from an absent part.
 
     Args:
