@@ -32,6 +32,7 @@ from hicache.errors import (
     PoolExhaustedError,
     TransferError,
 )
+from hicache.events import KVEventPublisher, Medium
 from hicache.memory import DeviceKVPool, HostKVPool, PageAllocator
 from hicache.results import EvictResult, InsertResult, LockReceipt, MatchResult
 
@@ -53,6 +54,9 @@ class CacheStats:
     """Token counters since construction or :meth:`HiCache.reset` (all in tokens).
 
     Attributes:
+        match_calls: :meth:`HiCache.match_prefix` calls.
+        device_hit_tokens: tokens those calls matched on device (L1), before any load-back.
+        host_hit_tokens: tokens they matched on host only (L2), below the device part.
         evicted_tokens: device tokens freed by eviction (demoted + dropped).
         demoted_tokens: device tokens evicted with a host copy kept (they stay matchable on L2).
         dropped_tokens: device tokens evicted without a host copy (their KV is gone).
@@ -64,6 +68,9 @@ class CacheStats:
             whose copy failed.
     """
 
+    match_calls: int = 0
+    device_hit_tokens: int = 0
+    host_hit_tokens: int = 0
     evicted_tokens: int = 0
     demoted_tokens: int = 0
     dropped_tokens: int = 0
@@ -114,6 +121,9 @@ class HiCache:
             once an insert has walked it twice, ``write_back`` only when it is evicted from device.
         io_backend: the controller's transfer backend: ``"auto"`` (the CUDA kernels where they
             can run, else torch copies), ``"kernel"`` or ``"direct"``.
+        enable_kv_events: publish KV events (:mod:`hicache.events`) through :attr:`kv_events`;
+            costs a page hash per inserted page, so it is off by default (SGLang's
+            ``--kv-events-config``).
 
     Raises:
         InvalidArgumentError: bad ``page_size``, pool sizes that are not whole pages, a host pool of
@@ -127,6 +137,7 @@ class HiCache:
         host_pool: HostKVPool | None = None,
         write_policy: str = "write_through",
         io_backend: str = "auto",
+        enable_kv_events: bool = False,
     ) -> None:
         if write_policy not in WRITE_POLICIES:
             raise InvalidArgumentError(
@@ -156,6 +167,10 @@ class HiCache:
         # transfer's lock receipt names. Loads also hold a host lock on the ack id.
         self._ongoing_writes: dict[int, int | None] = {}
         self._ongoing_loads: dict[int, int] = {}
+        # KV events: None unless enabled. With events, the (source, destination) slots of each
+        # in-flight transfer by ack id, so that its ack can report what was copied where.
+        self.kv_events = KVEventPublisher(page_size) if enable_kv_events else None
+        self._transfer_slots: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
     @property
     def num_evicted_tokens(self) -> int:
@@ -183,6 +198,9 @@ class HiCache:
         """
         with self._lock, profiling.nvtx_range(profiling.MATCH_PREFIX):
             result = self.tree.match_prefix(key, extra_key)
+            self.stats.match_calls += 1
+            self.stats.device_hit_tokens += result.device_prefix_len
+            self.stats.host_hit_tokens += result.host_hit_length
             if load_back and result.host_hit_length > 0:
                 if self.init_load_back(result.best_match_node) > 0:
                     result = self.tree.match_prefix(key, extra_key)
@@ -197,6 +215,14 @@ class HiCache:
         """
         with self._lock, profiling.nvtx_range(profiling.INSERT):
             result = self.tree.insert(key, value, extra_key)
+            if self.kv_events is not None:
+                aligned = len(key) // self.page_size * self.page_size
+                self.kv_events.on_device_insert(
+                    key[:aligned],
+                    value[result.prefix_len : aligned],
+                    result.prefix_len // self.page_size,
+                    extra_key,
+                )
             self._write_through(result.last_node)
             return result
 
@@ -303,6 +329,7 @@ class HiCache:
                 self.stats.load_back_failed_tokens += plan.num_tokens
                 return 0
             self.tree.commit_load_back(node_id, device_indices)
+            self._remember_slots("load", node_id, plan.indices, device_indices)
             self.tree.dec_lock_ref(ancestors)
             self._ongoing_loads[node_id] = self.tree.inc_lock_ref(node_id).node_id
             self._controller().load(plan.indices, device_indices, node_id)
@@ -390,8 +417,21 @@ class HiCache:
                 finish(ack_id, ok=True)
             return
 
+    def _remember_slots(self, kind: str, ack_id: int, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """With KV events on, keeps a transfer's slots until its ack reports the copy."""
+        if self.kv_events is not None:
+            self._transfer_slots[(kind, ack_id)] = (src, dst)
+
+    def _report_copy(self, kind: str, ack_id: int, ok: bool) -> None:
+        """With KV events on, reports a finished copy (nothing for a failed one)."""
+        slots = self._transfer_slots.pop((kind, ack_id), None)
+        if ok and slots is not None and self.kv_events is not None:
+            src, dst = (Medium.GPU, Medium.CPU) if kind == "write" else (Medium.CPU, Medium.GPU)
+            self.kv_events.on_copied(src, slots[0], dst, slots[1])
+
     def _finish_write(self, ack_id: int, ok: bool) -> None:
         receipt = self._ongoing_writes.pop(ack_id)
+        self._report_copy("write", ack_id, ok)
         if ok:
             self.tree.finish_backup(ack_id)
         else:
@@ -403,6 +443,7 @@ class HiCache:
 
     def _finish_load(self, ack_id: int, ok: bool) -> None:
         self.tree.dec_lock_ref(self._ongoing_loads.pop(ack_id))
+        self._report_copy("load", ack_id, ok)
         if ok:
             self.tree.finish_load_back(ack_id)
         else:
@@ -445,6 +486,7 @@ class HiCache:
             self.tree.commit_backup(node_id_i, host[start:end])
             receipt = self.tree.inc_lock_ref(node_id_i).node_id
             self._ongoing_writes[node_id_i] = receipt
+            self._remember_slots("write", node_id_i, plan.indices[start:end], host[start:end])
             self._controller().write(plan.indices[start:end], host[start:end], node_id_i)
             self.stats.backup_tokens += length
             start = end
@@ -460,6 +502,7 @@ class HiCache:
             return False
         self.tree.commit_backup(node_id, host)
         self._ongoing_writes[node_id] = None  # no lock: we wait for the copy right here
+        self._remember_slots("write", node_id, plan.indices[-length:], host)
         controller.write(plan.indices[-length:], host, node_id)
         self.stats.backup_tokens += length
         controller.start_writing()
@@ -542,6 +585,8 @@ class HiCache:
         n = int(result.device_indices.numel())
         if n:
             self.allocator.free(result.device_indices)
+            if self.kv_events is not None:
+                self.kv_events.on_removed(Medium.GPU, result.device_indices)
         self._free_host(result.host_indices)
         self.stats.evicted_tokens += n
         self.stats.demoted_tokens += result.demoted_tokens
@@ -551,6 +596,8 @@ class HiCache:
     def _free_host(self, indices: torch.Tensor, count: bool = True) -> None:
         if indices.numel():
             self._host_allocator().free(indices)
+            if self.kv_events is not None:
+                self.kv_events.on_removed(Medium.CPU, indices)
             if count:
                 self.stats.host_evicted_tokens += int(indices.numel())
 
@@ -660,6 +707,8 @@ class HiCache:
             if host.numel():
                 self._host_allocator().free(host)
             self.stats = CacheStats()
+            if self.kv_events is not None:
+                self.kv_events.on_cleared()
 
     def close(self) -> None:
         """Finishes in-flight transfers and stops the controller's workers. Idempotent."""

@@ -95,6 +95,13 @@ def _add_replay_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--plot",
+        type=Path,
+        default=None,
+        help="draw hit ratio per tier and transfer GB/s over the replay into this image (needs "
+        'matplotlib: pip install "hicache[plot]")',
+    )
 
 
 def _print_report(report) -> None:
@@ -192,6 +199,10 @@ def _replay(args: argparse.Namespace) -> int:
             progress=lambda done: bar.update(task, completed=done),
         )
     _print_report(report)
+    if args.plot is not None:
+        from hicache.replay.plot import plot_report
+
+        print(f"plot: {plot_report(report, args.plot)}")
     if args.json is not None:
         args.json.write_text(json.dumps(report.to_dict(), indent=2) + "\n")
     return 0

@@ -18,11 +18,12 @@ def make_cache(
     page_size: int = 4,
     device: str = "cpu",
     layout: str = "layer_first",
+    enable_kv_events: bool = False,
 ) -> HiCache:
     """A HiCache over a 2-layer MHA device pool and a host pool, for scenario tests."""
     pool = DeviceKVPool(device_slots, 2, 2, 8, torch.float16, device)
     host = HostKVPool(pool, host_slots, page_size, layout)
-    return HiCache(pool, page_size, host, write_policy)
+    return HiCache(pool, page_size, host, write_policy, enable_kv_events=enable_kv_events)
 
 
 def run_request(cache: HiCache, tokens: torch.Tensor) -> int:

@@ -147,3 +147,23 @@ def test_cli_rejects_unknown_io_backend(capsys):
     assert info.value.code == 2
     err = capsys.readouterr().err
     assert "--hicache-io-backend" in err and "'nope'" in err and "kernel" in err
+
+
+def test_cli_plot_and_timeline_add_up_to_the_report(tmp_path):
+    image, out = tmp_path / "report.png", tmp_path / "report.json"
+    argv = ["replay", "--limit", "1500", "--quiet", "--device", "cpu", "--json", str(out)]
+    argv += ["--device-ratio", "0.05", "--hicache-ratio", "2", "--plot", str(image)]
+    assert main(argv) == 0
+    assert image.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and image.stat().st_size > 20_000
+    report = json.loads(out.read_text())
+    timeline = report["timeline"]
+    assert 150 <= len(timeline) <= 200 and timeline[-1]["requests"] == report["requests"]
+    assert sum(p["l1_hit_blocks"] for p in timeline) == report["device_hit_blocks"]
+    assert sum(p["l2_hit_blocks"] for p in timeline) == report["host_hit_blocks"] > 0
+    assert sum(p["blocks"] for p in timeline) == report["total_blocks"]
+    metrics = report["metrics"]
+    assert (
+        sum(p["backup_bytes"] for p in timeline)
+        == metrics["hicache_transfer_bytes_total{direction=backup}"]
+    )
+    assert metrics["hicache_hit_tokens_total{component=full,tier=L2}"] > 0

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from hicache import metrics
 from hicache.cache import WRITE_POLICIES, HiCache, Req
 from hicache.errors import HiCacheError, InvalidArgumentError
 from hicache.memory import DeviceKVPool, HostKVPool
@@ -56,6 +57,8 @@ class ReplayConfig:
         write_policy: SGLang's ``--hicache-write-policy``.
         host_layout: host pool layout (SGLang's ``--hicache-mem-layout``).
         io_backend: transfer backend (SGLang's ``--hicache-io-backend``).
+        timeline_points: windows of the report's timeline (hit ratio per tier and transfer
+            bandwidth per window of requests); 0 for none.
     """
 
     block_tokens: int = 16
@@ -76,6 +79,7 @@ class ReplayConfig:
     write_policy: str = "write_through"
     host_layout: str = "layer_first"
     io_backend: str = "auto"
+    timeline_points: int = 200
 
 
 @dataclass
@@ -106,6 +110,12 @@ class ReplayReport:
     wall_seconds: float = 0.0
     op_seconds: dict = field(default_factory=lambda: dict.fromkeys(OPERATIONS, 0.0))
     device: str = ""
+    # One dict per window of requests: "requests" (requests done at the window's end), "blocks",
+    # "l1_hit_blocks", "l2_hit_blocks", and per direction the window's "backup_bytes",
+    # "backup_seconds", "load_back_bytes", "load_back_seconds" (bandwidth = bytes / seconds).
+    timeline: list = field(default_factory=list)
+    # hicache.metrics.as_dict(collect(cache)) at the end of the replay.
+    metrics: dict = field(default_factory=dict)
 
     @property
     def block_hit_ratio(self) -> float:
@@ -237,6 +247,8 @@ def run_replay(
         io_backend=cache.controller.io_backend if cache.controller is not None else "",
     )
     ops = report.op_seconds
+    window = -(-len(requests) // config.timeline_points) if config.timeline_points > 0 else 0
+    timeline = _Timeline(cache, report, window)
     no_slots = torch.empty(0, dtype=torch.int64)
     clock = time.perf_counter
     start = clock()
@@ -302,12 +314,15 @@ def run_replay(
             report.host_hit_blocks += hit_blocks - device_hit // bt
             report.input_tokens += trace_req.input_length
             report.hit_tokens += min(hit_blocks * TRACE_BLOCK_TOKENS, trace_req.input_length)
+            timeline.step()
             if config.check_every and (i + 1) % config.check_every == 0:
                 cache.check_invariants(request_slots=no_slots)
             if progress is not None:
                 progress(i + 1)
         cache.flush()
+        timeline.close()
         cache.check_invariants(request_slots=no_slots)
+        report.metrics = metrics.as_dict(metrics.collect(cache))
     finally:
         cache.close()
     report.wall_seconds = clock() - start
@@ -315,6 +330,42 @@ def run_replay(
     report.load_back_tokens = cache.stats.load_back_tokens
     report.cache_stats = cache.stats.as_dict()
     return report
+
+
+class _Timeline:
+    """Cuts the replay into windows of ``window`` requests and records each in the report."""
+
+    def __init__(self, cache: HiCache, report: ReplayReport, window: int) -> None:
+        self.cache, self.report, self.window = cache, report, window
+        self.last = self._totals()
+
+    def _totals(self) -> dict[str, float]:
+        r, c = self.report, self.cache.controller
+        totals: dict[str, float] = {
+            "requests": r.requests,
+            "blocks": r.total_blocks,
+            "l1_hit_blocks": r.device_hit_blocks,
+            "l2_hit_blocks": r.host_hit_blocks,
+        }
+        if c is not None:
+            for name, counters in (("backup", c.backup_counters), ("load_back", c.load_counters)):
+                totals[f"{name}_bytes"] = counters.bytes
+                totals[f"{name}_seconds"] = counters.seconds
+        return totals
+
+    def step(self) -> None:
+        """Called after each request; closes the window when it is full."""
+        if self.window and self.report.requests - self.last["requests"] >= self.window:
+            self.close()
+
+    def close(self) -> None:
+        """Records the window since the last one (if it holds any request)."""
+        now = self._totals()
+        if self.window and now["requests"] > self.last["requests"]:
+            point = {k: v - self.last[k] for k, v in now.items()}
+            point["requests"] = now["requests"]
+            self.report.timeline.append(point)
+        self.last = now
 
 
 def _host_pool(config: ReplayConfig, pool: DeviceKVPool, capacity: int) -> HostKVPool | None:
