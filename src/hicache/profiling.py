@@ -4,9 +4,9 @@ An Nsight Systems timeline of an engine using hicache reads as the cache pipelin
 below is an NVTX push/pop range in the domain ``"hicache"``, named by one of these constants and
 nothing else (so the names stay stable across releases and tools can key on them):
 
-============== =============================================================================
-name           what runs inside
-============== =============================================================================
+============== ===================================================================================
+name           what runs inside (payload)
+============== ===================================================================================
 match_prefix   ``HiCache.match_prefix`` (tree walk, plus load-back when asked)
 insert         ``HiCache.insert`` (tree insert and write-through queueing)
 evict          ``HiCache.evict`` (device eviction, demotion, write-back backups)
@@ -14,15 +14,22 @@ evict_host     ``HiCache.evict_host``
 load_back      ``HiCache.init_load_back`` (plan, device allocation, commit, queueing)
 enqueue_write  ``CacheController.write``: one backup queued
 enqueue_load   ``CacheController.load``: one load-back queued
-write_batch    one merged device -> host batch (all layers), on the write stream / worker
-load_batch     one merged host -> device batch, on the load stream / worker
-load_layer     one layer of a load batch; the payload is the layer index
-ack            ``HiCache.check_hicache_events``: acks applied to the tree
+write_batch    one merged device -> host batch, all layers (tokens in the batch)
+load_batch     one merged host -> device batch (tokens in the batch)
+load_layer     one layer of a load batch (the layer index)
+ack            ``HiCache.check_hicache_events``: backups submitted, acks applied to the tree
 ack_write      ``CacheController.writing_check``
 ack_load       ``CacheController.loading_check``
 kernel_backup  C++ (``cuda/transfer.cu``): one device -> host launch of the transfer kernel
 kernel_load    C++ (``cuda/transfer.cu``): one host -> device launch (a layer, or all layers)
-============== =============================================================================
+============== ===================================================================================
+
+How they nest is :data:`NESTING` (and ``profiling/README.md``, which a test keeps equal to it):
+the stages each range may open directly inside, on the same thread. Where the batches run
+depends on the device pool: on CUDA, ``write_batch`` and ``load_batch`` are issued on the calling
+thread (the ranges time the issue of the copies onto the side streams; the copies themselves are
+on the streams' rows of the timeline); without CUDA they run on the controller's worker threads
+(``hicache-write``, ``hicache-load``), outermost there (:data:`WORKER_STAGES`).
 
 The ``kernel_*`` ranges are pushed by the CUDA module, not by Python: their names are listed in
 :data:`CPP_STAGES` and, once more, in ``cpp/include/hicache/nvtx.h``; a test checks that the two
@@ -38,7 +45,7 @@ from contextlib import AbstractContextManager
 
 import nvtx
 
-__all__ = ["CPP_STAGES", "DOMAIN", "STAGES", "nvtx_range"]
+__all__ = ["CPP_STAGES", "DOMAIN", "NESTING", "STAGES", "WORKER_STAGES", "nvtx_range"]
 
 DOMAIN = "hicache"
 
@@ -78,6 +85,35 @@ STAGES = (
 
 # The stages that C++ code emits (hicache::nvtx in cpp/include/hicache/nvtx.h).
 CPP_STAGES = (KERNEL_BACKUP, KERNEL_LOAD)
+
+# For each stage, the stages whose range may enclose it directly on the same thread; None: it may be
+# outermost on its thread. Read off the callers in cache.py, controller.py and cuda/transfer.cu (the
+# public HiCache calls are outermost; init_load_back's allocation may evict and wait for acks;
+# write-back eviction backs up and waits right inside evict; check_hicache_events submits the
+# queued backups, on CUDA on its own thread). It describes ranges opened through HiCache: a
+# CacheController driven directly opens its ranges outermost. tests/profiling asserts that a
+# recorded replay nests every range this way and that profiling/README.md lists the same table.
+NESTING: dict[str, frozenset[str | None]] = {
+    MATCH_PREFIX: frozenset({None}),
+    INSERT: frozenset({None}),
+    EVICT: frozenset({None, LOAD_BACK}),
+    EVICT_HOST: frozenset({None, INSERT, EVICT}),
+    LOAD_BACK: frozenset({None, MATCH_PREFIX}),
+    ENQUEUE_WRITE: frozenset({INSERT, EVICT}),
+    ENQUEUE_LOAD: frozenset({LOAD_BACK}),
+    WRITE_BATCH: frozenset({None, ACK, EVICT}),
+    LOAD_BATCH: frozenset({None}),
+    LOAD_LAYER: frozenset({LOAD_BATCH}),
+    ACK: frozenset({None, LOAD_BACK}),
+    ACK_WRITE: frozenset({ACK, EVICT}),
+    ACK_LOAD: frozenset({ACK}),
+    KERNEL_BACKUP: frozenset({WRITE_BATCH}),
+    KERNEL_LOAD: frozenset({LOAD_LAYER}),
+}
+
+# The stages that, without CUDA, run on the controller's worker threads (one per direction) and
+# open outermost there; on CUDA they run on the submitting thread, nested as NESTING says.
+WORKER_STAGES = (WRITE_BATCH, LOAD_BATCH)
 
 
 def nvtx_range(name: str, payload: int | None = None) -> AbstractContextManager:
