@@ -208,3 +208,69 @@ def test_reset_frees_both_tiers_and_close_is_idempotent():
     assert cache.tree.num_nodes() == 0 and cache.stats.backup_tokens == 0
     cache.close()
     cache.close()
+
+
+def _fail_calls(monkeypatch, name: str, failing_calls: set[int]) -> None:
+    original = getattr(transfer, name)
+    calls = []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) in failing_calls:
+            raise RuntimeError("DMA engine on fire")
+        original(*args, **kwargs)
+
+    monkeypatch.setattr(transfer, name, flaky)
+
+
+def test_flush_applies_a_failed_backup_batch_that_follows_a_finished_one(monkeypatch):
+    cache = make_cache("write_through", 64, 64)
+    _fail_calls(monkeypatch, "backup_all_layers", {2})
+    first = _insert(cache, KEY)
+    cache.controller.start_writing()  # batch 1 in flight, not acknowledged yet
+    second = _insert(cache, OTHER)  # batch 2, submitted by the flush
+    with pytest.raises(TransferError, match="DMA engine on fire"):
+        cache.flush()
+    assert cache.controller.num_pending_writes() == 0
+    info = cache.tree.node_info(first)
+    assert info.has_host_value and not info.backup_pending
+    assert not cache.tree.node_info(second).has_host_value  # the failed backup was undone
+    assert cache.protected_size() == 0  # both backups' locks released
+    assert cache.host_pool.allocator.available_size() == 32
+    cache.check_invariants(request_slots=NO_REQUEST_SLOTS)
+
+
+def test_flush_applies_a_failed_load_batch_that_follows_a_finished_one(monkeypatch):
+    cache = make_cache("write_through", 64, 128)
+    run_request(cache, KEY)
+    run_request(cache, OTHER)
+    cache.evict(64)  # both host-only
+    _fail_calls(monkeypatch, "load_layer", {3, 4})  # batch 2's layers (2 layers each)
+    cache.match_prefix(KEY, load_back=True)
+    cache.ready_to_load_host_cache()  # batch 1
+    cache.match_prefix(OTHER, load_back=True)  # batch 2, submitted by the flush
+    with pytest.raises(TransferError, match="DMA engine on fire"):
+        cache.flush()
+    assert cache.controller.num_pending_loads() == 0
+    assert cache.protected_size() == 0
+    m = cache.match_prefix(KEY)
+    assert m.device_prefix_len == 32 and _kv_ok(cache, KEY, m.device_indices)
+    m = cache.match_prefix(OTHER)
+    assert (m.device_prefix_len, m.host_hit_length) == (0, 32)  # the failed load was undone
+    cache.check_invariants(request_slots=NO_REQUEST_SLOTS)
+
+
+def test_alloc_applies_a_failed_backup_batch_that_follows_a_finished_one(monkeypatch):
+    """alloc waits for backups when their locks pin the device; a failed one is undone, raised."""
+    cache = make_cache("write_through", 32, 64)
+    _fail_calls(monkeypatch, "backup_all_layers", {2})
+    _insert(cache, KEY[:16])
+    cache.controller.start_writing()  # batch 1 in flight
+    second = _insert(cache, OTHER[:16])  # the device is full of nodes locked by backups
+    with pytest.raises(TransferError, match="DMA engine on fire"):
+        cache.alloc(16)
+    assert cache.controller.num_pending_writes() == 0
+    assert not cache.tree.node_info(second).has_host_value
+    assert cache.protected_size() == 0
+    cache.check_invariants(request_slots=NO_REQUEST_SLOTS)
+    assert cache.alloc(16).numel() == 16  # and the next try evicts

@@ -376,7 +376,12 @@ class HiCache:
             self.check_hicache_events(block=True)
 
     def _apply_acks(self, check, finish, block: bool, errors: list[TransferError]) -> None:
-        """Pops acks from ``check`` until none is ready; a failed batch is undone via ``finish``."""
+        """Pops acks from ``check`` until none is ready; a failed batch is undone via ``finish``.
+
+        ``check`` returns the successes that precede a failed batch and raises for that batch only
+        on its next call, so the loop stops only at a call that returns nothing: otherwise a
+        failed batch could stay unapplied (its nodes locked, its garbage marked as copied).
+        """
         while True:
             try:
                 ack_ids = check(block)
@@ -385,9 +390,10 @@ class HiCache:
                     finish(ack_id, ok=False)
                 errors.append(e)
                 continue
+            if not ack_ids:
+                return
             for ack_id in ack_ids:
                 finish(ack_id, ok=True)
-            return
 
     def _finish_write(self, ack_id: int, ok: bool) -> None:
         receipt = self._ongoing_writes.pop(ack_id)
