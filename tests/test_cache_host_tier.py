@@ -210,6 +210,29 @@ def test_reset_frees_both_tiers_and_close_is_idempotent():
     cache.close()
 
 
+def _broken_copy(*args, **kwargs):
+    raise RuntimeError("PCIe link down")
+
+
+def test_init_load_back_releases_its_locks_when_alloc_raises(monkeypatch):
+    """alloc can raise TransferError (a backup it waited for failed): nothing stays locked."""
+    cache = make_cache("write_through", 32, 64)
+    run_request(cache, KEY)
+    cache.evict(16)  # KEY: head on device, tail host-only
+    m = cache.match_prefix(KEY)
+    assert (m.device_prefix_len, m.host_hit_length) == (16, 16)
+    monkeypatch.setattr(transfer, "backup_all_layers", _broken_copy)
+    _insert(cache, OTHER[:16])  # fills the device; its backup's lock holds it until the ack
+    with pytest.raises(TransferError, match="PCIe link down"):
+        cache.init_load_back(m.best_match_node)
+    assert cache.tree.node_info(m.last_device_node).lock_ref == 0
+    assert cache.tree.node_info(m.best_match_node).host_ref_counter == 0
+    assert cache.protected_size() == 0
+    assert cache.tree.host_evictable_size() == 16  # the tail can be host-evicted again
+    cache.check_invariants(request_slots=NO_REQUEST_SLOTS)
+    cache.reset()  # refuses while anything is locked
+
+
 def _fail_calls(monkeypatch, name: str, failing_calls: set[int]) -> None:
     original = getattr(transfer, name)
     calls = []

@@ -285,6 +285,8 @@ class HiCache:
 
         Raises:
             IndexOutOfRangeError: unknown node id.
+            TransferError: a backup that the device allocation waited for failed (see
+                :meth:`alloc`); nothing was queued and no lock is left held.
         """
         with self._lock, profiling.nvtx_range(profiling.LOAD_BACK):
             if self.controller is None:
@@ -296,9 +298,13 @@ class HiCache:
             ancestors = self.tree.inc_lock_ref(node_id).node_id
             try:
                 device_indices = self.alloc(plan.num_tokens)
-            except PoolExhaustedError:
+            except BaseException as e:
+                # Whatever alloc raised (it can also raise TransferError, or be interrupted),
+                # nothing was allocated: release both locks, or they pin the path forever.
                 self.tree.dec_lock_ref(ancestors)
                 self.tree.dec_host_lock_ref(node_id)
+                if not isinstance(e, PoolExhaustedError):
+                    raise
                 self.stats.load_back_failed_tokens += plan.num_tokens
                 return 0
             self.tree.commit_load_back(node_id, device_indices)
