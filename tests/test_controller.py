@@ -187,6 +187,33 @@ def test_waiting_for_a_layer_a_failed_load_never_copied_raises(monkeypatch):
             controller.loading_check(block=True)
 
 
+def test_pop_oldest_load_pops_a_success_and_leaves_a_failure_to_loading_check(monkeypatch):
+    pool, host_pool = _pools()
+    original = transfer.KVTransfer.load_layer
+    calls = []
+
+    def second_batch_fails(self, indices, layer):
+        calls.append(layer)
+        if len(calls) > pool.num_layers:
+            raise RuntimeError("simulated failure in batch 2")
+        original(self, indices, layer)
+
+    monkeypatch.setattr(transfer.KVTransfer, "load_layer", second_batch_fails)
+    with CacheController(pool, host_pool) as controller:
+        assert controller.pop_oldest_load() == []  # nothing submitted
+        controller.load(torch.arange(4), torch.arange(4), ack_id=1)
+        controller.start_loading()
+        controller.load(torch.arange(4, 8), torch.arange(4, 8), ack_id=2)
+        controller.start_loading()
+        assert controller.pop_oldest_load() == [1]
+        assert controller.pop_oldest_load() == []  # failed: not popped
+        assert controller.num_pending_loads() == 1
+        with pytest.raises(TransferError, match="batch 2") as info:
+            controller.loading_check(block=True)
+        assert info.value.ack_ids == (2,)
+        assert controller.num_pending_loads() == 0
+
+
 def test_ack_ids_must_be_ints_and_merge_needs_operations():
     pool, host_pool = _pools()
     with CacheController(pool, host_pool) as controller:

@@ -59,6 +59,7 @@ void RadixTree::check_invariants() const {
   int64_t protected_tokens = 0;
   int64_t host_total = 0;
   int64_t host_evictable = 0;
+  int64_t load_failed = 0;
   size_t reachable = 0;
   size_t lru_members = 0;
   size_t host_lru_members = 0;
@@ -169,6 +170,20 @@ void RadixTree::check_invariants() const {
     if (n->load_pending != kNoNode && (!full.has_value || !full.has_host_value || full.lock_ref == 0)) {
       fail(n->id, "load-pending but not a locked device+host node");
     }
+    // A failed load's node holds garbage on device: it is kept only while locked (demoted when its
+    // last lock goes), and only load-failed nodes sit on device under it.
+    if (n->load_failed) {
+      if (!full.has_value || !full.has_host_value || full.lock_ref == 0) {
+        fail(n->id, "load-failed but not a locked device+host node");
+      }
+      for (const Node* c = n->first_child; c != nullptr; c = c->next_sibling) {
+        if (!c->evicted() && !c->load_failed) {
+          fail(c->id, "on device under the load-failed node " + std::to_string(n->id) +
+                          " but not load-failed itself");
+        }
+      }
+      load_failed += n->num_tokens();
+    }
 
     if (full.has_host_value) {
       check_tier(n, full.host_value, num_host_slots_, host_slots, "host");
@@ -185,6 +200,20 @@ void RadixTree::check_invariants() const {
     if (host_evictable_node) {
       host_evictable += n->num_tokens();
       ++host_lru_members;
+    }
+  }
+
+  if (load_failed != load_failed_size_) {
+    fail(kRootId, "load-failed ledger " + std::to_string(load_failed_size_) + " but recomputed " +
+                      std::to_string(load_failed));
+  }
+  // Slots of demoted load-failed nodes not yet taken by the caller: owned by nobody else.
+  for (const SlotIndex v : failed_load_slots_) {
+    if (v < 0 || (num_device_slots_ > 0 && v >= num_device_slots_)) {
+      fail(kRootId, "failed-load slot " + std::to_string(v) + " out of range");
+    }
+    if (!slots.insert(v).second) {
+      fail(kRootId, "failed-load slot " + std::to_string(v) + " is also held by a node");
     }
   }
 

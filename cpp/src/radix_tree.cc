@@ -18,7 +18,8 @@ inline uint64_t mix64(uint64_t x) {
 
 // The plan of a transfer over `deepest_first` (a path read bottom-up), root-first, with the slots
 // of one tier of each node.
-TransferPlan root_first_plan(const std::vector<const Node*>& deepest_first,
+template <typename NodePtr>
+TransferPlan root_first_plan(const std::vector<NodePtr>& deepest_first,
                              std::vector<SlotIndex> ComponentData::*tier) {
   TransferPlan plan;
   for (auto it = deepest_first.rbegin(); it != deepest_first.rend(); ++it) {
@@ -207,6 +208,7 @@ Node* RadixTree::split(Node* node, size_t prefix_len) {
   upper->hit_count = node->hit_count;
   upper->backup_pending = node->backup_pending;
   upper->load_pending = node->load_pending;
+  upper->load_failed = node->load_failed;
   upper->last_access = node->last_access;
   upper->creation_time = node->creation_time;
 
@@ -292,6 +294,47 @@ void RadixTree::demote(Node* node, EvictResult& result) {
   }
 }
 
+// Demotion of a load-failed node nobody locks any more: its garbage device slots go to
+// failed_load_slots_, it stays as host-only (its host copy was the load's intact source). Its
+// device children, all load-failed and unlocked too, were demoted before it.
+void RadixTree::demote_failed(Node* node) {
+  for (const Node* c = node->first_child; c != nullptr; c = c->next_sibling) {
+    if (!c->evicted()) {
+      throw std::logic_error(describe("demote_failed", node->id,
+                                      "has a device child " + std::to_string(c->id)));
+    }
+  }
+  ComponentData& full = node->full();
+  if (DeviceLru::contains(node)) {  // unlocked before the load failed
+    device_lru_.erase(node);
+    evictable_size_ -= node->num_tokens();
+  } else {  // released by dec_lock_ref just now
+    protected_size_ -= node->num_tokens();
+  }
+  failed_load_slots_.insert(failed_load_slots_.end(), full.value.begin(), full.value.end());
+  full.value.clear();
+  full.value.shrink_to_fit();
+  full.has_value = false;
+  node->load_failed = false;
+  load_failed_size_ -= node->num_tokens();
+  if (full.host_lock_ref == 0) {
+    node->last_access = ++tick_;
+    host_lru_.push_front(node);
+    host_evictable_size_ += node->num_tokens();
+  }
+}
+
+// The host-only nodes from `anchor` up to its deepest device ancestor (excluded), deepest first:
+// what a load-back of anchor brings to device. Empty when that ancestor is load-failed: its KV is
+// garbage, so nothing is loaded under it until it is demoted.
+std::vector<Node*> RadixTree::load_path(Node* anchor) const {
+  std::vector<Node*> path;
+  Node* n = anchor;
+  for (; n->evicted(); n = n->parent) path.push_back(n);
+  if (n->load_failed) path.clear();
+  return path;
+}
+
 // Device eviction of an unbacked device leaf: removed with its KV. Its host-only descendants
 // (possible under write_back) cannot outlive it and are removed with it (SGLang's
 // drop_subtree_no_host); if any of them, or the leaf, is host-locked, nothing happens and the
@@ -342,7 +385,9 @@ MatchResult RadixTree::match_prefix(const Token* key, size_t len, std::string_vi
   if (ns >= 0) {
     while (pos < len) {
       Node* child = find_child(node, ns, key + pos);
-      if (child == nullptr) break;
+      // A load-failed node's device KV is garbage and its subtree is unreachable until it is
+      // demoted (a load-pending one is served: its users wait for the copy's layer events).
+      if (child == nullptr || child->load_failed) break;
       const size_t m = common_pages_len(child, key + pos, len - pos);
       const bool partial = m < child->key.size();
       if (partial) child = split(child, m);
@@ -379,9 +424,18 @@ InsertResult RadixTree::insert(const Token* key, size_t len, const SlotIndex* va
   InsertResult result;
   Node* node = root_.get();
   size_t pos = 0;
+  bool stopped = false;
   while (pos < aligned) {
     Node* child = find_child(node, ns, key + pos);
     if (child == nullptr) break;
+    if (child->load_pending != kNoNode || child->load_failed) {
+      // Its device KV is still being copied, or garbage: the caller's slots for these tokens are
+      // the only ones known valid, and anything computed under this node may derive from
+      // garbage. Stop: the caller keeps value[pos:], and no device node is ever created under a
+      // node whose load may fail.
+      stopped = true;
+      break;
+    }
     const size_t m = common_pages_len(child, key + pos, aligned - pos);
     if (m < child->key.size()) child = split(child, m);
     ++child->hit_count;
@@ -405,7 +459,7 @@ InsertResult RadixTree::insert(const Token* key, size_t len, const SlotIndex* va
     node = child;
     pos += m;
   }
-  if (pos < aligned) {
+  if (!stopped && pos < aligned) {
     auto owned = std::make_unique<Node>();
     Node* leaf = owned.get();
     leaf->id = mint_id();
@@ -421,9 +475,11 @@ InsertResult RadixTree::insert(const Token* key, size_t len, const SlotIndex* va
     device_lru_.push_front(leaf);
     evictable_size_ += leaf->num_tokens();
     node = leaf;
+    pos = aligned;
   }
   touch_path(node);
   result.last_node = node->id;
+  result.cached_len = static_cast<int64_t>(pos);
   return result;
 }
 
@@ -451,10 +507,24 @@ int64_t RadixTree::dec_lock_ref(NodeId id) {
   if (node->full().lock_ref <= 0) {
     throw std::invalid_argument(describe("dec_lock_ref", id, "is not locked (lock_ref 0)"));
   }
+  if (load_failed_size_ > 0) {  // validate first: a throwing call changes nothing
+    for (const Node* n = node; !n->is_root(); n = n->parent) {
+      if (n->full().lock_ref == 1 && n->load_failed && n->load_pending != kNoNode) {
+        throw std::invalid_argument(describe(
+            "dec_lock_ref", n->id,
+            "is load-failed and its load " + std::to_string(n->load_pending) +
+                " is still pending: release a load's lock after finish_ or abort_load_back"));
+      }
+    }
+  }
   int64_t delta = 0;
   for (Node* n = node; !n->is_root(); n = n->parent) {
     ComponentData& full = n->full();
     if (--full.lock_ref == 0) {
+      if (n->load_failed) {
+        demote_failed(n);  // deepest first: its device children (load-failed) went before it
+        continue;
+      }
       n->last_access = ++tick_;
       device_lru_.push_front(n);
       delta += n->num_tokens();
@@ -647,21 +717,20 @@ std::vector<SlotIndex> RadixTree::abort_backup(NodeId ack_id) {
 }
 
 TransferPlan RadixTree::load_back_plan(NodeId anchor) const {
-  std::vector<const Node*> path;
-  for (const Node* n = node_by_id(anchor, "load_back_plan"); n->evicted(); n = n->parent) {
-    path.push_back(n);
-  }
-  return root_first_plan(path, &ComponentData::host_value);
+  return root_first_plan(load_path(node_by_id(anchor, "load_back_plan")),
+                         &ComponentData::host_value);
 }
 
 void RadixTree::commit_load_back(NodeId anchor, const SlotIndex* device, size_t len) {
   Node* node = node_by_id(anchor, "commit_load_back");
-  std::vector<Node*> path;
-  size_t tokens = 0;
-  for (Node* n = node; n->evicted(); n = n->parent) {
-    path.push_back(n);
-    tokens += n->key.size();
+  const std::vector<Node*> path = load_path(node);
+  if (path.empty() && node->evicted()) {
+    throw std::invalid_argument(describe("commit_load_back", anchor,
+                                         "is under a load-failed node: nothing can be loaded "
+                                         "there until that node is demoted"));
   }
+  size_t tokens = 0;
+  for (const Node* n : path) tokens += n->key.size();
   if (len != tokens) {
     throw std::invalid_argument(describe("commit_load_back", anchor,
                                          "needs " + std::to_string(tokens) +
@@ -693,26 +762,48 @@ void RadixTree::finish_load_back(NodeId ack_id) {
   }
 }
 
-std::vector<SlotIndex> RadixTree::abort_load_back(NodeId ack_id) {
+int64_t RadixTree::abort_load_back(NodeId ack_id) {
   const std::vector<Node*> chain = pending_nodes<&Node::load_pending>(ack_id, "abort_load_back");
-  for (Node* n : chain) {  // validate everything first: a failing call changes nothing
-    if (n->full().lock_ref > 0) {
+  // The load's nodes and every device node below them: loads chained under this one (inserts
+  // never go below a load-pending node). Parents come before their children.
+  std::vector<Node*> failed{chain.back()};
+  for (size_t i = 0; i < failed.size(); ++i) {
+    for (Node* c = failed[i]->first_child; c != nullptr; c = c->next_sibling) {
+      if (!c->evicted()) failed.push_back(c);
+    }
+  }
+  for (const Node* n : failed) {  // validate first: a throwing call changes nothing
+    if (n->load_pending != kNoNode && n->load_pending != ack_id && n->full().lock_ref == 0) {
       throw std::invalid_argument(describe("abort_load_back", n->id,
-                                           "is locked: a request uses the KV of the failed load"));
-    }
-    for (Node* c = n->first_child; c != nullptr; c = c->next_sibling) {
-      if (!c->evicted() && (c->load_pending != ack_id)) {
-        throw std::invalid_argument(describe("abort_load_back", n->id,
-                                             "has a device child " + std::to_string(c->id)));
-      }
+                                           "is pending under load " +
+                                               std::to_string(n->load_pending) +
+                                               " but unlocked: a load's lock is held until its "
+                                               "ack"));
     }
   }
-  EvictResult result;
-  for (Node* n : chain) {  // deepest first: no device node ever sits under a host-only one
+  int64_t tokens = 0;
+  for (Node* n : chain) {
     n->load_pending = kNoNode;
-    demote(n, result);
+    tokens += n->num_tokens();
   }
-  return result.device_freed;
+  for (Node* n : failed) {
+    if (!n->load_failed) {
+      n->load_failed = true;
+      load_failed_size_ += n->num_tokens();
+    }
+  }
+  // Children first, so a demoted node never has a device child; an unlocked node's device
+  // descendants are unlocked too, so each is demoted here or by a later dec_lock_ref.
+  for (auto it = failed.rbegin(); it != failed.rend(); ++it) {
+    if ((*it)->full().lock_ref == 0) demote_failed(*it);
+  }
+  return tokens;
+}
+
+std::vector<SlotIndex> RadixTree::take_failed_load_slots() {
+  std::vector<SlotIndex> slots;
+  slots.swap(failed_load_slots_);
+  return slots;
 }
 
 std::vector<SlotIndex> RadixTree::reset() {
@@ -728,6 +819,9 @@ std::vector<SlotIndex> RadixTree::reset() {
     }
   }
   std::vector<SlotIndex> freed = all_device_indices();
+  freed.insert(freed.end(), failed_load_slots_.begin(), failed_load_slots_.end());
+  failed_load_slots_.clear();
+  load_failed_size_ = 0;  // (load-failed nodes are locked: there are none here)
   device_lru_.clear();
   host_lru_.clear();
   child_index_.clear();
@@ -759,6 +853,7 @@ NodeInfo RadixTree::node_info(NodeId id) const {
   info.has_host_value = node->is_root() || node->full().has_host_value;
   info.backup_pending = node->backup_pending != kNoNode;
   info.load_pending = node->load_pending != kNoNode;
+  info.load_failed = node->load_failed;
   info.has_extra_key = node->ns > 0;
   if (node->ns > 0) info.extra_key = namespace_names_[static_cast<size_t>(node->ns)];
   return info;
@@ -800,6 +895,9 @@ std::string RadixTree::pretty_print() const {
        << n->key.size() << " tier=" << (n->evicted() ? "" : "D") << (n->backuped() ? "H" : "")
        << " lock_ref=" << n->full().lock_ref << " host_lock_ref=" << n->full().host_lock_ref
        << " last_access=" << n->last_access;
+    if (n->backup_pending != kNoNode) os << " backup_pending=" << n->backup_pending;
+    if (n->load_pending != kNoNode) os << " load_pending=" << n->load_pending;
+    if (n->load_failed) os << " load_failed";
     if (n->ns > 0) os << " extra_key=" << namespace_names_[static_cast<size_t>(n->ns)];
     if (!n->key.empty()) {
       os << " key=[";

@@ -19,11 +19,30 @@ int main(int argc, char** argv) {
   const int steps = argc > 1 ? std::atoi(argv[1]) : 20000;
   const unsigned seed = argc > 2 ? static_cast<unsigned>(std::atoi(argv[2])) : 1;
   std::mt19937 rng(seed);
+  size_t failed_load_slots = 0;  // device slots of failed loads handed back, all page sizes
   auto uniform = [&](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); };
   for (const int64_t page_size : {1, 4, 16}) {
     RadixTree tree(page_size, 0, 0);
     std::vector<NodeId> locked;       // lock receipts
     std::vector<NodeId> host_locked;  // host-locked nodes
+    // In-flight load-backs, oldest first: (anchor = ack id, lock receipt); each also holds a host
+    // lock on its anchor. Acked oldest first, as the cache's controller acknowledges them.
+    std::vector<std::pair<NodeId, NodeId>> loads;
+    // Demoted load-failed nodes' slots are handed back; fresh slots are never reused, so only the
+    // count matters here.
+    auto take_failed = [&]() { failed_load_slots += tree.take_failed_load_slots().size(); };
+    auto ack_oldest_load = [&](bool fail) {
+      const auto [anchor, receipt] = loads.front();
+      loads.erase(loads.begin());
+      if (fail) {
+        tree.abort_load_back(anchor);
+      } else {
+        tree.finish_load_back(anchor);
+      }
+      tree.dec_lock_ref(receipt);  // after the ack: demotes failed nodes nobody else locks
+      tree.dec_host_lock_ref(anchor);
+      take_failed();
+    };
     // Fresh, page-aligned slots (never reused: slot uniqueness is checked by check_invariants).
     SlotIndex next_slot = 0;
     SlotIndex next_host_slot = 0;
@@ -44,7 +63,7 @@ int main(int argc, char** argv) {
       }
       for (int i = uniform(0, static_cast<int>(page_size) - 1); i > 0; --i) key.push_back(7);
       const std::string& extra_key = extra_keys[uniform(0, 2)];
-      switch (uniform(0, 9)) {
+      switch (uniform(0, 10)) {
         case 0: {
           const auto value = fresh(next_slot, key.size());
           tree.insert(key.data(), key.size(), value.data(), value.size(), extra_key);
@@ -61,8 +80,9 @@ int main(int argc, char** argv) {
         case 3:
           if (!locked.empty()) {
             const size_t i = static_cast<size_t>(uniform(0, static_cast<int>(locked.size()) - 1));
-            tree.dec_lock_ref(locked[i]);
+            tree.dec_lock_ref(locked[i]);  // may demote load-failed nodes
             locked.erase(locked.begin() + static_cast<long>(i));
+            take_failed();
           }
           break;
         case 4: {
@@ -88,9 +108,15 @@ int main(int argc, char** argv) {
           const auto plan = tree.load_back_plan(m.best_match_node);
           const auto device = fresh(next_slot, plan.indices.size());
           tree.commit_load_back(m.best_match_node, device.data(), device.size());
+          if (!plan.nodes.empty() && uniform(0, 1) == 0) {
+            // In flight: locked until its ack (case 9); requests may lock it meanwhile (case 2).
+            loads.emplace_back(m.best_match_node, tree.inc_lock_ref(m.best_match_node).node_id);
+            break;
+          }
           if (!plan.nodes.empty()) {
             if (uniform(0, 3) == 0) {
-              tree.abort_load_back(m.best_match_node);  // unlocked, no device child: must work
+              tree.abort_load_back(m.best_match_node);  // unlocked: demoted at once
+              take_failed();
             } else {
               tree.finish_load_back(m.best_match_node);
             }
@@ -113,6 +139,9 @@ int main(int argc, char** argv) {
         case 7:
           tree.evict_host(uniform(0, 5 * static_cast<int>(page_size)));
           break;
+        case 9:
+          if (!loads.empty()) ack_oldest_load(uniform(0, 1) == 0);
+          break;
         default: {
           const bool write_back = uniform(0, 1) == 0;
           const auto r = tree.evict(uniform(0, 5 * static_cast<int>(page_size)), write_back);
@@ -127,12 +156,15 @@ int main(int argc, char** argv) {
       }
       tree.check_invariants();
     }
+    while (!loads.empty()) ack_oldest_load(uniform(0, 1) == 0);
     for (NodeId id : locked) tree.dec_lock_ref(id);
+    take_failed();
     for (NodeId id : host_locked) tree.dec_host_lock_ref(id);
     tree.evict(tree.total_size(), false);
     tree.evict_host(tree.host_total_size());
     tree.check_invariants();
-    if (tree.total_size() != 0 || tree.host_total_size() != 0 || tree.num_nodes() != 0) {
+    if (tree.total_size() != 0 || tree.host_total_size() != 0 || tree.num_nodes() != 0 ||
+        tree.load_failed_size() != 0) {
       std::fprintf(stderr, "page_size %ld: tree not empty after evicting everything\n%s",
                    static_cast<long>(page_size), tree.pretty_print().c_str());
       return 1;
@@ -145,6 +177,7 @@ int main(int argc, char** argv) {
     }
     tree.check_invariants();
   }
-  std::printf("random_ops: %d steps x 3 page sizes ok\n", steps);
+  std::printf("random_ops: %d steps x 3 page sizes ok (%zu failed-load slots handed back)\n", steps,
+              failed_load_slots);
   return 0;
 }

@@ -28,6 +28,7 @@ cdef extern from "hicache/radix_tree.h" namespace "hicache" nogil:
         int64_t prefix_len
         NodeId last_node
         int64_t adopted_len
+        int64_t cached_len
 
     cdef cppclass CLockReceipt "hicache::LockReceipt":
         NodeId node_id
@@ -58,6 +59,7 @@ cdef extern from "hicache/radix_tree.h" namespace "hicache" nogil:
         cbool has_host_value
         cbool backup_pending
         cbool load_pending
+        cbool load_failed
         string extra_key
         cbool has_extra_key
 
@@ -85,7 +87,8 @@ cdef extern from "hicache/radix_tree.h" namespace "hicache" nogil:
         vector[SlotIndex] abort_backup(NodeId ack_id) except +translate_cpp_exception
         CTransferPlan load_back_plan(NodeId anchor) except +translate_cpp_exception
         void finish_load_back(NodeId ack_id) except +translate_cpp_exception
-        vector[SlotIndex] abort_load_back(NodeId ack_id) except +translate_cpp_exception
+        int64_t abort_load_back(NodeId ack_id) except +translate_cpp_exception
+        vector[SlotIndex] take_failed_load_slots() except +translate_cpp_exception
         void commit_load_back(NodeId anchor, const SlotIndex* device,
                               size_t length) except +translate_cpp_exception
         int64_t evictable_size()
@@ -94,6 +97,7 @@ cdef extern from "hicache/radix_tree.h" namespace "hicache" nogil:
         int64_t host_total_size()
         int64_t host_evictable_size()
         int64_t host_protected_size()
+        int64_t load_failed_size()
         int64_t num_nodes()
         cbool contains_node(NodeId node_id)
         CNodeInfo node_info(NodeId node_id) except +translate_cpp_exception

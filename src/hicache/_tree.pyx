@@ -127,6 +127,13 @@ cdef class RadixTree:
     used leaf's tail pages instead of whole nodes (SGLang takes whole nodes), and costs O(1) per
     freed page whatever the tree size (intrusive LRU lists instead of SGLang's per-call heaps).
 
+    Failed load-backs: a committed load's nodes are device nodes at once (load-pending until the
+    ack) and may be matched and locked meanwhile. ``insert`` never walks into a load-pending or
+    load-failed node (it stops there; the caller keeps its own slots). When the copy fails,
+    :meth:`abort_load_back` marks the load's nodes and the device nodes below them load-failed:
+    never matched, nothing loaded under them, demoted to host-only once no lock holds them (then
+    :meth:`take_failed_load_slots` hands their device slots back).
+
     Recency: ``match_prefix`` and ``insert`` touch their path deepest-first (ancestors end up more
     recent than descendants); ``dec_lock_ref``/``dec_host_lock_ref`` touch nodes released to 0;
     demotion touches the demoted node. A node is evictable from device when it has device KV and
@@ -229,8 +236,9 @@ cdef class RadixTree:
         """Finds the longest cached prefix of ``key``.
 
         The key is floored to a multiple of ``page_size``. The walk goes through device and
-        host-only nodes. A match ending inside a node splits it: the node keeps its id as the lower
-        part, the new upper part gets a fresh id. The matched path is touched (most recently used).
+        host-only nodes; it stops above a load-failed node (its device KV is garbage). A match
+        ending inside a node splits it: the node keeps its id as the lower part, the new upper
+        part gets a fresh id. The matched path is touched (most recently used).
 
         Args:
             key: ``[num_tokens]`` token ids: a list, an int32/int64 CPU tensor or a numpy array.
@@ -262,7 +270,9 @@ cdef class RadixTree:
         Only the page-aligned part ``key[:floor(len/page_size)*page_size]`` is inserted. Device
         nodes that already cache a prefix keep their own slots; host-only nodes on the path adopt
         the caller's slots for their tokens (no load-back needed); the new tail takes the rest.
-        Every node walked counts a hit (``write_through_selective`` uses it).
+        Every node walked counts a hit (``write_through_selective`` uses it). The walk stops at a
+        node whose load-back is in flight or has failed: its device KV may be garbage, so the
+        caller's own slots are not traded for it and nothing is inserted under it.
 
         Args:
             key: ``[num_tokens]`` token ids (as in :meth:`match_prefix`).
@@ -273,8 +283,9 @@ cdef class RadixTree:
 
         Returns:
             InsertResult: ``prefix_len`` (tokens already on device: the caller still owns
-            ``value[:prefix_len]`` and frees what it does not need), ``last_node`` and
-            ``adopted_len``; the tree owns ``value[prefix_len:aligned]``.
+            ``value[:prefix_len]`` and frees what it does not need), ``last_node``,
+            ``adopted_len`` and ``cached_len`` (the aligned length unless the walk stopped); the
+            tree owns ``value[prefix_len:cached_len]``, the caller keeps ``value[cached_len:]``.
 
         Raises:
             InvalidArgumentError: wrong type/dtype/device/shape, ``len(value) != len(key)``, a
@@ -289,7 +300,7 @@ cdef class RadixTree:
         self._as_tokens(key, &tokens, &n)
         self._as_slots(value, &slots, &m)
         cdef CInsertResult r = self._tree.get().insert(tokens, n, slots, m, ns)
-        return InsertResult(r.prefix_len, r.last_node, r.adopted_len)
+        return InsertResult(r.prefix_len, r.last_node, r.adopted_len, r.cached_len)
 
     def inc_lock_ref(self, int64_t node_id):
         """Locks a node's device KV and its ancestors' against eviction (a path lock).
@@ -310,13 +321,17 @@ cdef class RadixTree:
     def dec_lock_ref(self, int64_t node_id):
         """Releases one lock taken by :meth:`inc_lock_ref`; ``node_id`` is its receipt's node.
 
-        Nodes whose ``lock_ref`` drops to 0 become evictable and count as just used.
+        Nodes whose ``lock_ref`` drops to 0 become evictable and count as just used; load-failed
+        ones are demoted to host-only instead (collect their device slots with
+        :meth:`take_failed_load_slots`).
 
         Returns:
             int: tokens moved from protected back to evictable.
 
         Raises:
-            InvalidArgumentError: the node is not locked.
+            InvalidArgumentError: the node is not locked, or the call would release a load-failed
+                node whose own load is still pending (release a load's lock after its
+                :meth:`finish_load_back` / :meth:`abort_load_back`). Nothing changed.
             IndexOutOfRangeError: unknown node id.
         """
         return self._tree.get().dec_lock_ref(node_id)
@@ -446,7 +461,8 @@ cdef class RadixTree:
     def load_back_plan(self, int64_t anchor):
         """What loading ``anchor`` back must copy: the host-only nodes from its deepest device
         ancestor down to ``anchor``, root-first, with their host slots (SGLang's
-        ``build_load_back_spec``). Empty when ``anchor`` is on device.
+        ``build_load_back_spec``). Empty when ``anchor`` is on device, or when that ancestor is
+        load-failed (nothing is loaded under garbage). It may be load-pending: loads chain.
 
         Raises:
             IndexOutOfRangeError: unknown node id.
@@ -459,11 +475,11 @@ cdef class RadixTree:
 
         Called when the host -> device copy is queued (SGLang's ``commit_load_back``): the nodes
         become device+host, unlocked, just used and load-pending under ack id ``anchor``; the
-        caller locks ``anchor`` until :meth:`finish_load_back` or :meth:`abort_load_back`.
+        caller locks ``anchor`` until after :meth:`finish_load_back` or :meth:`abort_load_back`.
 
         Raises:
-            InvalidArgumentError: a length other than the plan's tokens, or slots not made of
-                whole pages.
+            InvalidArgumentError: a length other than the plan's tokens, slots not made of whole
+                pages, or an anchor under a load-failed node.
             IndexOutOfRangeError: unknown node id or a slot ``>= num_device_slots``.
         """
         cdef const SlotIndex* slots
@@ -474,6 +490,9 @@ cdef class RadixTree:
     def finish_load_back(self, int64_t ack_id):
         """The load ``ack_id`` (the anchor given to :meth:`commit_load_back`) finished.
 
+        Clears the pending marks. Nodes that are load-failed because a load above them failed
+        stay so (their KV is served only under that garbage).
+
         Raises:
             InvalidArgumentError: no load is in flight under ``ack_id``.
             IndexOutOfRangeError: unknown node id.
@@ -481,19 +500,35 @@ cdef class RadixTree:
         self._tree.get().finish_load_back(ack_id)
 
     def abort_load_back(self, int64_t ack_id):
-        """The load ``ack_id`` failed: its nodes go back to host-only (their device KV is garbage).
+        """The load ``ack_id`` failed: its nodes' device KV is garbage; they go back to host-only.
 
-        Release the load's lock first. Nothing changes if a node is still locked or has a device
-        child (a request already uses the KV).
+        The load's nodes and every device node below them (loads chained under it) become
+        load-failed: never matched again, nothing loaded under them. Those nobody locks are
+        demoted at once; the others when :meth:`dec_lock_ref` releases their last lock (a request
+        that locked them must be aborted: its prefix is garbage). The device slots of demoted
+        nodes are collected with :meth:`take_failed_load_slots`. Call it while still holding the
+        load's lock, then release that lock.
 
         Returns:
-            torch.Tensor: int64 CPU tensor of the device slots to free.
+            int: tokens of the failed load's nodes.
 
         Raises:
-            InvalidArgumentError: no load in flight under ``ack_id``, or its nodes are in use.
+            InvalidArgumentError: no load in flight under ``ack_id``, or a node below is pending
+                under another load whose lock was released early. Nothing changed.
             IndexOutOfRangeError: unknown node id.
         """
-        return _to_tensor(self._tree.get().abort_load_back(ack_id))
+        return self._tree.get().abort_load_back(ack_id)
+
+    def take_failed_load_slots(self):
+        """Hands over the device slots of load-failed nodes demoted since the last call.
+
+        Demotions happen in :meth:`abort_load_back` and :meth:`dec_lock_ref`; the tree holds the
+        slots until this call. Nothing to take while :meth:`load_failed_size` has been 0.
+
+        Returns:
+            torch.Tensor: int64 CPU tensor of device slots to free.
+        """
+        return _to_tensor(self._tree.get().take_failed_load_slots())
 
     def host_total_size(self):
         """Tokens with host KV in the tree (host-only and device+host nodes)."""
@@ -506,6 +541,10 @@ cdef class RadixTree:
     def host_protected_size(self):
         """Host tokens ``evict_host`` cannot free now: on device too, or host-locked."""
         return self._tree.get().host_protected_size()
+
+    def load_failed_size(self):
+        """Device tokens in load-failed nodes, kept (locked) until their last lock is released."""
+        return self._tree.get().load_failed_size()
 
     def evictable_size(self):
         """Tokens with device KV in unlocked nodes."""
@@ -536,7 +575,7 @@ cdef class RadixTree:
         cdef CNodeInfo i = self._tree.get().node_info(node_id)
         return NodeInfo(i.node_id, i.parent_id, i.num_tokens, i.num_children, i.lock_ref,
                         i.host_ref_counter, i.hit_count, i.last_access_time, i.has_device_value,
-                        i.has_host_value, i.backup_pending, i.load_pending,
+                        i.has_host_value, i.backup_pending, i.load_pending, i.load_failed,
                         i.extra_key.decode("utf-8") if i.has_extra_key else None)
 
     def node_ids(self):

@@ -209,8 +209,10 @@ class HiCache:
     def insert(self, key, value: torch.Tensor, extra_key: str | None = None) -> InsertResult:
         """Inserts ``key`` with device slots ``value`` (see :meth:`RadixTree.insert`).
 
-        The caller keeps ownership of ``value[:prefix_len]`` (already cached: free them) and of the
-        unaligned tail ``value[floor(len/page_size)*page_size:]``; the tree owns the rest. Under a
+        The caller keeps ownership of ``value[:prefix_len]`` (already cached: free them) and of
+        ``value[cached_len:]`` (not cached: the unaligned tail, and everything from a node whose
+        load-back is in flight or has failed, where the insert stops so that the caller's valid KV
+        is never traded for KV that may turn out to be garbage); the tree owns the rest. Under a
         write-through policy, the inserted path's unbacked nodes are then queued for backup.
         """
         with self._lock, profiling.nvtx_range(profiling.INSERT):
@@ -236,9 +238,14 @@ class HiCache:
             return self.tree.inc_lock_ref(node_id)
 
     def dec_lock_ref(self, node_id: int) -> int:
-        """Releases a lock from :meth:`inc_lock_ref`; returns tokens that became evictable."""
+        """Releases a lock from :meth:`inc_lock_ref`; returns tokens that became evictable.
+
+        The last lock on nodes whose load-back failed demotes them back to host-only and frees
+        their device slots (a request that locked them was told by a :class:`TransferError`; its
+        prefix KV is garbage and it must be aborted).
+        """
         with self._lock:
-            return self.tree.dec_lock_ref(node_id)
+            return self._dec_lock_ref(node_id)
 
     def evict(self, num_tokens: int) -> int:
         """Evicts at least ``num_tokens`` device tokens (whole pages), least recently used first.
@@ -312,6 +319,8 @@ class HiCache:
 
         Raises:
             IndexOutOfRangeError: unknown node id.
+            TransferError: a backup that the device allocation waited for failed (see
+                :meth:`alloc`); nothing was queued and no lock is left held.
         """
         with self._lock, profiling.nvtx_range(profiling.LOAD_BACK):
             if self.controller is None:
@@ -323,14 +332,18 @@ class HiCache:
             ancestors = self.tree.inc_lock_ref(node_id).node_id
             try:
                 device_indices = self.alloc(plan.num_tokens)
-            except PoolExhaustedError:
-                self.tree.dec_lock_ref(ancestors)
+            except BaseException as e:
+                # Whatever alloc raised (it can also raise TransferError, or be interrupted),
+                # nothing was allocated: release both locks, or they pin the path forever.
+                self._dec_lock_ref(ancestors)
                 self.tree.dec_host_lock_ref(node_id)
+                if not isinstance(e, PoolExhaustedError):
+                    raise
                 self.stats.load_back_failed_tokens += plan.num_tokens
                 return 0
             self.tree.commit_load_back(node_id, device_indices)
             self._remember_slots("load", node_id, plan.indices, device_indices)
-            self.tree.dec_lock_ref(ancestors)
+            self._dec_lock_ref(ancestors)
             self._ongoing_loads[node_id] = self.tree.inc_lock_ref(node_id).node_id
             self._controller().load(plan.indices, device_indices, node_id)
             self.stats.load_back_tokens += plan.num_tokens
@@ -373,7 +386,11 @@ class HiCache:
         SGLang's ``check_hicache_events``: a finished backup clears its node's pending mark and
         releases its lock; a finished load releases the loaded path's locks. A failed copy is
         undone in the tree (its slots freed; the garbage it wrote is never served), counted in
-        :attr:`stats`, and then raised.
+        :attr:`stats`, and then raised. A failed load's nodes that running requests have locked
+        are never matched again and go back to host-only (their device slots freed) when the last
+        of those requests unlocks them; such a request must be aborted (its own
+        :meth:`wait_until_layer_ready` raised too), and ``cache_*_req`` never caches anything
+        under them.
 
         Args:
             block: wait for every submitted transfer first.
@@ -404,7 +421,12 @@ class HiCache:
             self.check_hicache_events(block=True)
 
     def _apply_acks(self, check, finish, block: bool, errors: list[TransferError]) -> None:
-        """Pops acks from ``check`` until none is ready; a failed batch is undone via ``finish``."""
+        """Pops acks from ``check`` until none is ready; a failed batch is undone via ``finish``.
+
+        ``check`` returns the successes that precede a failed batch and raises for that batch only
+        on its next call, so the loop stops only at a call that returns nothing: otherwise a
+        failed batch could stay unapplied (its nodes locked, its garbage marked as copied).
+        """
         while True:
             try:
                 ack_ids = check(block)
@@ -413,9 +435,10 @@ class HiCache:
                     finish(ack_id, ok=False)
                 errors.append(e)
                 continue
+            if not ack_ids:
+                return
             for ack_id in ack_ids:
                 finish(ack_id, ok=True)
-            return
 
     def _remember_slots(self, kind: str, ack_id: int, src: torch.Tensor, dst: torch.Tensor) -> None:
         """With KV events on, keeps a transfer's slots until its ack reports the copy."""
@@ -439,23 +462,36 @@ class HiCache:
             self.stats.backup_failed_tokens += int(freed.numel())
             self._free_host(freed, count=False)
         if receipt is not None:
-            self.tree.dec_lock_ref(receipt)
+            self._dec_lock_ref(receipt)
 
     def _finish_load(self, ack_id: int, ok: bool) -> None:
-        self.tree.dec_lock_ref(self._ongoing_loads.pop(ack_id))
+        # The tree records the outcome while the load's lock still holds the nodes; releasing it
+        # then demotes a failed load's nodes unless a request holds them too (then its unlock
+        # does), so their garbage is never served.
+        receipt = self._ongoing_loads.pop(ack_id)
         self._report_copy("load", ack_id, ok)
         if ok:
             self.tree.finish_load_back(ack_id)
         else:
-            try:
-                freed = self.tree.abort_load_back(ack_id)
-            except InvalidArgumentError:
-                # A request already uses the loaded KV: keep the nodes, the caller must abort it.
-                self.tree.finish_load_back(ack_id)
-            else:
-                self.stats.load_back_failed_tokens += int(freed.numel())
-                self.allocator.free(freed)
+            self.stats.load_back_failed_tokens += self.tree.abort_load_back(ack_id)
+        self.tree.dec_lock_ref(receipt)
         self.tree.dec_host_lock_ref(ack_id)
+        self._free_failed_load_slots()
+
+    def _dec_lock_ref(self, node_id: int) -> int:
+        """``tree.dec_lock_ref``, then frees the device slots of failed loads it demoted."""
+        if not self.tree.load_failed_size():
+            return self.tree.dec_lock_ref(node_id)  # nothing it could demote
+        delta = self.tree.dec_lock_ref(node_id)
+        self._free_failed_load_slots()
+        return delta
+
+    def _free_failed_load_slots(self) -> None:
+        freed = self.tree.take_failed_load_slots()
+        if freed.numel():
+            self.allocator.free(freed)
+            if self.kv_events is not None:  # a load under the failed one may have been reported
+                self.kv_events.on_removed(Medium.GPU, freed)
 
     # ---- backup (device -> host) ----------------------------------------------------------------
 
@@ -607,8 +643,11 @@ class HiCache:
         """Caches a finished request's KV and releases everything it holds.
 
         Inserts the page-aligned ``token_ids`` with their slots, frees the request's duplicates of
-        pages the tree already had (``kv_indices[prefix_len:inserted.prefix_len]``) and its
-        unaligned tail, and releases its lock (SGLang's legacy ``cache_finished_req``).
+        pages the tree already had (``kv_indices[prefix_len:inserted.prefix_len]``), the slots the
+        tree did not take (``kv_indices[inserted.cached_len:]``: its unaligned tail, and what
+        follows a node whose load-back is in flight or has failed) and releases its lock (SGLang's
+        legacy ``cache_finished_req``). Finished load-backs of nodes the request holds are
+        acknowledged first (it has waited for them), so that what it computed past them is cached.
 
         Returns:
             InsertResult: the tree's insert result.
@@ -617,13 +656,17 @@ class HiCache:
             InvalidArgumentError: ``kv_indices`` is shorter than ``token_ids`` or not whole pages.
         """
         with self._lock:
-            aligned, result = self._insert_req(req)
+            _, result = self._insert_req(req)
+            own = req.prefix_len  # the request owns kv_indices[own:]; the tree the rest
             unused = torch.cat(
-                (req.kv_indices[req.prefix_len : result.prefix_len], req.kv_indices[aligned:])
+                (
+                    req.kv_indices[own : result.prefix_len],
+                    req.kv_indices[max(own, result.cached_len) :],
+                )
             )
             if unused.numel():
                 self.allocator.free(unused)
-            self.tree.dec_lock_ref(req.last_node)
+            self._dec_lock_ref(req.last_node)
         req.kv_indices = _empty_slots()
         req.last_node = _ROOT_ID
         req.prefix_len = 0
@@ -635,41 +678,72 @@ class HiCache:
         Inserts the page-aligned ``token_ids``, frees the request's duplicate slots, points
         ``req.kv_indices`` at the tree's slots for the cached prefix, and moves the request's lock
         to the new last node (the new lock is taken before the old one is released, so nothing the
-        request uses is evictable in between). The unaligned tail stays with the request.
+        request uses is evictable in between). The unaligned tail stays with the request, and so
+        does everything from a node whose load-back is in flight or has failed (the insert stops
+        there: the request's own KV is the one known valid); a later call caches it. Finished
+        load-backs of nodes the request holds are acknowledged first, as in
+        :meth:`cache_finished_req`.
 
         Returns:
             InsertResult: the tree's insert result.
         """
         with self._lock:
-            aligned, result = self._insert_req(req)
+            _, result = self._insert_req(req)
+            cached = result.cached_len
+            if cached < req.prefix_len:
+                # Stopped inside the prefix the request already holds: nothing changed hands.
+                return result
             duplicates = req.kv_indices[req.prefix_len : result.prefix_len]
             if duplicates.numel():
                 self.allocator.free(duplicates)
-            match = self.tree.match_prefix(req.token_ids[:aligned], req.extra_key)
-            if match.device_prefix_len != aligned:
+            match = self.tree.match_prefix(req.token_ids[:cached], req.extra_key)
+            if match.device_prefix_len != cached:
                 raise InvariantError(
                     f"cache_unfinished_req: re-match found {match.device_prefix_len} of the "
-                    f"{aligned} tokens just inserted"
+                    f"{cached} tokens just inserted"
                 )
             receipt = self.tree.inc_lock_ref(match.last_device_node)
-            self.tree.dec_lock_ref(req.last_node)
+            self._dec_lock_ref(req.last_node)
         kv = req.kv_indices.clone()
-        kv[:aligned] = match.device_indices
+        kv[:cached] = match.device_indices
         req.kv_indices = kv
         req.last_node = receipt.node_id
-        req.prefix_len = aligned
+        req.prefix_len = cached
         return result
 
     def _insert_req(self, req: Req) -> tuple[int, InsertResult]:
         """Validates ``req`` and inserts its page-aligned tokens; returns (aligned len, result)."""
         aligned = self._check_req(req)
+        if self._ongoing_loads:
+            self._apply_loads_held_by(req)
         result = self.insert(req.token_ids[:aligned], req.kv_indices[:aligned], req.extra_key)
-        if result.prefix_len < req.prefix_len:
+        # The request's locked prefix is on device; only a stop at a load-pending or load-failed
+        # node inside it (the request matched it while in flight) leaves it uncounted.
+        if result.prefix_len < req.prefix_len and result.cached_len == aligned:
             raise InvariantError(
                 f"the tree caches {result.prefix_len} tokens of a prefix the request locked at "
                 f"{req.prefix_len}"
             )
         return aligned, result
+
+    def _apply_loads_held_by(self, req: Req) -> None:
+        """Applies the acks of the finished loads whose nodes ``req`` holds, oldest batch first.
+
+        An insert stops at a load-pending node, so a request that loaded (part of) its prefix in
+        this batch would not get the rest cached until the next :meth:`check_hicache_events`.
+        It has waited for those copies' layers, so they are done: applying their acks now costs
+        no wait. Stops at a failed batch, which stays for :meth:`check_hicache_events` to undo
+        and raise (the insert then stops at its nodes: nothing derived from them is cached).
+        """
+        controller = self._controller()
+        # Loads are acknowledged in submission order and a chained load comes after the loads
+        # above it, so the request holds a load-pending node iff its lock's node is one.
+        while self.tree.node_info(req.last_node).load_pending:
+            ack_ids = controller.pop_oldest_load()
+            if not ack_ids:
+                return  # failed, or never started: the insert stops there
+            for ack_id in ack_ids:
+                self._finish_load(ack_id, ok=True)
 
     def _check_req(self, req: Req) -> int:
         num_tokens = len(req.token_ids)

@@ -417,6 +417,26 @@ class CacheController:
 
         return count
 
+    def pop_oldest_load(self) -> list[int]:
+        """Waits for the oldest submitted load batch and pops its acks if it succeeded.
+
+        For a caller that needs one load's outcome applied (batches finish in submission order,
+        so a load it has already waited for is done). A failed batch is not popped: the next
+        :meth:`loading_check` raises for it.
+
+        Returns:
+            list[int]: the batch's ack ids; empty when no batch is submitted or the oldest failed.
+        """
+        with profiling.nvtx_range(profiling.ACK_LOAD):
+            if not self._loads:
+                return []
+            _, batch = self._loads[0]
+            batch.wait()
+            if batch.error is not None:
+                return []
+            self._loads.popleft()
+            return list(batch.op.ack_ids)
+
     def wait_until_layer_ready(self, layer: int, consumer_index: int | None = None) -> None:
         """Waits until ``layer`` of a load batch is on the device.
 

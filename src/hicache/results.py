@@ -42,16 +42,22 @@ class InsertResult(NamedTuple):
     Attributes:
         prefix_len: tokens of the page-aligned key that were already cached on device. The caller
             owns its own slots for them (``value[:prefix_len]``) and must free those it does not
-            need; every slot of ``value[prefix_len:aligned]`` now belongs to the tree.
-        last_node: id of the node that ends the inserted key.
+            need; every slot of ``value[prefix_len:cached_len]`` now belongs to the tree.
+        last_node: id of the node that ends the inserted key (where the insert stopped, if it
+            did).
         adopted_len: tokens of host-only (evicted) nodes on the path that took the caller's slots
             instead of being loaded back (SGLang's ``_unevict_node_on_insert``); they follow the
             ``prefix_len`` device tokens.
+        cached_len: tokens of the page-aligned key cached after the insert: all of them, or
+            ``prefix_len`` when the insert stopped at a node whose load-back is in flight or has
+            failed (its device KV may be or is garbage; nothing goes under it). The caller keeps
+            ``value[cached_len:]``: still its own, valid KV, not cached.
     """
 
     prefix_len: int
     last_node: int
     adopted_len: int = 0
+    cached_len: int = 0
 
 
 class LockReceipt(NamedTuple):
@@ -111,7 +117,10 @@ class NodeInfo(NamedTuple):
     """A snapshot of one node's bookkeeping, for tests and debugging (not the request path).
 
     ``has_host_value`` is set when a backup is committed (queued); the node is ``backuped`` in
-    SGLang's sense (a complete host copy) once ``backup_pending`` is also False.
+    SGLang's sense (a complete host copy) once ``backup_pending`` is also False. ``load_failed``:
+    a load-back of the node (or above it) failed while it was locked; its device KV is garbage,
+    never served, and it goes back to host-only when its last lock is released: a request locking
+    it must be aborted.
     """
 
     node_id: int
@@ -126,4 +135,5 @@ class NodeInfo(NamedTuple):
     has_host_value: bool
     backup_pending: bool
     load_pending: bool
+    load_failed: bool
     extra_key: str | None

@@ -8,12 +8,18 @@ slots every eviction frees.
 
 A page lives on device (``device`` slots), on host (``host`` slots), or both; never neither.
 
+Load-backs: committed pages are on device at once and ``load_pending`` until their ack. An insert
+stops at the first load-pending or ``load_failed`` page (the caller keeps its slots from there on).
+A failed load marks its pages, and every device page extending them, ``load_failed``: a match
+stops before such a page, nothing is loaded under it, and it is demoted (device slots handed back
+through ``take_failed_load_slots``) when its lock count drops to 0, or at once if unlocked.
+
 LRU rule (the one ``RadixTree`` implements with one tick per node): every page touch takes the next
 value of a global tick, and a touched path is touched deepest page first, so ancestors are more
-recent. ``match_prefix``, ``insert`` and ``load_back`` touch their whole page path; ``unlock``
-touches the pages whose lock count drops to 0; ``host_unlock`` the host-only pages whose host lock
-count drops to 0; demotion (device eviction of a backed-up page) touches the demoted page unless it
-is host-locked. Nothing else touches.
+recent. ``match_prefix``, ``insert`` (up to where it stops) and ``load_back`` touch their page
+path; ``unlock`` touches the pages whose lock count drops to 0; ``host_unlock`` the host-only pages
+whose host lock count drops to 0; demotion (device eviction of a backed-up page, or of a
+load-failed page) touches the demoted page unless it is host-locked. Nothing else touches.
 
 Eviction, one page at a time:
 - ``evict``: the unlocked device page that no device page extends, with the smallest tick. Backed
@@ -40,6 +46,8 @@ class Page:
     lock_count: int = 0
     host_lock_count: int = 0
     hit_count: int = 1
+    load_pending: bool = False
+    load_failed: bool = False
 
 
 @dataclass
@@ -64,6 +72,7 @@ class ReferenceTree:
         self.page_size = page_size
         self.pages: dict[PageKey, Page] = {}
         self.tick = 0
+        self.failed_load_slots: list[int] = []
 
     # ---- helpers --------------------------------------------------------------------------------
 
@@ -81,7 +90,7 @@ class ReferenceTree:
     def _matched(self, key: list[int], extra_key: str | None) -> list[PageKey]:
         matched = []
         for page_key in self._page_keys(key, extra_key):
-            if page_key not in self.pages:
+            if page_key not in self.pages or self.pages[page_key].load_failed:
                 break
             matched.append(page_key)
         return matched
@@ -119,18 +128,25 @@ class ReferenceTree:
 
     def insert(
         self, key: list[int], value: list[int], extra_key: str | None = None
-    ) -> tuple[int, int]:
+    ) -> tuple[int, int, int]:
         """Caches the pages of ``key``; new and host-only pages take their slots from ``value``.
 
+        Stops at the first load-pending or load-failed page.
+
         Returns:
-            ``(prefix_len, adopted_len)``: tokens already on device (their slots in ``value`` are
-            unused) and tokens of host-only pages that took their slots from ``value``.
+            ``(prefix_len, adopted_len, cached_len)``: tokens already on device (their slots in
+            ``value`` are unused), tokens of host-only pages that took their slots from ``value``,
+            and tokens of ``key`` cached (all its whole pages, or up to the stop).
         """
         assert len(key) == len(value)
         prefix_len = adopted_len = 0
+        walked = []
         for k, page_key in enumerate(self._page_keys(key, extra_key)):
             slots = list(value[k * self.page_size : (k + 1) * self.page_size])
             page = self.pages.get(page_key)
+            if page is not None and (page.load_pending or page.load_failed):
+                break
+            walked.append(page_key)
             if page is None:
                 self.pages[page_key] = Page(slots, tick=0)
                 continue
@@ -140,8 +156,8 @@ class ReferenceTree:
                 adopted_len += self.page_size
             else:
                 prefix_len += self.page_size
-        self._touch(self._page_keys(key, extra_key))
-        return prefix_len, adopted_len
+        self._touch(walked)
+        return prefix_len, adopted_len, len(walked) * self.page_size
 
     def lock(self, prefix: list[int], extra_key: str | None = None) -> int:
         """Locks every page of ``prefix`` (cached, on device); returns tokens made protected."""
@@ -154,16 +170,32 @@ class ReferenceTree:
         return num_newly_locked * self.page_size
 
     def unlock(self, prefix: list[int], extra_key: str | None = None) -> int:
-        """Undoes :meth:`lock`; touches pages left unlocked; returns tokens made evictable."""
-        unlocked = []
-        for page_key in self._page_keys(prefix, extra_key):
+        """Undoes :meth:`lock`, deepest page first: a page left unlocked is touched, or demoted if
+        load-failed; returns tokens made evictable."""
+        num_unlocked = 0
+        for page_key in reversed(self._page_keys(prefix, extra_key)):
             page = self.pages[page_key]
             assert page.lock_count > 0, page_key
             page.lock_count -= 1
-            if page.lock_count == 0:
-                unlocked.append(page_key)
-        self._touch(unlocked)
-        return len(unlocked) * self.page_size
+            if page.lock_count > 0:
+                continue
+            if page.load_failed:
+                self._demote_failed(page_key)
+                continue
+            self.tick += 1
+            page.tick = self.tick
+            num_unlocked += 1
+        return num_unlocked * self.page_size
+
+    def _demote_failed(self, page_key: PageKey) -> None:
+        page = self.pages[page_key]
+        assert page.device is not None and page.host is not None
+        assert not any(self.pages[c].device is not None for c in self._children(page_key))
+        self.failed_load_slots.extend(page.device)
+        page.device = None
+        page.load_failed = False
+        if page.host_lock_count == 0:
+            self._touch([page_key])
 
     def host_lock(self, prefix: list[int], extra_key: str | None = None) -> int:
         """Host-locks every page of ``prefix``; returns host-only tokens made host-protected."""
@@ -221,41 +253,52 @@ class ReferenceTree:
             page.host = None
         return freed
 
-    def abort_load_back(self, page_keys: list[PageKey]) -> list[int] | None:
-        """A failed load: ``page_keys`` go back to host-only, deepest first; returns their slots.
-
-        Returns None (and changes nothing) when a page is locked or a device page outside
-        ``page_keys`` extends one of them.
-        """
+    def finish_load_back(self, page_keys: list[PageKey]) -> None:
+        """A finished load: ``page_keys`` are no longer load-pending."""
         for page_key in page_keys:
-            if self.pages[page_key].lock_count > 0:
-                return None
-            for child in self._children(page_key):
-                if self.pages[child].device is not None and child not in page_keys:
-                    return None
-        freed: list[int] = []
-        for page_key in reversed(page_keys):
-            page = self.pages[page_key]
-            freed.extend(page.device)
-            page.device = None
-            if page.host_lock_count == 0:
-                self._touch([page_key])
-        return freed
+            assert self.pages[page_key].load_pending
+            self.pages[page_key].load_pending = False
+
+    def abort_load_back(self, page_keys: list[PageKey]) -> int:
+        """A failed load: ``page_keys`` and every device page extending them become load-failed;
+        the unlocked ones are demoted at once, deepest first. Returns the load's tokens."""
+        for page_key in page_keys:
+            assert self.pages[page_key].load_pending
+            self.pages[page_key].load_pending = False
+        failed = [k for k in self._subtree(page_keys[0]) if self.pages[k].device is not None]
+        for page_key in failed:
+            self.pages[page_key].load_failed = True
+        for page_key in sorted(failed, key=lambda k: -len(k[1])):
+            if self.pages[page_key].lock_count == 0:
+                self._demote_failed(page_key)
+        return len(page_keys) * self.page_size
+
+    def take_failed_load_slots(self) -> list[int]:
+        """Device slots of load-failed pages demoted since the last call."""
+        slots, self.failed_load_slots = self.failed_load_slots, []
+        return slots
 
     def load_back_plan(self, prefix: list[int], extra_key: str | None = None) -> list[PageKey]:
-        """The host-only pages of ``prefix`` (its bottom segment), root-first."""
-        return [k for k in self._page_keys(prefix, extra_key) if self.pages[k].device is None]
+        """The host-only pages of ``prefix`` (its bottom segment), root-first; none when the
+        device page above them is load-failed."""
+        page_keys = self._page_keys(prefix, extra_key)
+        plan = [k for k in page_keys if self.pages[k].device is None]
+        above = len(page_keys) - len(plan) - 1
+        if plan and above >= 0 and self.pages[page_keys[above]].load_failed:
+            return []
+        return plan
 
     def commit_load_back(
         self, prefix: list[int], device: list[int], extra_key: str | None = None
     ) -> None:
-        """Gives the host-only pages of ``prefix`` the slots ``device``; touches ``prefix``."""
+        """Gives the host-only pages of ``prefix`` the slots ``device`` (load-pending until the
+        ack); touches ``prefix``."""
         plan = self.load_back_plan(prefix, extra_key)
         assert len(device) == len(plan) * self.page_size
         for i, page_key in enumerate(plan):
-            self.pages[page_key].device = list(
-                device[i * self.page_size : (i + 1) * self.page_size]
-            )
+            page = self.pages[page_key]
+            page.device = list(device[i * self.page_size : (i + 1) * self.page_size])
+            page.load_pending = True
         self._touch(self._page_keys(prefix, extra_key))
 
     def evict(self, num_tokens: int, write_back: bool = False) -> EvictOutcome:
@@ -315,9 +358,9 @@ class ReferenceTree:
         return freed
 
     def reset(self) -> list[int]:
-        """Drops every page; returns all their device slots."""
+        """Drops every page; returns all their device slots (and failed-load slots not taken)."""
         assert all(p.lock_count == 0 and p.host_lock_count == 0 for p in self.pages.values())
-        slots = self.all_slots()
+        slots = self.all_slots() + self.take_failed_load_slots()
         self.pages.clear()
         return slots
 
@@ -340,6 +383,9 @@ class ReferenceTree:
 
     def evictable_size(self) -> int:
         return self.total_size() - self.protected_size()
+
+    def load_failed_size(self) -> int:
+        return sum(page.load_failed for page in self.pages.values()) * self.page_size
 
     def host_total_size(self) -> int:
         return sum(page.host is not None for page in self.pages.values()) * self.page_size

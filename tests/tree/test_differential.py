@@ -2,10 +2,14 @@
 
 A hypothesis state machine drives both with the same random inserts, matches, locks, unlocks,
 host locks, backups (write-through plans and their commits), device evictions (write-through and
-write-back: demotion, drops, backup requests), host evictions, load-backs and resets, in any
-interleaving, and after every step checks the tree's own invariants and that every size and every
-held device and host slot agree with the model. Keys are built from a few page-sized blocks out of a
-small pool so that prefixes are shared, nodes split and branches compete in eviction.
+write-back: demotion, drops, backup requests), host evictions, load-backs (kept in flight while
+other operations run, inserts over them and loads chained under them included) and their acks
+(finished or failed, oldest first as the controller delivers them, a failed one possibly locked by
+requests) and resets, in any interleaving, and after every step checks the tree's own invariants
+and that every size and every held device and host slot agree with the model, including the
+slots of failed loads handed back when their last lock goes. Keys are built from a few page-sized
+blocks out of a small pool so that prefixes are shared, nodes split and branches compete in
+eviction.
 
 Profiles: ``ci`` (default) and ``long``; pick one with ``HYPOTHESIS_PROFILE=long``.
 """
@@ -21,7 +25,6 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from hicache._tree import RadixTree
-from hicache.errors import InvalidArgumentError
 from tests.reference.model import ReferenceTree
 
 settings.register_profile(
@@ -120,8 +123,9 @@ class TreeVsModel(RuleBasedStateMachine):
         key = self._key(blocks, tail_len)
         value = self._fresh(len(key))
         result = self.tree.insert(key, torch.tensor(value, dtype=torch.int64), extra_key)
-        assert (result.prefix_len, result.adopted_len) == self.model.insert(key, value, extra_key)
-        if len(key) >= self.page_size:
+        expected = self.model.insert(key, value, extra_key)
+        assert (result.prefix_len, result.adopted_len, result.cached_len) == expected
+        if result.cached_len >= self.page_size:  # 0 when it stopped above an in-flight load
             assert self.tree.node_info(result.last_node).extra_key == extra_key
 
     @rule(blocks=blocks_st, tail_len=tail_st, extra_index=extra_st)
@@ -142,7 +146,14 @@ class TreeVsModel(RuleBasedStateMachine):
     @rule(index=st.integers(0, 1 << 16))
     def unlock(self, index: int) -> None:
         node_id, extra_key, prefix = self.locks.pop(index % len(self.locks))
+        self._unlock(node_id, extra_key, prefix)
+
+    def _unlock(self, node_id: int, extra_key: str | None, prefix: list[int]) -> None:
+        """Releases a lock in both; load-failed nodes it frees are demoted, their slots handed
+        back."""
         assert self.tree.dec_lock_ref(node_id) == self.model.unlock(prefix, extra_key)
+        freed = self.tree.take_failed_load_slots().tolist()
+        assert sorted(freed) == sorted(self.model.take_failed_load_slots())
 
     @rule(blocks=blocks_st, tail_len=tail_st, extra_index=extra_st)
     def match_and_host_lock(self, blocks: list[int], tail_len: int, extra_index: int) -> None:
@@ -196,10 +207,12 @@ class TreeVsModel(RuleBasedStateMachine):
             assert sorted(freed.tolist()) == sorted(self.model.abort_backup(pages))
         else:
             self.tree.finish_backup(node_id)
-        assert self.tree.dec_lock_ref(node_id) == self.model.unlock(prefix, extra_key)
+        self._unlock(node_id, extra_key, prefix)
 
-    @rule(blocks=blocks_st, tail_len=tail_st, extra_index=extra_st)
-    def load_back(self, blocks: list[int], tail_len: int, extra_index: int) -> None:
+    @rule(blocks=blocks_st, tail_len=tail_st, extra_index=extra_st, request_lock=st.booleans())
+    def load_back(
+        self, blocks: list[int], tail_len: int, extra_index: int, request_lock: bool
+    ) -> None:
         result, extra_key, _, matched = self._match(blocks, tail_len, extra_index)
         anchor = result.best_match_node
         if not matched:
@@ -222,24 +235,26 @@ class TreeVsModel(RuleBasedStateMachine):
         assert receipt.node_id == anchor
         assert receipt.delta == self.model.lock(matched, extra_key)
         self.loads.append((anchor, extra_key, model_plan, matched))
+        if request_lock:  # the request that asked for the load uses it (and outlives its ack)
+            assert self.tree.inc_lock_ref(anchor).delta == self.model.lock(matched, extra_key)
+            self.locks.append((anchor, extra_key, matched))
 
     @precondition(lambda self: self.loads)
-    @rule(index=st.integers(0, 1 << 16), fail=st.booleans())
-    def load_ack(self, index: int, fail: bool) -> None:
-        anchor, extra_key, pages, prefix = self.loads.pop(index % len(self.loads))
+    @rule(fail=st.booleans())
+    def load_ack(self, fail: bool) -> None:
+        # Oldest first, as the controller acknowledges loads; the outcome is recorded while the
+        # load's lock is held, then the lock is released (demoting a failed load's nodes unless
+        # requests still lock them: then their unlock does).
+        anchor, extra_key, pages, prefix = self.loads.pop(0)
         assert self.tree.node_info(anchor).load_pending
-        assert self.tree.dec_lock_ref(anchor) == self.model.unlock(prefix, extra_key)
         if fail:
-            model_freed = self.model.abort_load_back(pages)
-            if model_freed is None:  # a request uses the loaded KV: the abort must refuse
-                with pytest.raises(InvalidArgumentError, match="abort_load_back"):
-                    self.tree.abort_load_back(anchor)
-                self.tree.finish_load_back(anchor)
-            else:
-                freed = self.tree.abort_load_back(anchor)
-                assert sorted(freed.tolist()) == sorted(model_freed)
+            assert self.tree.abort_load_back(anchor) == self.model.abort_load_back(pages)
+            assert self.tree.node_info(anchor).load_failed
         else:
             self.tree.finish_load_back(anchor)
+            self.model.finish_load_back(pages)
+        assert not self.tree.node_info(anchor).load_pending
+        self._unlock(anchor, extra_key, prefix)
         assert self.tree.dec_host_lock_ref(anchor) == self.model.host_unlock(prefix, extra_key)
 
     @rule(num_pages=st.integers(0, 8), extra_tokens=st.integers(0, 63), write_back=st.booleans())
@@ -265,6 +280,16 @@ class TreeVsModel(RuleBasedStateMachine):
         self.model.commit_backup(pages, host)
         self.tree.finish_backup(result.needs_backup)  # write_back backs up synchronously
 
+    @rule()
+    def write_back_everything(self) -> None:
+        """Backs up and demotes everything evictable, so that host hits, load-backs and their
+        failures are common (each round is one write-back eviction step, as in :meth:`evict`)."""
+        for _ in range(64):
+            before = (self.tree.total_size(), self.tree.host_total_size())
+            self.evict(num_pages=8, extra_tokens=0, write_back=True)
+            if (self.tree.total_size(), self.tree.host_total_size()) == before:
+                return
+
     @rule(num_pages=st.integers(0, 8), extra_tokens=st.integers(0, 63))
     def evict_host(self, num_pages: int, extra_tokens: int) -> None:
         num_tokens = num_pages * self.page_size + extra_tokens % self.page_size
@@ -287,6 +312,9 @@ class TreeVsModel(RuleBasedStateMachine):
         assert self.tree.protected_size() == self.model.protected_size()
         assert self.tree.host_total_size() == self.model.host_total_size()
         assert self.tree.host_evictable_size() == self.model.host_evictable_size()
+        assert self.tree.load_failed_size() == self.model.load_failed_size()
+        assert self.model.failed_load_slots == []  # every step takes what it demoted
+        assert self.tree.take_failed_load_slots().numel() == 0
         slots = self.tree.all_device_indices().tolist()
         assert len(slots) == self.tree.total_size()
         assert sorted(slots) == sorted(self.model.all_slots())

@@ -46,6 +46,11 @@ struct Node {
   // the new upper node, so an ack or abort reaches every fragment of the node it was issued for.
   NodeId backup_pending = kNoNode;
   NodeId load_pending = kNoNode;
+  // A load-back copying this node or an ancestor failed while the node was locked: its device
+  // slots hold garbage. Never served (match_prefix stops above it, insert stops at it, nothing is
+  // loaded below it); demoted to host-only, its host copy intact, when its last lock is released.
+  // Set by abort_load_back, cleared by that demotion.
+  bool load_failed = false;
   Tick last_access = 0;
   Tick creation_time = 0;
 

@@ -5,6 +5,18 @@
 // node with neither does not exist. Device nodes form a root-anchored prefix of every path, so a
 // path is some device nodes followed by some host-only nodes (DESIGN.md invariant 1).
 //
+// Load-backs (host -> device) are committed before their copy runs: the loaded nodes are device
+// nodes at once, load-pending until the ack, and a request may match and lock them meanwhile
+// (it waits for the copy's layer events). If the copy fails, their device slots hold garbage:
+//   - insert never walks into a load-pending or load-failed node: it stops there and the caller
+//     keeps its own (valid) slots from there on, so no device node is ever created under a node
+//     whose KV may turn out to be garbage, and no caller's valid KV is traded for it;
+//   - abort_load_back marks the load's nodes and every device node below them (other loads
+//     chained under them) load_failed; a load-failed node is never served (match_prefix stops
+//     above it) and nothing is loaded under it; it is demoted back to host-only as soon as no
+//     lock holds it (at once, or by the dec_lock_ref that releases its last lock). Its device
+//     slots are then handed back through take_failed_load_slots().
+//
 // Single-threaded: the Python cache serialises every call with one lock (DESIGN.md, threading
 // contract). Errors: std::invalid_argument for a bad argument, std::out_of_range for an unknown id
 // or an out-of-range slot, std::logic_error for a broken invariant. A call that throws
@@ -38,6 +50,10 @@ struct InsertResult {
   int64_t prefix_len = 0;
   NodeId last_node = kRootId;
   int64_t adopted_len = 0;  // tokens of host-only nodes that took the caller's slots
+  // Tokens of the aligned key the tree holds after the insert: the aligned length, or prefix_len
+  // when the walk stopped at a load-pending or load-failed node. The tree owns
+  // value[prefix_len:cached_len]; the caller keeps value[cached_len:].
+  int64_t cached_len = 0;
 };
 
 // What inc_lock_ref locked: the deepest device node at or above the node asked for (locking skips
@@ -79,6 +95,7 @@ struct NodeInfo {
   bool has_host_value = false;  // host slots assigned (at the backup's commit)
   bool backup_pending = false;  // its device -> host copy has not been acknowledged yet
   bool load_pending = false;    // its host -> device copy has not been acknowledged yet
+  bool load_failed = false;     // its device KV is garbage of a failed load; never served
   std::string extra_key;
   bool has_extra_key = false;
 };
@@ -97,19 +114,24 @@ class RadixTree {
   int64_t num_host_slots() const { return num_host_slots_; }
 
   // Longest cached prefix of key[0:len] floored to page_size, in the namespace `extra_key`
-  // (empty = none), through device and host-only nodes. Splits the node where the match ends
-  // inside it, then touches the matched path deepest-first. O(matched tokens).
+  // (empty = none), through device and host-only nodes; it stops above a load-failed node.
+  // Splits the node where the match ends inside it, then touches the matched path deepest-first.
+  // O(matched tokens).
   MatchResult match_prefix(const Token* key, size_t len, std::string_view extra_key);
 
   // Inserts key[0:floor(len)] with device slots value[0:floor(len)]; value_len must equal len.
   // Device nodes keep their slots; host-only nodes on the path adopt value[...] for their tokens;
-  // the new tail takes the rest. Counts a hit on every node walked. Touches the path.
+  // the new tail takes the rest. Counts a hit on every node walked. Touches the path. Stops at a
+  // load-pending or load-failed node (see cached_len): nothing is inserted from there on.
   InsertResult insert(const Token* key, size_t len, const SlotIndex* value, size_t value_len,
                       std::string_view extra_key);
 
   // Path locks (SGLang inc_lock_ref / dec_lock_ref on the Full component). inc locks from the
   // deepest device node at or above `id` up to the root and returns that node as the receipt; dec
-  // takes the receipt's node. dec touches nodes released to 0.
+  // takes the receipt's node. dec touches nodes released to 0 and demotes load-failed nodes
+  // released to 0 (their device slots go to take_failed_load_slots). dec throws invalid_argument
+  // if it would release a load-failed node whose own load is still pending: a load's lock is
+  // released after its finish_load_back / abort_load_back.
   LockReceipt inc_lock_ref(NodeId id);
   int64_t dec_lock_ref(NodeId id);
 
@@ -143,18 +165,27 @@ class RadixTree {
   std::vector<SlotIndex> abort_backup(NodeId ack_id);
 
   // The host-only nodes from the deepest device ancestor of `anchor` down to anchor, root-first,
-  // with their host slots: what load_back must copy. Empty if anchor is on device.
+  // with their host slots: what load_back must copy. Empty if anchor is on device, or if that
+  // ancestor is load-failed (nothing is loaded under garbage). That ancestor may be load-pending:
+  // loads chain under an in-flight load.
   TransferPlan load_back_plan(NodeId anchor) const;
   // Gives those nodes the device slots device[0:len] (len = the plan's tokens); they become
   // device+host nodes, unlocked, load-pending with ack id `anchor`. Called when the load is queued
-  // (SGLang's commit_load_back); the caller locks anchor until finish_ or abort_load_back.
+  // (SGLang's commit_load_back); the caller locks anchor until after finish_ or abort_load_back.
+  // invalid_argument if anchor is host-only under a load-failed node.
   void commit_load_back(NodeId anchor, const SlotIndex* device, size_t len);
-  // The load `ack_id` finished: clears the pending mark on its nodes.
+  // The load `ack_id` finished: clears the pending mark on its nodes (a node that is load-failed
+  // because a load above it failed stays so).
   void finish_load_back(NodeId ack_id);
-  // The load `ack_id` failed: its nodes go back to host-only (their device bytes are garbage).
-  // They must be unlocked and have no device child (else invalid_argument, nothing changed).
-  // Returns the device slots to free.
-  std::vector<SlotIndex> abort_load_back(NodeId ack_id);
+  // The load `ack_id` failed: clears the pending marks and marks its nodes, and every device node
+  // below them, load-failed; those nobody locks are demoted at once, the others when their last
+  // lock is released (their device slots go to take_failed_load_slots either way). Returns the
+  // tokens of the failed load's nodes. invalid_argument (nothing changed) if a node below is
+  // pending under another load but unlocked (a load's lock must be held until its ack).
+  int64_t abort_load_back(NodeId ack_id);
+  // Device slots of load-failed nodes demoted since the last call: no longer in the tree, still
+  // owned by it until taken. The caller frees them. O(slots).
+  std::vector<SlotIndex> take_failed_load_slots();
 
   int64_t evictable_size() const { return evictable_size_; }
   int64_t protected_size() const { return protected_size_; }
@@ -163,6 +194,9 @@ class RadixTree {
   int64_t host_total_size() const { return host_total_size_; }
   int64_t host_evictable_size() const { return host_evictable_size_; }
   int64_t host_protected_size() const { return host_total_size_ - host_evictable_size_; }
+  // Device tokens in load-failed nodes (locked, garbage, waiting for their last unlock); 0 means
+  // no dec_lock_ref can demote anything.
+  int64_t load_failed_size() const { return load_failed_size_; }
   int64_t num_nodes() const { return static_cast<int64_t>(nodes_.size()); }  // excluding root
 
   bool contains_node(NodeId id) const { return id == kRootId || nodes_.count(id) != 0; }
@@ -174,8 +208,9 @@ class RadixTree {
   std::vector<SlotIndex> all_device_indices() const;
   std::vector<SlotIndex> all_host_indices() const;
 
-  // Drops every node; returns their device slots (all_host_indices() first for the host ones).
-  // Throws invalid_argument if anything is locked or host-locked.
+  // Drops every node; returns their device slots and any not yet taken by take_failed_load_slots
+  // (all_host_indices() first for the host ones). Throws invalid_argument if anything is locked or
+  // host-locked.
   std::vector<SlotIndex> reset();
 
   std::string pretty_print() const;
@@ -200,6 +235,8 @@ class RadixTree {
   void touch_path(Node* node);
   void destroy_leaf(Node* node);
   void demote(Node* node, EvictResult& result);
+  void demote_failed(Node* node);
+  std::vector<Node*> load_path(Node* anchor) const;
   template <NodeId Node::*Mark>
   std::vector<Node*> pending_nodes(NodeId ack_id, const char* caller) const;
   bool drop_unbacked(Node* node, EvictResult& result);
@@ -224,6 +261,10 @@ class RadixTree {
   int64_t protected_size_ = 0;
   int64_t host_total_size_ = 0;
   int64_t host_evictable_size_ = 0;
+  int64_t load_failed_size_ = 0;
+  // Device slots of demoted load-failed nodes, until take_failed_load_slots hands them over: the
+  // demotion happens inside dec_lock_ref, whose result is a token count.
+  std::vector<SlotIndex> failed_load_slots_;
   NodeId next_id_ = kRootId + 1;
   Tick tick_ = 0;
 };
