@@ -1,18 +1,23 @@
-"""Memory: the paged slot allocator, the KV pools and the transfer records of extra pools.
+"""Memory: the paged slot allocator, the KV pools and the extra pools of hybrid models.
 
-KV: :class:`DeviceKVPool`, :class:`HostKVPool`. Hybrid models: the :class:`PoolTransfer` record of
-an extra pool's copies.
+KV: :class:`DeviceKVPool`, :class:`HostKVPool`. Hybrid models: Mamba states
+(:class:`MambaStatePool`, :class:`MambaHostPool`) and the :class:`PoolTransfer` record of an
+extra pool's copies.
 """
 
 from hicache.memory.allocator import PageAllocator
 from hicache.memory.device_pool import DeviceKVPool
 from hicache.memory.host_pool import HostKVPool, HostLayout
+from hicache.memory.mamba_pool import MambaHostPool, MambaStatePool, MambaTransferIndices
 from hicache.memory.pool_transfer import PoolHitPolicy, PoolTransfer
 
 __all__ = [
     "DeviceKVPool",
     "HostKVPool",
     "HostLayout",
+    "MambaHostPool",
+    "MambaStatePool",
+    "MambaTransferIndices",
     "PageAllocator",
     "PoolHitPolicy",
     "PoolTransfer",
