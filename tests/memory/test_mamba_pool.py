@@ -22,7 +22,7 @@ from hicache.memory import (
     PoolTransfer,
     mamba_pool,
 )
-from tests.memory.kv_helpers import page_indices
+from tests.memory.kv_helpers import bits, page_indices, random_bits
 
 NUM_LAYERS = 3
 DEVICE_SLOTS, HOST_SLOTS = 12, 16
@@ -37,7 +37,6 @@ DTYPES = [
 ]
 LAYOUTS = [HostLayout.PAGE_FIRST, HostLayout.PAGE_FIRST_DIRECT]
 SENTINEL = -7.0
-_INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 # Both device -> host strategies: the synchronous gather/scatter and the run-by-run copies used
 # on CUDA with a pinned host pool, run synchronously here so that CPU machines test it.
@@ -71,33 +70,21 @@ def _pools(
     return dev, MambaHostPool(dev, HOST_SLOTS, layout, pin_memory=pin_memory)
 
 
-def _random_bits(shape: tuple[int, ...], dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
-    """Random bit patterns of ``dtype`` (any sign, exponent, mantissa, subnormals), all finite."""
-    bits = torch.randint(-(2**15), 2**15, (*shape, dtype.itemsize // 2), generator=gen)
-    values = bits.to(torch.int16).view(-1).view(dtype).reshape(shape)
-    return torch.where(torch.isfinite(values), values, torch.ones((), dtype=dtype))
-
-
 def _random_states(
     pool: MambaStatePool | MambaHostPool, n: int, seed: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(conv, temporal)`` of ``n`` states with random finite bit patterns, on the pool."""
     gen = torch.Generator().manual_seed(seed)
-    conv = _random_bits((pool.num_layers, n, *pool.conv_shape), pool.conv_dtype, gen)
-    temporal = _random_bits((pool.num_layers, n, *pool.temporal_shape), pool.temporal_dtype, gen)
+    conv = random_bits((pool.num_layers, n, *pool.conv_shape), pool.conv_dtype, gen)
+    temporal = random_bits((pool.num_layers, n, *pool.temporal_shape), pool.temporal_dtype, gen)
     return conv.to(pool.device), temporal.to(pool.device)
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """The tensor's bits as integers on the CPU, so that equality is bit equality."""
-    return t.cpu().contiguous().view(_INT_OF_SIZE[t.element_size()])
 
 
 def _assert_bit_equal(got: tuple[torch.Tensor, ...], want: tuple[torch.Tensor, ...]) -> None:
     assert len(got) == len(want)
     for g, w in zip(got, want, strict=True):
         assert g.shape == w.shape and g.dtype == w.dtype
-        assert torch.equal(_bits(g), _bits(w))
+        assert torch.equal(bits(g), bits(w))
 
 
 def _poison_device(dev: MambaStatePool) -> None:
@@ -132,9 +119,7 @@ def _snapshot(pool: MambaStatePool | MambaHostPool) -> tuple[torch.Tensor, ...]:
 
 
 def _unchanged(pool: MambaStatePool | MambaHostPool, before: tuple[torch.Tensor, ...]) -> bool:
-    return all(
-        torch.equal(_bits(a), _bits(b)) for a, b in zip(_snapshot(pool), before, strict=True)
-    )
+    return all(torch.equal(bits(a), bits(b)) for a, b in zip(_snapshot(pool), before, strict=True))
 
 
 # --- MambaStatePool: construction ----------------------------------------------------------------
@@ -265,7 +250,7 @@ def test_device_write_read(dtypes: tuple[torch.dtype, torch.dtype]) -> None:
     _assert_bit_equal(dev.read(idx), values)
     for layer in range(NUM_LAYERS):  # slot i of layer l is buffer[l, slot]
         for i, slot in enumerate(idx.tolist()):
-            assert torch.equal(_bits(dev.conv_state[layer, slot]), _bits(values[0][layer, i]))
+            assert torch.equal(bits(dev.conv_state[layer, slot]), bits(values[0][layer, i]))
     assert _all_sentinel(dev.read(_complement(idx, DEVICE_SLOTS)))
 
 
@@ -501,8 +486,8 @@ def test_host_write_read(layout: HostLayout, dtypes: tuple[torch.dtype, torch.dt
             else:
                 conv = host.conv_buffer[slot, layer, 0]
                 temporal = host.temporal_buffer[slot, layer, 0]
-            assert torch.equal(_bits(conv), _bits(values[0][layer, i]))
-            assert torch.equal(_bits(temporal), _bits(values[1][layer, i]))
+            assert torch.equal(bits(conv), bits(values[0][layer, i]))
+            assert torch.equal(bits(temporal), bits(values[1][layer, i]))
     assert _all_sentinel(host.read(_complement(idx, HOST_SLOTS)))
 
 
@@ -515,8 +500,8 @@ def test_layouts_hold_the_same_bytes() -> None:
     values = _random_states(a, idx.numel(), seed=12)
     a.write(idx, *values)
     b.write(idx, *values)
-    assert torch.equal(_bits(a.conv_buffer).flatten(), _bits(b.conv_buffer).flatten())
-    assert torch.equal(_bits(a.temporal_buffer).flatten(), _bits(b.temporal_buffer).flatten())
+    assert torch.equal(bits(a.conv_buffer).flatten(), bits(b.conv_buffer).flatten())
+    assert torch.equal(bits(a.temporal_buffer).flatten(), bits(b.temporal_buffer).flatten())
 
 
 def test_host_write_rejects_and_changes_nothing() -> None:
