@@ -562,6 +562,10 @@ def _check_round_trip(dev: MambaStatePool, host: MambaHostPool, layer_wise: bool
     dev.write(dev_idx.to(dev.device), *_random_states(dev, dev_idx.numel(), seed=25))
     before = tuple(t.cpu().clone() for t in dev.read(dev_idx))
     host.backup_all_layers(host.prepare(dev_idx, host_idx))
+    if dev.device.type == "cuda":
+        # The backup's ack: the load gathers host rows on the CPU, which must not race the
+        # asynchronous device -> host copies (the cache loads only acked backups).
+        torch.cuda.synchronize()
     _poison_device(dev)
     # Load into other device slots: the same set in reverse order, so every state moves.
     target = dev_idx.flip(0)
