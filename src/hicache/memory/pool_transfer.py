@@ -56,8 +56,6 @@ def _owned_indices(value: object, name: str) -> torch.Tensor:
         raise InvalidArgumentError(
             f"PoolTransfer: {name}: expected a 1-D tensor, got {value.dim()}-D"
         )
-    if value.requires_grad:
-        raise InvalidArgumentError(f"PoolTransfer: {name}: expected requires_grad=False")
     return value.clone(memory_format=torch.contiguous_format)
 
 
@@ -85,7 +83,7 @@ class PoolTransfer:
 
     Raises:
         InvalidArgumentError: ``name`` is not a non-empty str; an index tensor is not a 1-D
-            int64 CPU tensor (or requires grad); the two lengths differ; ``keys`` is not a
+            int64 CPU tensor; the two lengths differ; ``keys`` is not a
             sequence of str; ``hit_policy`` is not a :class:`PoolHitPolicy` value.
     """
 
