@@ -14,9 +14,11 @@ namespace {
   throw std::logic_error("check_invariants: node " + std::to_string(id) + ": " + what);
 }
 
-// Front-to-back access times never increase and a parent in the list is in front of its children.
+// Front-to-back access times never increase and (parents_first) a parent in the list is in front
+// of its children.
 template <typename List>
-void check_lru_order(const List& list, size_t expected_members, const char* name) {
+void check_lru_order(const List& list, size_t expected_members, const char* name,
+                     bool parents_first = true) {
   if (list.size() != expected_members) {
     fail(kRootId, std::string(name) + " LRU has " + std::to_string(list.size()) +
                       " members, expected " + std::to_string(expected_members));
@@ -33,6 +35,7 @@ void check_lru_order(const List& list, size_t expected_members, const char* name
     prev = n;
   }
   if (pos != expected_members) fail(kRootId, std::string(name) + " LRU links are broken");
+  if (!parents_first) return;
   for (const auto& [n, p] : position) {
     auto parent = position.find(n->parent);
     if (parent != position.end() && parent->second > p) {
@@ -53,8 +56,16 @@ void RadixTree::check_invariants() const {
     fail(root->id, "the root must hold the (empty) device value and never be locked");
   }
 
+  if (root->has_mamba_state() || root->mamba().lock_ref != 0) {
+    fail(root->id, "the root must hold no Mamba state (its empty prefix needs none)");
+  }
+
   std::unordered_set<SlotIndex> slots;
   std::unordered_set<SlotIndex> host_slots;
+  std::unordered_set<SlotIndex> mamba_slots;
+  int64_t mamba_evictable = 0;
+  int64_t mamba_protected = 0;
+  size_t mamba_lru_members = 0;
   int64_t evictable = 0;
   int64_t protected_tokens = 0;
   int64_t host_total = 0;
@@ -201,6 +212,39 @@ void RadixTree::check_invariants() const {
       host_evictable += n->num_tokens();
       ++host_lru_members;
     }
+
+    // Mamba: a state needs the node's device KV (no host states yet); a lock needs a state and is
+    // covered by a Full lock on the same node; the Mamba LRU holds exactly the unlocked states.
+    const ComponentData& mamba = n->mamba();
+    if (mamba.lock_ref < 0) fail(n->id, "negative Mamba lock_ref " + std::to_string(mamba.lock_ref));
+    if (mamba.lock_ref > full.lock_ref) {
+      fail(n->id, "Mamba lock_ref " + std::to_string(mamba.lock_ref) + " > Full lock_ref " +
+                      std::to_string(full.lock_ref));
+    }
+    if (mamba.has_value) {
+      if (!mamba_) fail(n->id, "holds a Mamba state in a tree without the Mamba component");
+      if (!full.has_value) fail(n->id, "holds a Mamba state but no device KV");
+      if (mamba.value.size() != 1) fail(n->id, "a Mamba state is one slot");
+      const SlotIndex v = mamba.value[0];
+      if (v < 0 || (num_mamba_slots_ > 0 && v >= num_mamba_slots_)) {
+        fail(n->id, "Mamba slot " + std::to_string(v) + " out of range");
+      }
+      if (!mamba_slots.insert(v).second) {
+        fail(n->id, "Mamba slot " + std::to_string(v) + " owned twice");
+      }
+      if (mamba.lock_ref > 0) {
+        ++mamba_protected;
+        if (MambaLru::contains(n)) fail(n->id, "Mamba-locked but in the Mamba LRU");
+      } else {
+        ++mamba_evictable;
+        ++mamba_lru_members;
+        if (!MambaLru::contains(n)) fail(n->id, "unlocked Mamba state missing from the Mamba LRU");
+      }
+    } else {
+      if (!mamba.value.empty()) fail(n->id, "a Mamba tombstone that still holds a slot");
+      if (mamba.lock_ref != 0) fail(n->id, "a Mamba-locked tombstone");
+      if (MambaLru::contains(n)) fail(n->id, "a Mamba tombstone in the Mamba LRU");
+    }
   }
 
   if (load_failed != load_failed_size_) {
@@ -237,6 +281,14 @@ void RadixTree::check_invariants() const {
   // child would host-lock its parent).
   check_lru_order(device_lru_, lru_members, "device");
   check_lru_order(host_lru_, host_lru_members, "host");
+  // Single-node Mamba locks: an unlocked state may sit under a locked one, so parents need not
+  // be in front (its back may be an internal node, which evict_mamba tombstones).
+  check_lru_order(mamba_lru_, mamba_lru_members, "Mamba", /*parents_first=*/false);
+  if (mamba_evictable != mamba_evictable_size_ || mamba_protected != mamba_protected_size_) {
+    fail(kRootId, "Mamba ledger evictable=" + std::to_string(mamba_evictable_size_) +
+                      " protected=" + std::to_string(mamba_protected_size_) + " but recomputed " +
+                      std::to_string(mamba_evictable) + " / " + std::to_string(mamba_protected));
+  }
   if (!host_lru_.empty() && host_lru_.back()->num_children > 0) {
     fail(host_lru_.back()->id, "host LRU back has children");
   }

@@ -55,14 +55,21 @@ std::string describe(const char* caller, NodeId id, const std::string& what) {
 
 }  // namespace
 
-RadixTree::RadixTree(int64_t page_size, int64_t num_device_slots, int64_t num_host_slots)
+RadixTree::RadixTree(int64_t page_size, int64_t num_device_slots, int64_t num_host_slots,
+                     bool mamba, int64_t num_mamba_slots)
     : page_size_(page_size),
       num_device_slots_(num_device_slots),
       num_host_slots_(num_host_slots),
+      mamba_(mamba),
+      num_mamba_slots_(num_mamba_slots),
       root_(new Node()) {
   if (page_size < 1) {
     throw std::invalid_argument("RadixTree: page_size must be >= 1, got " +
                                 std::to_string(page_size));
+  }
+  if (num_mamba_slots < 0) {
+    throw std::invalid_argument("RadixTree: num_mamba_slots must be >= 0 (0 = unchecked), got " +
+                                std::to_string(num_mamba_slots));
   }
   if (num_device_slots < 0 || num_host_slots < 0) {
     throw std::invalid_argument("RadixTree: num_device_slots and num_host_slots must be >= 0 "
@@ -186,6 +193,8 @@ Node* RadixTree::split(Node* node, size_t prefix_len) {
   upper->key.assign(node->key.begin(), node->key.begin() + prefix_len);
   node->key.erase(node->key.begin(), node->key.begin() + prefix_len);
   for (int c = 0; c < kNumComponents; ++c) {
+    // A Mamba state (and its single-node lock) belongs to the end of the key: it stays below.
+    if (c == static_cast<int>(Component::kMamba)) continue;
     ComponentData& lower_data = node->comp[c];
     ComponentData& upper_data = upper->comp[c];
     upper_data.has_value = lower_data.has_value;
@@ -229,10 +238,14 @@ void RadixTree::touch_path(Node* node) {
     n->last_access = ++tick_;
     if (DeviceLru::contains(n)) device_lru_.move_to_front(n);
     if (HostLru::contains(n)) host_lru_.move_to_front(n);
+    if (MambaLru::contains(n)) mamba_lru_.move_to_front(n);
   }
 }
 
 void RadixTree::destroy_leaf(Node* node) {
+  if (node->has_mamba_state()) {
+    throw std::logic_error(describe("destroy_leaf", node->id, "still holds a Mamba state"));
+  }
   if (DeviceLru::contains(node)) device_lru_.erase(node);
   if (HostLru::contains(node)) host_lru_.erase(node);
   Node* parent = node->parent;
@@ -279,6 +292,7 @@ void RadixTree::check_slots(const char* caller, const SlotIndex* slots, size_t l
 // (SGLang's _demote) and, unless host-locked, becomes the most recent host-LRU entry. Its host-only
 // children are older in the host LRU, so the host LRU's back stays a leaf.
 void RadixTree::demote(Node* node, EvictResult& result) {
+  free_mamba(node, result.mamba_freed);  // no host states yet: it leaves with the device KV
   ComponentData& full = node->full();
   result.device_freed.insert(result.device_freed.end(), full.value.begin(), full.value.end());
   full.value.clear();
@@ -303,6 +317,9 @@ void RadixTree::demote_failed(Node* node) {
       throw std::logic_error(describe("demote_failed", node->id,
                                       "has a device child " + std::to_string(c->id)));
     }
+  }
+  if (node->has_mamba_state()) {  // loads bring no state and inserts stop at pending loads
+    throw std::logic_error(describe("demote_failed", node->id, "holds a Mamba state"));
   }
   ComponentData& full = node->full();
   if (DeviceLru::contains(node)) {  // unlocked before the load failed
@@ -345,6 +362,7 @@ bool RadixTree::drop_unbacked(Node* node, EvictResult& result) {
     if (subtree[i]->full().host_lock_ref > 0) return false;
     for (Node* c = subtree[i]->first_child; c != nullptr; c = c->next_sibling) subtree.push_back(c);
   }
+  free_mamba(node, result.mamba_freed);  // only the victim is on device; its subtree is host-only
   ComponentData& full = node->full();
   result.device_freed.insert(result.device_freed.end(), full.value.begin(), full.value.end());
   evictable_size_ -= node->num_tokens();
@@ -366,10 +384,60 @@ bool RadixTree::drop_unbacked(Node* node, EvictResult& result) {
 // Drops the tail of a childless node's key past `keep` tokens (a page multiple, 0 < keep < len),
 // with the matching device and host slots. The caller frees the slots and fixes the sizes.
 void RadixTree::trim_tail(Node* node, size_t keep) {
+  if (node->has_mamba_state()) {  // the state is of the dropped end: the caller frees it first
+    throw std::logic_error(describe("trim_tail", node->id, "still holds a Mamba state"));
+  }
   node->key.resize(keep);
   ComponentData& full = node->full();
   if (full.has_value) full.value.resize(keep);
   if (full.has_host_value) full.host_value.resize(keep);
+}
+
+// Frees node's Mamba state (if any) into `freed`: the node becomes a Mamba tombstone. The state
+// must not be locked (a Mamba lock comes with a Full lock on the same node, and locked nodes are
+// never evicted).
+void RadixTree::free_mamba(Node* node, std::vector<SlotIndex>& freed) {
+  ComponentData& mamba = node->mamba();
+  if (!mamba.has_value) return;
+  if (mamba.lock_ref > 0) {
+    throw std::logic_error(describe("free_mamba", node->id, "its Mamba state is locked"));
+  }
+  freed.push_back(mamba.value[0]);
+  mamba.value.clear();
+  mamba.has_value = false;
+  mamba_lru_.erase(node);
+  --mamba_evictable_size_;
+}
+
+// The tombstone cascade of Mamba trees (failure class 5): from `node` upwards, deletes each node
+// that is a childless Mamba tombstone (no match can end there or below it) with its Full slots,
+// and stops at the first that is not, or is locked or host-locked in any component, has a backup
+// or load in flight, or is load-failed: an in-flight operation's nodes must stay. device_ok =
+// false also stops at a node with device KV (evict_host returns host slots only).
+void RadixTree::delete_tombstones(Node* node, EvictResult& result, bool device_ok) {
+  if (!mamba_) return;
+  while (!node->is_root() && node->num_children == 0 && !node->has_mamba_state()) {
+    const ComponentData& full = node->full();
+    if (full.lock_ref > 0 || full.host_lock_ref > 0 || node->mamba().lock_ref > 0 ||
+        node->backup_pending != kNoNode || node->load_pending != kNoNode || node->load_failed ||
+        (!device_ok && full.has_value)) {
+      return;
+    }
+    if (full.has_value) {
+      result.device_freed.insert(result.device_freed.end(), full.value.begin(), full.value.end());
+      evictable_size_ -= node->num_tokens();  // unlocked: it was in the device LRU
+      result.dropped_tokens += node->num_tokens();
+    }
+    if (full.has_host_value) {
+      result.host_freed.insert(result.host_freed.end(), full.host_value.begin(),
+                               full.host_value.end());
+      host_total_size_ -= node->num_tokens();
+      if (HostLru::contains(node)) host_evictable_size_ -= node->num_tokens();
+    }
+    Node* parent = node->parent;
+    destroy_leaf(node);
+    node = parent;
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -380,7 +448,12 @@ MatchResult RadixTree::match_prefix(const Token* key, size_t len, std::string_vi
   len -= len % static_cast<size_t>(page_size_);
   const int32_t ns = namespace_id(extra_key, /*create=*/false);
   Node* node = root_.get();
+  // The deepest node every validator accepts (best_match_node) and the deepest one they accept on
+  // device (last_device_node). Full accepts every matched node (device, or host-only on the
+  // path); Mamba only nodes holding a state, on device (no host states yet) or the root.
+  Node* best = node;
   Node* last_device = node;
+  size_t device_len = 0;  // device tokens down to the deepest device node walked so far
   size_t pos = 0;
   if (ns >= 0) {
     while (pos < len) {
@@ -391,34 +464,55 @@ MatchResult RadixTree::match_prefix(const Token* key, size_t len, std::string_vi
       const size_t m = common_pages_len(child, key + pos, len - pos);
       const bool partial = m < child->key.size();
       if (partial) child = split(child, m);
-      if (child->evicted()) {
-        result.host_hit_length += static_cast<int64_t>(m);
-      } else {
+      if (!child->evicted()) {
         const std::vector<SlotIndex>& v = child->full().value;
         result.device_indices.insert(result.device_indices.end(), v.begin(), v.end());
-        last_device = child;
       }
       node = child;
       pos += m;
+      if (!mamba_ || child->has_mamba_state()) {
+        best = child;
+        if (!child->evicted()) {
+          last_device = child;
+          device_len = result.device_indices.size();
+        }
+      }
       if (partial) break;
     }
   }
-  touch_path(node);
+  result.device_indices.resize(device_len);
+  int64_t host_len = 0;
+  for (const Node* n = best; n != last_device; n = n->parent) host_len += n->num_tokens();
+  result.host_hit_length = host_len;
+  if (mamba_ && static_cast<int64_t>(pos) > static_cast<int64_t>(device_len) + host_len) {
+    result.mamba_branching_seqlen = static_cast<int64_t>(pos);
+  }
+  touch_path(best);
   result.last_device_node = last_device->id;
-  // With the Full component only, every matched node is a valid load-back anchor (SGLang sets
-  // last_host_node = best_match_node in HiCache mode).
-  result.last_host_node = result.best_match_node = node->id;
+  // SGLang sets last_host_node = best_match_node in HiCache mode.
+  result.last_host_node = result.best_match_node = best->id;
   return result;
 }
 
 InsertResult RadixTree::insert(const Token* key, size_t len, const SlotIndex* value,
-                               size_t value_len, std::string_view extra_key) {
+                               size_t value_len, std::string_view extra_key,
+                               SlotIndex mamba_value) {
   if (value_len != len) {
     throw std::invalid_argument("insert: key has " + std::to_string(len) + " tokens but value has " +
                                 std::to_string(value_len) + " slots; they must be equal");
   }
   const size_t aligned = len - len % static_cast<size_t>(page_size_);
   check_slots("insert", value, aligned, num_device_slots_, "device");
+  if (mamba_value != -1) {
+    if (!mamba_) {
+      throw std::invalid_argument("insert: mamba_value given to a tree without the Mamba component");
+    }
+    if (mamba_value < 0 || (num_mamba_slots_ > 0 && mamba_value >= num_mamba_slots_)) {
+      throw std::out_of_range("insert: mamba_value " + std::to_string(mamba_value) +
+                              " is out of range for a mamba pool of " +
+                              std::to_string(num_mamba_slots_) + " slots");
+    }
+  }
   const int32_t ns = namespace_id(extra_key, /*create=*/aligned > 0);
 
   InsertResult result;
@@ -477,6 +571,18 @@ InsertResult RadixTree::insert(const Token* key, size_t len, const SlotIndex* va
     node = leaf;
     pos = aligned;
   }
+  if (mamba_value != -1 && !stopped && aligned > 0) {
+    ComponentData& mamba = node->mamba();
+    if (mamba.has_value) {
+      result.mamba_exist = true;  // the caller frees its copy; touch_path refreshes this one
+    } else {
+      mamba.value.assign(1, mamba_value);  // a tombstone is never Mamba-locked: unlocked
+      mamba.has_value = true;
+      mamba_lru_.push_front(node);  // touch_path orders it
+      ++mamba_evictable_size_;
+      result.mamba_taken = true;
+    }
+  }
   touch_path(node);
   result.last_node = node->id;
   result.cached_len = static_cast<int64_t>(pos);
@@ -488,6 +594,15 @@ LockReceipt RadixTree::inc_lock_ref(NodeId id) {
   while (node->evicted()) node = node->parent;  // skip the evicted bottom (the root has a value)
   LockReceipt receipt;
   receipt.node_id = node->id;
+  if (node->has_mamba_state()) {  // Mamba: a single-node lock on the state the request uses
+    ComponentData& mamba = node->mamba();
+    if (mamba.lock_ref++ == 0) {
+      mamba_lru_.erase(node);
+      --mamba_evictable_size_;
+      ++mamba_protected_size_;
+    }
+    receipt.mamba_node_id = node->id;
+  }
   for (Node* n = node; !n->is_root(); n = n->parent) {
     ComponentData& full = n->full();
     if (full.lock_ref == 0) {
@@ -501,11 +616,30 @@ LockReceipt RadixTree::inc_lock_ref(NodeId id) {
   return receipt;
 }
 
-int64_t RadixTree::dec_lock_ref(NodeId id) {
+int64_t RadixTree::dec_lock_ref(NodeId id, NodeId mamba_node_id) {
   Node* node = node_by_id(id, "dec_lock_ref");
+  if (mamba_node_id != kNoNode) {
+    if (mamba_node_id != id) {
+      throw std::invalid_argument(describe("dec_lock_ref", id,
+                                           "the receipt's Mamba lock is on node " +
+                                               std::to_string(mamba_node_id) +
+                                               ", not on the node it locked: a wrong receipt"));
+    }
+    if (node->mamba().lock_ref <= 0) {
+      throw std::invalid_argument(describe("dec_lock_ref", id,
+                                           "holds no Mamba lock (Mamba lock_ref 0): a wrong or "
+                                           "already used receipt"));
+    }
+  }
   if (node->is_root()) return 0;
   if (node->full().lock_ref <= 0) {
     throw std::invalid_argument(describe("dec_lock_ref", id, "is not locked (lock_ref 0)"));
+  }
+  if (mamba_node_id == kNoNode && node->mamba().lock_ref > 0 &&
+      node->mamba().lock_ref >= node->full().lock_ref) {
+    throw std::invalid_argument(describe("dec_lock_ref", id,
+                                         "every Full lock on it comes with a Mamba lock: pass "
+                                         "the receipt's mamba_node_id"));
   }
   if (load_failed_size_ > 0) {  // validate first: a throwing call changes nothing
     for (const Node* n = node; !n->is_root(); n = n->parent) {
@@ -517,6 +651,12 @@ int64_t RadixTree::dec_lock_ref(NodeId id) {
       }
     }
   }
+  if (mamba_node_id != kNoNode && --node->mamba().lock_ref == 0) {  // components before Full
+    node->last_access = ++tick_;
+    mamba_lru_.push_front(node);
+    ++mamba_evictable_size_;
+    --mamba_protected_size_;
+  }
   int64_t delta = 0;
   for (Node* n = node; !n->is_root(); n = n->parent) {
     ComponentData& full = n->full();
@@ -527,6 +667,8 @@ int64_t RadixTree::dec_lock_ref(NodeId id) {
       }
       n->last_access = ++tick_;
       device_lru_.push_front(n);
+      // Its access time changed: keep the Mamba LRU in access-time order too.
+      if (MambaLru::contains(n)) mamba_lru_.move_to_front(n);
       delta += n->num_tokens();
     }
   }
@@ -586,6 +728,9 @@ EvictResult RadixTree::evict(int64_t num_tokens, bool write_back) {
     }
     const int64_t victim_pages = victim->num_tokens() / page_size_;
     const size_t keep = static_cast<size_t>(std::max<int64_t>(victim_pages - pages, 0) * page_size_);
+    // Mamba trees: what is left of the victim (or its parent, once dropped) may now be a
+    // childless tombstone, which the cascade deletes; its pages count as freed.
+    Node* cascade_from = victim;
     if (victim->backuped() || write_back || victim->num_children > 0) {
       // Page-granular: the tail pages become their own node (the victim keeps its id, the kept
       // head is the new parent), which is then demoted, backed up or dropped as a whole.
@@ -596,14 +741,17 @@ EvictResult RadixTree::evict(int64_t num_tokens, bool write_back) {
       } else if (write_back) {
         result.needs_backup = victim->id;
         break;
-      } else if (!drop_unbacked(victim, result)) {
-        break;
+      } else {
+        Node* parent = victim->parent;
+        if (!drop_unbacked(victim, result)) break;
+        cascade_from = parent;
       }
       pages -= taken_pages;
     } else if (victim->full().host_lock_ref > 0) {
       break;  // an in-flight host operation holds it: it may neither shrink nor go
     } else if (keep > 0) {
-      // A childless unbacked leaf loses its tail pages in place.
+      // A childless unbacked leaf loses its tail pages in place (and its state, of the old end).
+      free_mamba(victim, result.mamba_freed);
       std::vector<SlotIndex>& value = victim->full().value;
       result.device_freed.insert(result.device_freed.end(), value.begin() + keep, value.end());
       const int64_t trimmed = victim->num_tokens() - static_cast<int64_t>(keep);
@@ -612,9 +760,28 @@ EvictResult RadixTree::evict(int64_t num_tokens, bool write_back) {
       trim_tail(victim, keep);
       pages = 0;
     } else {
+      Node* parent = victim->parent;
       if (!drop_unbacked(victim, result)) break;
+      cascade_from = parent;
       pages -= victim_pages;
     }
+    const size_t freed_before = result.device_freed.size();
+    delete_tombstones(cascade_from, result, /*device_ok=*/true);
+    pages -= static_cast<int64_t>(result.device_freed.size() - freed_before) / page_size_;
+  }
+  return result;
+}
+
+EvictResult RadixTree::evict_mamba(int64_t num_states) {
+  if (num_states < 0) {
+    throw std::invalid_argument("evict_mamba: num_states must be >= 0, got " +
+                                std::to_string(num_states));
+  }
+  EvictResult result;
+  for (int64_t left = num_states; left > 0 && !mamba_lru_.empty(); --left) {
+    Node* victim = mamba_lru_.back();
+    free_mamba(victim, result.mamba_freed);
+    delete_tombstones(victim, result, /*device_ok=*/true);
   }
   return result;
 }
@@ -639,7 +806,12 @@ std::vector<SlotIndex> RadixTree::evict_host(int64_t num_tokens) {
       host_total_size_ -= victim->num_tokens();
       host_evictable_size_ -= victim->num_tokens();
       pages -= victim_pages;
+      Node* parent = victim->parent;
       destroy_leaf(victim);
+      EvictResult cascade;  // Mamba trees: host-only tombstones above it; device ones stay
+      delete_tombstones(parent, cascade, /*device_ok=*/false);
+      freed.insert(freed.end(), cascade.host_freed.begin(), cascade.host_freed.end());
+      pages -= static_cast<int64_t>(cascade.host_freed.size()) / page_size_;
     } else {
       const size_t keep = static_cast<size_t>((victim_pages - pages) * page_size_);
       freed.insert(freed.end(), host.begin() + keep, host.end());
@@ -824,6 +996,8 @@ std::vector<SlotIndex> RadixTree::reset() {
   load_failed_size_ = 0;  // (load-failed nodes are locked: there are none here)
   device_lru_.clear();
   host_lru_.clear();
+  mamba_lru_.clear();
+  mamba_evictable_size_ = mamba_protected_size_ = 0;  // (locked states are Full-locked: none)
   child_index_.clear();
   nodes_.clear();
   namespaces_.clear();
@@ -854,6 +1028,9 @@ NodeInfo RadixTree::node_info(NodeId id) const {
   info.backup_pending = node->backup_pending != kNoNode;
   info.load_pending = node->load_pending != kNoNode;
   info.load_failed = node->load_failed;
+  info.has_mamba_value = node->has_mamba_state();
+  info.mamba_value = node->has_mamba_state() ? node->mamba().value[0] : -1;
+  info.mamba_lock_ref = node->mamba().lock_ref;
   info.has_extra_key = node->ns > 0;
   if (node->ns > 0) info.extra_key = namespace_names_[static_cast<size_t>(node->ns)];
   return info;
@@ -882,11 +1059,25 @@ std::vector<SlotIndex> RadixTree::all_host_indices() const {
   return tier_slots(root_.get(), &ComponentData::host_value, host_total_size_);
 }
 
+std::vector<SlotIndex> RadixTree::all_mamba_indices() const {
+  std::vector<SlotIndex> out;
+  out.reserve(static_cast<size_t>(mamba_evictable_size_ + mamba_protected_size_));
+  for (const auto& [id, node] : nodes_) {
+    if (node->has_mamba_state()) out.push_back(node->mamba().value[0]);
+  }
+  return out;
+}
+
 std::string RadixTree::pretty_print() const {
   std::ostringstream os;
   os << "RadixTree(page_size=" << page_size_ << ", nodes=" << nodes_.size()
      << ", evictable=" << evictable_size_ << ", protected=" << protected_size_
-     << ", host=" << host_total_size_ << ", host_evictable=" << host_evictable_size_ << ")\n";
+     << ", host=" << host_total_size_ << ", host_evictable=" << host_evictable_size_;
+  if (mamba_) {
+    os << ", mamba_evictable=" << mamba_evictable_size_
+       << ", mamba_protected=" << mamba_protected_size_;
+  }
+  os << ")\n";
   std::vector<std::pair<const Node*, int>> stack{{root_.get(), 0}};
   while (!stack.empty()) {
     auto [n, depth] = stack.back();
@@ -898,6 +1089,9 @@ std::string RadixTree::pretty_print() const {
     if (n->backup_pending != kNoNode) os << " backup_pending=" << n->backup_pending;
     if (n->load_pending != kNoNode) os << " load_pending=" << n->load_pending;
     if (n->load_failed) os << " load_failed";
+    if (n->has_mamba_state()) {
+      os << " mamba=" << n->mamba().value[0] << " mamba_lock_ref=" << n->mamba().lock_ref;
+    }
     if (n->ns > 0) os << " extra_key=" << namespace_names_[static_cast<size_t>(n->ns)];
     if (!n->key.empty()) {
       os << " key=[";

@@ -10,6 +10,7 @@
 
 #include "hicache/radix_tree.h"
 
+using hicache::LockReceipt;
 using hicache::NodeId;
 using hicache::RadixTree;
 using hicache::SlotIndex;
@@ -21,13 +22,15 @@ int main(int argc, char** argv) {
   std::mt19937 rng(seed);
   size_t failed_load_slots = 0;  // device slots of failed loads handed back, all page sizes
   auto uniform = [&](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); };
-  for (const int64_t page_size : {1, 4, 16}) {
-    RadixTree tree(page_size, 0, 0);
-    std::vector<NodeId> locked;       // lock receipts
+  for (const int64_t page_size : {1, 4, 16})
+  for (const bool mamba : {false, true}) {
+    RadixTree tree(page_size, 0, 0, mamba);
+    SlotIndex next_mamba_slot = 0;    // fresh Mamba state slots (never reused)
+    std::vector<LockReceipt> locked;  // lock receipts
     std::vector<NodeId> host_locked;  // host-locked nodes
     // In-flight load-backs, oldest first: (anchor = ack id, lock receipt); each also holds a host
     // lock on its anchor. Acked oldest first, as the cache's controller acknowledges them.
-    std::vector<std::pair<NodeId, NodeId>> loads;
+    std::vector<std::pair<NodeId, LockReceipt>> loads;
     // Demoted load-failed nodes' slots are handed back; fresh slots are never reused, so only the
     // count matters here.
     auto take_failed = [&]() { failed_load_slots += tree.take_failed_load_slots().size(); };
@@ -39,7 +42,8 @@ int main(int argc, char** argv) {
       } else {
         tree.finish_load_back(anchor);
       }
-      tree.dec_lock_ref(receipt);  // after the ack: demotes failed nodes nobody else locks
+      // After the ack: demotes failed nodes nobody else locks.
+      tree.dec_lock_ref(receipt.node_id, receipt.mamba_node_id);
       tree.dec_host_lock_ref(anchor);
       take_failed();
     };
@@ -66,7 +70,8 @@ int main(int argc, char** argv) {
       switch (uniform(0, 10)) {
         case 0: {
           const auto value = fresh(next_slot, key.size());
-          tree.insert(key.data(), key.size(), value.data(), value.size(), extra_key);
+          const SlotIndex state = mamba && uniform(0, 3) > 0 ? next_mamba_slot++ : -1;
+          tree.insert(key.data(), key.size(), value.data(), value.size(), extra_key, state);
           break;
         }
         case 1:
@@ -74,13 +79,13 @@ int main(int argc, char** argv) {
           break;
         case 2: {
           const auto m = tree.match_prefix(key.data(), key.size(), extra_key);
-          locked.push_back(tree.inc_lock_ref(m.best_match_node).node_id);
+          locked.push_back(tree.inc_lock_ref(m.best_match_node));
           break;
         }
         case 3:
           if (!locked.empty()) {
             const size_t i = static_cast<size_t>(uniform(0, static_cast<int>(locked.size()) - 1));
-            tree.dec_lock_ref(locked[i]);  // may demote load-failed nodes
+            tree.dec_lock_ref(locked[i].node_id, locked[i].mamba_node_id);  // may demote some
             locked.erase(locked.begin() + static_cast<long>(i));
             take_failed();
           }
@@ -110,7 +115,7 @@ int main(int argc, char** argv) {
           tree.commit_load_back(m.best_match_node, device.data(), device.size());
           if (!plan.nodes.empty() && uniform(0, 1) == 0) {
             // In flight: locked until its ack (case 9); requests may lock it meanwhile (case 2).
-            loads.emplace_back(m.best_match_node, tree.inc_lock_ref(m.best_match_node).node_id);
+            loads.emplace_back(m.best_match_node, tree.inc_lock_ref(m.best_match_node));
             break;
           }
           if (!plan.nodes.empty()) {
@@ -142,6 +147,9 @@ int main(int argc, char** argv) {
         case 9:
           if (!loads.empty()) ack_oldest_load(uniform(0, 1) == 0);
           break;
+        case 8:
+          if (mamba) tree.evict_mamba(uniform(0, 3));
+          break;
         default: {
           const bool write_back = uniform(0, 1) == 0;
           const auto r = tree.evict(uniform(0, 5 * static_cast<int>(page_size)), write_back);
@@ -157,14 +165,14 @@ int main(int argc, char** argv) {
       tree.check_invariants();
     }
     while (!loads.empty()) ack_oldest_load(uniform(0, 1) == 0);
-    for (NodeId id : locked) tree.dec_lock_ref(id);
+    for (const LockReceipt& r : locked) tree.dec_lock_ref(r.node_id, r.mamba_node_id);
     take_failed();
     for (NodeId id : host_locked) tree.dec_host_lock_ref(id);
     tree.evict(tree.total_size(), false);
     tree.evict_host(tree.host_total_size());
     tree.check_invariants();
     if (tree.total_size() != 0 || tree.host_total_size() != 0 || tree.num_nodes() != 0 ||
-        tree.load_failed_size() != 0) {
+        tree.load_failed_size() != 0 || tree.mamba_evictable_size() != 0) {
       std::fprintf(stderr, "page_size %ld: tree not empty after evicting everything\n%s",
                    static_cast<long>(page_size), tree.pretty_print().c_str());
       return 1;
@@ -177,7 +185,8 @@ int main(int argc, char** argv) {
     }
     tree.check_invariants();
   }
-  std::printf("random_ops: %d steps x 3 page sizes ok (%zu failed-load slots handed back)\n", steps,
-              failed_load_slots);
+  std::printf("random_ops: %d steps x 3 page sizes x {full, full+mamba} ok (%zu failed-load slots "
+              "handed back)\n",
+              steps, failed_load_slots);
   return 0;
 }

@@ -23,16 +23,20 @@ cdef extern from "hicache/radix_tree.h" namespace "hicache" nogil:
         NodeId last_host_node
         NodeId best_match_node
         int64_t host_hit_length
+        int64_t mamba_branching_seqlen
 
     cdef cppclass CInsertResult "hicache::InsertResult":
         int64_t prefix_len
         NodeId last_node
         int64_t adopted_len
         int64_t cached_len
+        cbool mamba_exist
+        cbool mamba_taken
 
     cdef cppclass CLockReceipt "hicache::LockReceipt":
         NodeId node_id
         int64_t delta
+        NodeId mamba_node_id
 
     cdef cppclass CEvictResult "hicache::EvictResult":
         vector[SlotIndex] device_freed
@@ -40,6 +44,7 @@ cdef extern from "hicache/radix_tree.h" namespace "hicache" nogil:
         int64_t demoted_tokens
         int64_t dropped_tokens
         NodeId needs_backup
+        vector[SlotIndex] mamba_freed
 
     cdef cppclass CTransferPlan "hicache::TransferPlan":
         vector[NodeId] nodes
@@ -60,25 +65,32 @@ cdef extern from "hicache/radix_tree.h" namespace "hicache" nogil:
         cbool backup_pending
         cbool load_pending
         cbool load_failed
+        cbool has_mamba_value
+        SlotIndex mamba_value
+        int64_t mamba_lock_ref
         string extra_key
         cbool has_extra_key
 
     cdef cppclass CRadixTree "hicache::RadixTree":
-        CRadixTree(int64_t page_size, int64_t num_device_slots,
-                   int64_t num_host_slots) except +translate_cpp_exception
+        CRadixTree(int64_t page_size, int64_t num_device_slots, int64_t num_host_slots,
+                   cbool mamba, int64_t num_mamba_slots) except +translate_cpp_exception
         int64_t page_size()
         int64_t num_device_slots()
         int64_t num_host_slots()
+        cbool has_mamba()
         CMatchResult match_prefix(const Token* key, size_t length,
                                   string_view extra_key) except +translate_cpp_exception
         CInsertResult insert(const Token* key, size_t length, const SlotIndex* value,
-                             size_t value_len, string_view extra_key) except +translate_cpp_exception
+                             size_t value_len, string_view extra_key,
+                             SlotIndex mamba_value) except +translate_cpp_exception
         CLockReceipt inc_lock_ref(NodeId node_id) except +translate_cpp_exception
-        int64_t dec_lock_ref(NodeId node_id) except +translate_cpp_exception
+        int64_t dec_lock_ref(NodeId node_id,
+                             NodeId mamba_node_id) except +translate_cpp_exception
         int64_t inc_host_lock_ref(NodeId node_id) except +translate_cpp_exception
         int64_t dec_host_lock_ref(NodeId node_id) except +translate_cpp_exception
         CEvictResult evict(int64_t num_tokens, cbool write_back) except +translate_cpp_exception
         vector[SlotIndex] evict_host(int64_t num_tokens) except +translate_cpp_exception
+        CEvictResult evict_mamba(int64_t num_states) except +translate_cpp_exception
         CTransferPlan backup_plan(NodeId node_id,
                                   uint64_t min_hit_count) except +translate_cpp_exception
         void commit_backup(NodeId node_id, const SlotIndex* host,
@@ -98,6 +110,8 @@ cdef extern from "hicache/radix_tree.h" namespace "hicache" nogil:
         int64_t host_evictable_size()
         int64_t host_protected_size()
         int64_t load_failed_size()
+        int64_t mamba_evictable_size()
+        int64_t mamba_protected_size()
         int64_t num_nodes()
         cbool contains_node(NodeId node_id)
         CNodeInfo node_info(NodeId node_id) except +translate_cpp_exception
@@ -105,6 +119,7 @@ cdef extern from "hicache/radix_tree.h" namespace "hicache" nogil:
         vector[Token] node_key(NodeId node_id) except +translate_cpp_exception
         vector[SlotIndex] all_device_indices() except +translate_cpp_exception
         vector[SlotIndex] all_host_indices() except +translate_cpp_exception
+        vector[SlotIndex] all_mamba_indices() except +translate_cpp_exception
         vector[SlotIndex] reset() except +translate_cpp_exception
         string pretty_print() except +translate_cpp_exception
         void check_invariants() except +translate_cpp_exception
@@ -123,5 +138,7 @@ cdef class RadixTree:
     cdef readonly int64_t page_size
     cdef readonly int64_t num_device_slots
     cdef readonly int64_t num_host_slots
+    cdef readonly cbool mamba
+    cdef readonly int64_t num_mamba_slots
     cdef int _as_tokens(self, object key, const Token** out, size_t* n) except -1
     cdef int _as_slots(self, object value, const SlotIndex** out, size_t* n) except -1

@@ -65,6 +65,11 @@ cdef object _to_tensor(vector[SlotIndex]& values):
     return torch.frombuffer(buf, dtype=torch.int64)
 
 
+cdef object _evict_result(CEvictResult& r):
+    return EvictResult(_to_tensor(r.device_freed), _to_tensor(r.host_freed), r.demoted_tokens,
+                       r.dropped_tokens, r.needs_backup, _to_tensor(r.mamba_freed))
+
+
 cdef object _plan(CTransferPlan& plan):
     return TransferPlan(list(plan.nodes), list(plan.lengths), _to_tensor(plan.indices))
 
@@ -139,22 +144,38 @@ cdef class RadixTree:
     demotion touches the demoted node. A node is evictable from device when it has device KV and
     ``lock_ref == 0``; from host when it is host-only and ``host_lock_ref == 0``.
 
+    Mamba component (``mamba=True``, hybrid Mamba + attention models; SGLang's UnifiedRadixCache
+    with FULL + MAMBA; device tier only so far): a node may hold one Mamba state slot, the
+    recurrent state after its last token; a node without one is a Mamba tombstone. A match ends
+    at the deepest matched node holding a state (``mamba_branching_seqlen`` reports the Full
+    tokens matched beyond it); ``insert(..., mamba_value=s)`` gives the node ending the key the
+    state ``s`` unless it has one (``mamba_exist``); locks lock the locked node's state too (the
+    receipt's ``mamba_node_id``, which :meth:`dec_lock_ref` requires); :meth:`evict_mamba` frees
+    the least recently used unlocked states. A childless tombstone is useless and is deleted with
+    its KV, cascading up through tombstone parents, stopping at any node locked or host-locked in
+    any component or with a transfer in flight (DESIGN.md failure class 5).
+
     Args:
         page_size: tokens per page, >= 1. Keys and values are used in whole pages.
         num_device_slots: size of the device pool in slots (tokens). When > 0, device slot indices
             given to the tree must lie in ``[0, num_device_slots)``; 0 disables that check.
         num_host_slots: the same for the host pool.
+        mamba: add the Mamba component.
+        num_mamba_slots: the same check for Mamba state slots (one slot per state).
 
     Raises:
         InvalidArgumentError: ``page_size < 1`` or a negative pool size.
     """
 
     def __cinit__(self, int64_t page_size=1, int64_t num_device_slots=0,
-                  int64_t num_host_slots=0):
-        self._tree.reset(new CRadixTree(page_size, num_device_slots, num_host_slots))
+                  int64_t num_host_slots=0, bint mamba=False, int64_t num_mamba_slots=0):
+        self._tree.reset(new CRadixTree(page_size, num_device_slots, num_host_slots, mamba,
+                                        num_mamba_slots))
         self.page_size = page_size
         self.num_device_slots = num_device_slots
         self.num_host_slots = num_host_slots
+        self.mamba = mamba
+        self.num_mamba_slots = num_mamba_slots
 
     @property
     def root_id(self) -> int:
@@ -249,7 +270,9 @@ cdef class RadixTree:
             MatchResult: ``device_indices`` (int64 CPU tensor, owned by the caller: the device
             slots of the matched device nodes), ``last_device_node`` (deepest matched device node),
             ``last_host_node`` = ``best_match_node`` (deepest matched node, on device or host: the
-            load-back anchor) and ``host_hit_length`` (tokens matched in host-only nodes).
+            load-back anchor) and ``host_hit_length`` (tokens matched in host-only nodes). In a
+            Mamba tree these stop at the deepest node holding a state, and
+            ``mamba_branching_seqlen`` is the Full tokens matched when more (else -1).
 
         Raises:
             InvalidArgumentError: ``key`` has a wrong type, dtype, device or shape, or a token
@@ -262,9 +285,9 @@ cdef class RadixTree:
         self._as_tokens(key, &tokens, &n)
         cdef CMatchResult r = self._tree.get().match_prefix(tokens, n, ns)
         return MatchResult(_to_tensor(r.device_indices), r.last_device_node, r.last_host_node,
-                           r.best_match_node, r.host_hit_length)
+                           r.best_match_node, r.host_hit_length, r.mamba_branching_seqlen)
 
-    def insert(self, key, value, extra_key=None):
+    def insert(self, key, value, extra_key=None, int64_t mamba_value=-1):
         """Inserts ``key`` with its device KV slots ``value``.
 
         Only the page-aligned part ``key[:floor(len/page_size)*page_size]`` is inserted. Device
@@ -280,17 +303,24 @@ cdef class RadixTree:
                 made of whole pages when ``page_size > 1`` (each page ``page_size`` consecutive
                 slots starting at a multiple of ``page_size``).
             extra_key: namespace, as in :meth:`match_prefix`.
+            mamba_value: Mamba trees: the state slot holding the recurrent state after the
+                aligned key, or -1 for none.
 
         Returns:
             InsertResult: ``prefix_len`` (tokens already on device: the caller still owns
             ``value[:prefix_len]`` and frees what it does not need), ``last_node``,
             ``adopted_len`` and ``cached_len`` (the aligned length unless the walk stopped); the
             tree owns ``value[prefix_len:cached_len]``, the caller keeps ``value[cached_len:]``.
+            With a ``mamba_value``: ``mamba_taken`` (the tree owns it now) or ``mamba_exist``
+            (the node already had a state: the caller frees its copy); neither when the walk
+            stopped early (the caller keeps it).
 
         Raises:
             InvalidArgumentError: wrong type/dtype/device/shape, ``len(value) != len(key)``, a
-                negative slot, or slots not made of whole pages.
-            IndexOutOfRangeError: a slot ``>= num_device_slots``.
+                negative slot, slots not made of whole pages, or a ``mamba_value`` in a tree
+                without the Mamba component.
+            IndexOutOfRangeError: a slot ``>= num_device_slots``, or a ``mamba_value`` out of
+                ``[0, num_mamba_slots)``.
         """
         cdef const Token* tokens
         cdef const SlotIndex* slots
@@ -299,8 +329,9 @@ cdef class RadixTree:
         cdef string_view ns = _view(holder)
         self._as_tokens(key, &tokens, &n)
         self._as_slots(value, &slots, &m)
-        cdef CInsertResult r = self._tree.get().insert(tokens, n, slots, m, ns)
-        return InsertResult(r.prefix_len, r.last_node, r.adopted_len, r.cached_len)
+        cdef CInsertResult r = self._tree.get().insert(tokens, n, slots, m, ns, mamba_value)
+        return InsertResult(r.prefix_len, r.last_node, r.adopted_len, r.cached_len,
+                            r.mamba_exist, r.mamba_taken)
 
     def inc_lock_ref(self, int64_t node_id):
         """Locks a node's device KV and its ancestors' against eviction (a path lock).
@@ -309,16 +340,17 @@ cdef class RadixTree:
         bottom of the path is skipped (DESIGN.md failure class 4).
 
         Returns:
-            LockReceipt: ``node_id`` (the node locked: pass it to :meth:`dec_lock_ref`) and
-            ``delta`` (tokens moved from evictable to protected).
+            LockReceipt: ``node_id`` (the node locked: pass it to :meth:`dec_lock_ref`),
+            ``delta`` (tokens moved from evictable to protected) and, in a Mamba tree where that
+            node holds a state, ``mamba_node_id`` (its state is locked too; else -1).
 
         Raises:
             IndexOutOfRangeError: unknown node id.
         """
         cdef CLockReceipt r = self._tree.get().inc_lock_ref(node_id)
-        return LockReceipt(r.node_id, r.delta)
+        return LockReceipt(r.node_id, r.delta, r.mamba_node_id)
 
-    def dec_lock_ref(self, int64_t node_id):
+    def dec_lock_ref(self, int64_t node_id, int64_t mamba_node_id=-1):
         """Releases one lock taken by :meth:`inc_lock_ref`; ``node_id`` is its receipt's node.
 
         Nodes whose ``lock_ref`` drops to 0 become evictable and count as just used; load-failed
@@ -328,13 +360,19 @@ cdef class RadixTree:
         Returns:
             int: tokens moved from protected back to evictable.
 
+        Args:
+            node_id: the receipt's ``node_id``.
+            mamba_node_id: the receipt's ``mamba_node_id`` (-1: no Mamba lock to release).
+
         Raises:
-            InvalidArgumentError: the node is not locked, or the call would release a load-failed
-                node whose own load is still pending (release a load's lock after its
+            InvalidArgumentError: the node is not locked, the Mamba part of the receipt is wrong
+                (names another node, or a node without a Mamba lock, or is missing where every
+                Full lock on the node came with a Mamba lock), or the call would release a
+                load-failed node whose own load is still pending (release a load's lock after its
                 :meth:`finish_load_back` / :meth:`abort_load_back`). Nothing changed.
             IndexOutOfRangeError: unknown node id.
         """
-        return self._tree.get().dec_lock_ref(node_id)
+        return self._tree.get().dec_lock_ref(node_id, mamba_node_id)
 
     def inc_host_lock_ref(self, int64_t node_id):
         """Protects the host KV of ``node_id`` and its ancestors while a host operation runs.
@@ -380,8 +418,24 @@ cdef class RadixTree:
             InvalidArgumentError: ``num_tokens < 0``.
         """
         cdef CEvictResult r = self._tree.get().evict(num_tokens, write_back)
-        return EvictResult(_to_tensor(r.device_freed), _to_tensor(r.host_freed),
-                           r.demoted_tokens, r.dropped_tokens, r.needs_backup)
+        return _evict_result(r)
+
+    def evict_mamba(self, int64_t num_states):
+        """Mamba trees: frees ``num_states`` device Mamba states, least recently used first.
+
+        Never a locked state. The victim becomes a Mamba tombstone; a childless one is then
+        deleted with its KV by the tombstone cascade (which stops at locked, host-locked or
+        in-flight nodes), so the result may hold device and host slots too.
+
+        Returns:
+            EvictResult: ``mamba_indices`` (freed state slots) and the device and host slots the
+            cascade freed (with ``dropped_tokens``).
+
+        Raises:
+            InvalidArgumentError: ``num_states < 0``.
+        """
+        cdef CEvictResult r = self._tree.get().evict_mamba(num_states)
+        return _evict_result(r)
 
     def evict_host(self, int64_t num_tokens):
         """Evicts ``ceil(num_tokens / page_size)`` pages of host KV (SGLang's ``evict_host``).
@@ -542,6 +596,14 @@ cdef class RadixTree:
         """Host tokens ``evict_host`` cannot free now: on device too, or host-locked."""
         return self._tree.get().host_protected_size()
 
+    def mamba_evictable_size(self):
+        """Mamba states in the tree that no lock holds (what :meth:`evict_mamba` can free)."""
+        return self._tree.get().mamba_evictable_size()
+
+    def mamba_protected_size(self):
+        """Mamba states in the tree held by a lock."""
+        return self._tree.get().mamba_protected_size()
+
     def load_failed_size(self):
         """Device tokens in load-failed nodes, kept (locked) until their last lock is released."""
         return self._tree.get().load_failed_size()
@@ -576,7 +638,8 @@ cdef class RadixTree:
         return NodeInfo(i.node_id, i.parent_id, i.num_tokens, i.num_children, i.lock_ref,
                         i.host_ref_counter, i.hit_count, i.last_access_time, i.has_device_value,
                         i.has_host_value, i.backup_pending, i.load_pending, i.load_failed,
-                        i.extra_key.decode("utf-8") if i.has_extra_key else None)
+                        i.extra_key.decode("utf-8") if i.has_extra_key else None,
+                        i.has_mamba_value, i.mamba_value, i.mamba_lock_ref)
 
     def node_ids(self):
         """Ids of every node but the root, parents before children (for tests and debugging).
@@ -604,6 +667,10 @@ cdef class RadixTree:
     def all_host_indices(self):
         """All host slots held by the tree, as an int64 CPU tensor (order unspecified)."""
         return _to_tensor(self._tree.get().all_host_indices())
+
+    def all_mamba_indices(self):
+        """All Mamba state slots held by the tree, as an int64 CPU tensor (order unspecified)."""
+        return _to_tensor(self._tree.get().all_mamba_indices())
 
     def reset(self):
         """Drops every node and returns the device slots they held (int64 CPU tensor).

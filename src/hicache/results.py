@@ -22,6 +22,9 @@ class MatchResult(NamedTuple):
         best_match_node: id of the deepest node every component accepts; the only valid anchor
             for an L2 load-back (DESIGN.md failure class 4).
         host_hit_length: tokens matched on host only, below ``last_device_node``.
+        mamba_branching_seqlen: Mamba trees: the Full tokens matched (page-aligned) when more
+            than the prefix a state validates (``device_prefix_len + host_hit_length``), where a
+            scheduler may checkpoint a new state; -1 otherwise (SGLang's field of that name).
     """
 
     device_indices: torch.Tensor
@@ -29,6 +32,7 @@ class MatchResult(NamedTuple):
     last_host_node: int
     best_match_node: int
     host_hit_length: int
+    mamba_branching_seqlen: int = -1
 
     @property
     def device_prefix_len(self) -> int:
@@ -52,12 +56,18 @@ class InsertResult(NamedTuple):
             ``prefix_len`` when the insert stopped at a node whose load-back is in flight or has
             failed (its device KV may be or is garbage; nothing goes under it). The caller keeps
             ``value[cached_len:]``: still its own, valid KV, not cached.
+        mamba_exist: Mamba trees, with a state given: the node ending the key already held a
+            state; the caller frees its copy (SGLang's ``mamba_exist``).
+        mamba_taken: the tree took the caller's state slot. With neither (the insert stopped
+            early), the caller keeps its state.
     """
 
     prefix_len: int
     last_node: int
     adopted_len: int = 0
     cached_len: int = 0
+    mamba_exist: bool = False
+    mamba_taken: bool = False
 
 
 class LockReceipt(NamedTuple):
@@ -67,10 +77,13 @@ class LockReceipt(NamedTuple):
         node_id: the node actually locked: the deepest node with device KV at or above the node
             asked for (locking skips the evicted bottom of the path). Pass it to ``dec_lock_ref``.
         delta: tokens moved from evictable to protected.
+        mamba_node_id: Mamba trees: ``node_id`` when its state was locked too (a single-node
+            lock), -1 otherwise. Pass it to ``dec_lock_ref`` with ``node_id``.
     """
 
     node_id: int
     delta: int
+    mamba_node_id: int = -1
 
 
 class EvictResult(NamedTuple):
@@ -84,6 +97,7 @@ class EvictResult(NamedTuple):
         dropped_tokens: unbacked device tokens removed from the tree (their KV is lost).
         needs_backup: under ``write_back``, the id of the LRU device leaf that must be backed up
             (``commit_backup`` + a finished copy) before eviction can go on; -1 otherwise.
+        mamba_indices: ``[k]`` int64 CPU tensor of freed Mamba state slots (Mamba trees).
     """
 
     device_indices: torch.Tensor
@@ -91,6 +105,7 @@ class EvictResult(NamedTuple):
     demoted_tokens: int
     dropped_tokens: int
     needs_backup: int
+    mamba_indices: torch.Tensor = torch.empty(0, dtype=torch.int64)
 
 
 class TransferPlan(NamedTuple):
@@ -137,3 +152,6 @@ class NodeInfo(NamedTuple):
     load_pending: bool
     load_failed: bool
     extra_key: str | None
+    has_mamba_value: bool = False  # Mamba trees: holds a device state (else a tombstone)
+    mamba_value: int = -1  # its state slot
+    mamba_lock_ref: int = 0

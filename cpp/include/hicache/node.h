@@ -10,9 +10,9 @@
 
 namespace hicache {
 
-// Per-component state of one node (SGLang 0.5.23's ComponentData). The Full component's device and
-// host tiers are filled today; the SWA/Mamba components are filled by the hybrid work. A component
-// whose value is missing on a node that exists is a tombstone.
+// Per-component state of one node (SGLang 0.5.23's ComponentData). Full: device and host tiers.
+// Mamba: the device tier (one state slot, the recurrent state after the node's last token). SWA:
+// not yet. A component whose value is missing on a node that exists is a tombstone.
 struct ComponentData {
   std::vector<SlotIndex> value;       // device slots; Full: one per key token
   std::vector<SlotIndex> host_value;  // host slots; Full: one per key token
@@ -58,9 +58,14 @@ struct Node {
   LruHook<Node> device_lru;
   // Member of the host LRU while it is host-only (evicted and backuped) and Full host_lock_ref == 0.
   LruHook<Node> host_lru;
+  // Member of the Mamba LRU while it holds a device Mamba state and Mamba lock_ref == 0.
+  LruHook<Node> mamba_lru;
 
   ComponentData& full() { return comp[static_cast<int>(Component::kFull)]; }
   const ComponentData& full() const { return comp[static_cast<int>(Component::kFull)]; }
+  ComponentData& mamba() { return comp[static_cast<int>(Component::kMamba)]; }
+  const ComponentData& mamba() const { return comp[static_cast<int>(Component::kMamba)]; }
+  bool has_mamba_state() const { return mamba().has_value; }  // false: a Mamba tombstone
   int64_t num_tokens() const { return static_cast<int64_t>(key.size()); }
   bool evicted() const { return !full().has_value; }     // SGLang's `evicted` (no device KV)
   bool backuped() const { return full().has_host_value; }  // SGLang's `backuped` (host KV)

@@ -17,6 +17,25 @@
 //     lock holds it (at once, or by the dec_lock_ref that releases its last lock). Its device
 //     slots are then handed back through take_failed_load_slots().
 //
+// Mamba component (a tree built with mamba = true; hybrid Mamba + attention models, SGLang's
+// UnifiedRadixCache with FULL + MAMBA): a node may hold one device state slot, the recurrent state
+// after its last token; a node without one is a Mamba tombstone. Device tier only for now (no host
+// states: a host-only node never validates for Mamba).
+//   - match_prefix ends where the deepest matched node holding a state ends (the root's empty
+//     prefix always validates): a request can only continue from a state. The Full tokens matched
+//     beyond it are reported as mamba_branching_seqlen (where the scheduler may checkpoint anew).
+//   - insert gives the node that ends the key the caller's state unless it has one
+//     (mamba_exist: the caller frees its copy) or the walk stopped early (the caller keeps it).
+//   - inc_lock_ref also locks the state of the node it locks (a single-node lock; the receipt's
+//     mamba_node_id), dec_lock_ref releases it and rejects a receipt that names no Mamba lock.
+//   - a split leaves the state (and its lock) on the lower node, which keeps the id and the end.
+//   - Full eviction frees the states of the nodes it demotes, drops or trims. evict_mamba frees
+//     the least recently used unlocked states (internal nodes become tombstones).
+//   - Tombstone cascade (failure class 5): a childless Mamba tombstone is useless and is deleted
+//     with its Full KV, and so is its parent if that is now one too, and so on; the cascade stops
+//     at any node that is locked or host-locked in any component, has a transfer pending, or is
+//     load-failed.
+//
 // Single-threaded: the Python cache serialises every call with one lock (DESIGN.md, threading
 // contract). Errors: std::invalid_argument for a bad argument, std::out_of_range for an unknown id
 // or an out-of-range slot, std::logic_error for a broken invariant. A call that throws
@@ -42,6 +61,9 @@ struct MatchResult {
   NodeId last_host_node = kRootId;        // deepest matched node with KV on device or host
   NodeId best_match_node = kRootId;       // deepest node every component accepts (load anchor)
   int64_t host_hit_length = 0;            // tokens matched on host only, below last_device_node
+  // Mamba trees: the Full tokens matched (page-aligned), when more than the validated prefix
+  // (device_indices + host_hit_length); -1 otherwise (SGLang's mamba_branching_seqlen).
+  int64_t mamba_branching_seqlen = -1;
 };
 
 struct InsertResult {
@@ -54,6 +76,10 @@ struct InsertResult {
   // when the walk stopped at a load-pending or load-failed node. The tree owns
   // value[prefix_len:cached_len]; the caller keeps value[cached_len:].
   int64_t cached_len = 0;
+  // Mamba trees, with a state given: the node ending the key already had one (the caller frees
+  // its copy; SGLang's mamba_exist), or the tree took the caller's state slot.
+  bool mamba_exist = false;
+  bool mamba_taken = false;
 };
 
 // What inc_lock_ref locked: the deepest device node at or above the node asked for (locking skips
@@ -61,6 +87,7 @@ struct InsertResult {
 struct LockReceipt {
   NodeId node_id = kRootId;
   int64_t delta = 0;  // tokens moved from evictable to protected
+  NodeId mamba_node_id = kNoNode;  // Mamba trees: node_id if its state was locked too
 };
 
 // What evict did. The caller frees the slots in their pools.
@@ -72,6 +99,7 @@ struct EvictResult {
   // write_back only: the LRU device leaf is not backed up; back it up (commit_backup), then evict
   // again. Already trimmed to the pages this call still had to free. kNoNode otherwise.
   NodeId needs_backup = kNoNode;
+  std::vector<SlotIndex> mamba_freed;  // Mamba state slots freed (Mamba trees)
 };
 
 // Nodes and slots of a backup (device -> host) or load-back (host -> device), root-first:
@@ -96,15 +124,19 @@ struct NodeInfo {
   bool backup_pending = false;  // its device -> host copy has not been acknowledged yet
   bool load_pending = false;    // its host -> device copy has not been acknowledged yet
   bool load_failed = false;     // its device KV is garbage of a failed load; never served
+  bool has_mamba_value = false;  // holds a device Mamba state (Mamba trees)
+  SlotIndex mamba_value = -1;    // its slot, -1 without one
+  int64_t mamba_lock_ref = 0;
   std::string extra_key;
   bool has_extra_key = false;
 };
 
 class RadixTree {
  public:
-  // page_size: tokens per page (>= 1). num_device_slots / num_host_slots: if > 0, device / host
-  // slots handed to the tree must be below them (0 = unchecked).
-  RadixTree(int64_t page_size, int64_t num_device_slots, int64_t num_host_slots = 0);
+  // page_size: tokens per page (>= 1). num_device_slots / num_host_slots / num_mamba_slots: if > 0,
+  // slots handed to the tree must be below them (0 = unchecked). mamba: add the Mamba component.
+  RadixTree(int64_t page_size, int64_t num_device_slots, int64_t num_host_slots = 0,
+            bool mamba = false, int64_t num_mamba_slots = 0);
   ~RadixTree();
   RadixTree(const RadixTree&) = delete;
   RadixTree& operator=(const RadixTree&) = delete;
@@ -112,6 +144,7 @@ class RadixTree {
   int64_t page_size() const { return page_size_; }
   int64_t num_device_slots() const { return num_device_slots_; }
   int64_t num_host_slots() const { return num_host_slots_; }
+  bool has_mamba() const { return mamba_; }
 
   // Longest cached prefix of key[0:len] floored to page_size, in the namespace `extra_key`
   // (empty = none), through device and host-only nodes; it stops above a load-failed node.
@@ -123,8 +156,9 @@ class RadixTree {
   // Device nodes keep their slots; host-only nodes on the path adopt value[...] for their tokens;
   // the new tail takes the rest. Counts a hit on every node walked. Touches the path. Stops at a
   // load-pending or load-failed node (see cached_len): nothing is inserted from there on.
+  // Mamba trees: mamba_value >= 0 is the state after the aligned key (see InsertResult).
   InsertResult insert(const Token* key, size_t len, const SlotIndex* value, size_t value_len,
-                      std::string_view extra_key);
+                      std::string_view extra_key, SlotIndex mamba_value = -1);
 
   // Path locks (SGLang inc_lock_ref / dec_lock_ref on the Full component). inc locks from the
   // deepest device node at or above `id` up to the root and returns that node as the receipt; dec
@@ -132,8 +166,9 @@ class RadixTree {
   // released to 0 (their device slots go to take_failed_load_slots). dec throws invalid_argument
   // if it would release a load-failed node whose own load is still pending: a load's lock is
   // released after its finish_load_back / abort_load_back.
+  // Mamba trees: see the header comment (receipt.mamba_node_id goes back to dec_lock_ref).
   LockReceipt inc_lock_ref(NodeId id);
-  int64_t dec_lock_ref(NodeId id);
+  int64_t dec_lock_ref(NodeId id, NodeId mamba_node_id = kNoNode);
 
   // Host path locks (SGLang's host_ref_counter): protect the host KV of `id` and its ancestors
   // from evict_host and from removal while a host operation is in flight. Return the host tokens
@@ -150,6 +185,11 @@ class RadixTree {
   // Frees ceil(num_tokens / page_size) pages of host KV from host-only leaves, least recently
   // used first, never a host-locked node (SGLang's evict_host). Returns the freed host slots.
   std::vector<SlotIndex> evict_host(int64_t num_tokens);
+
+  // Mamba trees: frees num_states device states, least recently used first, never a locked one.
+  // The victim becomes a tombstone; a childless one is then deleted by the tombstone cascade
+  // (its Full slots are in the result too).
+  EvictResult evict_mamba(int64_t num_states);
 
   // Device nodes on the path root..id without a host value and with hit_count >= min_hit_count,
   // root-first, with their device slots: what write-through must back up.
@@ -197,6 +237,9 @@ class RadixTree {
   // Device tokens in load-failed nodes (locked, garbage, waiting for their last unlock); 0 means
   // no dec_lock_ref can demote anything.
   int64_t load_failed_size() const { return load_failed_size_; }
+  // Mamba states in the tree, unlocked / locked.
+  int64_t mamba_evictable_size() const { return mamba_evictable_size_; }
+  int64_t mamba_protected_size() const { return mamba_protected_size_; }
   int64_t num_nodes() const { return static_cast<int64_t>(nodes_.size()); }  // excluding root
 
   bool contains_node(NodeId id) const { return id == kRootId || nodes_.count(id) != 0; }
@@ -207,9 +250,10 @@ class RadixTree {
   std::vector<Token> node_key(NodeId id) const;
   std::vector<SlotIndex> all_device_indices() const;
   std::vector<SlotIndex> all_host_indices() const;
+  std::vector<SlotIndex> all_mamba_indices() const;
 
   // Drops every node; returns their device slots and any not yet taken by take_failed_load_slots
-  // (all_host_indices() first for the host ones). Throws invalid_argument if anything is locked or
+  // (all_host_indices() and all_mamba_indices() first for the others). Throws invalid_argument if anything is locked or
   // host-locked.
   std::vector<SlotIndex> reset();
 
@@ -221,6 +265,7 @@ class RadixTree {
  private:
   using DeviceLru = LruList<Node, &Node::device_lru>;
   using HostLru = LruList<Node, &Node::host_lru>;
+  using MambaLru = LruList<Node, &Node::mamba_lru>;
 
   Node* node_by_id(NodeId id, const char* caller) const;
   int32_t namespace_id(std::string_view extra_key, bool create);
@@ -241,6 +286,8 @@ class RadixTree {
   std::vector<Node*> pending_nodes(NodeId ack_id, const char* caller) const;
   bool drop_unbacked(Node* node, EvictResult& result);
   void trim_tail(Node* node, size_t keep);
+  void free_mamba(Node* node, std::vector<SlotIndex>& freed);
+  void delete_tombstones(Node* node, EvictResult& result, bool device_ok);
   void check_slots(const char* caller, const SlotIndex* slots, size_t len, int64_t num_slots,
                    const char* pool) const;
   NodeId mint_id() { return next_id_++; }
@@ -248,6 +295,8 @@ class RadixTree {
   const int64_t page_size_;
   const int64_t num_device_slots_;
   const int64_t num_host_slots_;
+  const bool mamba_;
+  const int64_t num_mamba_slots_;
   std::unique_ptr<Node> root_;
   // Owner of every non-root node, keyed by id: resolves ids crossing the boundary.
   std::unordered_map<NodeId, std::unique_ptr<Node>> nodes_;
@@ -257,6 +306,11 @@ class RadixTree {
   std::vector<std::string> namespace_names_;  // index = namespace id; [0] = "" (none)
   DeviceLru device_lru_;  // unlocked nodes with device KV; back = least recently used
   HostLru host_lru_;      // host-only, host-unlocked nodes; back = least recently used
+  // Nodes with a Mamba state and no Mamba lock; back = least recently used. Unlike the device
+  // LRU its back may be an internal node (single-node locks): evicting it leaves a tombstone.
+  MambaLru mamba_lru_;
+  int64_t mamba_evictable_size_ = 0;
+  int64_t mamba_protected_size_ = 0;
   int64_t evictable_size_ = 0;
   int64_t protected_size_ = 0;
   int64_t host_total_size_ = 0;

@@ -1,0 +1,196 @@
+"""The Mamba component of the tree core (device tier): states, validators, locks, tombstones.
+
+SGLang 0.5.23's UnifiedRadixCache with FULL + MAMBA (reference §2.3-2.5, §3.1, §3.11): a node may
+hold the recurrent state after its last token; a match ends where the deepest state is; a
+childless tombstone is deleted, cascading up, stopping at locked or in-flight nodes (DESIGN.md
+failure class 5, tested as a field scenario in tests/regressions/test_fc5_*).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hicache._tree import RadixTree
+from hicache.errors import IndexOutOfRangeError, InvalidArgumentError
+from tests.tree.test_tree_ops import slots, snapshot
+
+
+def mamba_tree(page_size: int = 1) -> RadixTree:
+    return RadixTree(page_size, 1024, 1024, mamba=True, num_mamba_slots=64)
+
+
+def insert(tree: RadixTree, key: list[int], state: int = -1, first_slot: int | None = None):
+    base = first_slot if first_slot is not None else 10 * key[0]
+    value = torch.arange(base, base + len(key), dtype=torch.int64)
+    result = tree.insert(key, value, mamba_value=state)
+    tree.check_invariants()
+    return result
+
+
+def full_snapshot(tree: RadixTree) -> tuple:
+    return (*snapshot(tree), tree.mamba_evictable_size(), tree.mamba_protected_size())
+
+
+# --- match and insert -----------------------------------------------------------------------
+
+
+def test_match_ends_at_the_deepest_node_holding_a_state():
+    tree = mamba_tree()
+    a = insert(tree, [1, 2, 3, 4], state=5, first_slot=0)
+    assert a.mamba_taken and not a.mamba_exist
+    b = insert(tree, [1, 2, 3, 4, 5, 6], state=6, first_slot=0)
+    assert (b.prefix_len, b.mamba_taken) == (4, True)
+    m = tree.match_prefix([1, 2, 3, 4, 5, 6, 7])
+    assert slots(m.device_indices) == [0, 1, 2, 3, 4, 5]
+    assert m.last_device_node == m.best_match_node == b.last_node
+    assert m.mamba_branching_seqlen == -1  # nothing matched beyond the state
+    # A key that leaves the stateful path inside node b: the match falls back to a's state, and
+    # the Full tokens matched beyond it are the branching point.
+    m = tree.match_prefix([1, 2, 3, 4, 5, 9])
+    assert slots(m.device_indices) == [0, 1, 2, 3]
+    assert m.best_match_node == a.last_node and m.mamba_branching_seqlen == 5
+    # Inside a's own tokens: no state there, only the root's empty prefix validates.
+    m = tree.match_prefix([1, 2, 8])
+    assert (m.device_prefix_len, m.best_match_node, m.mamba_branching_seqlen) == (0, 0, 2)
+    tree.check_invariants()
+
+
+def test_a_split_leaves_the_state_on_the_lower_node_which_keeps_the_id():
+    tree = mamba_tree()
+    leaf = insert(tree, [1, 2, 3, 4], state=7).last_node
+    tree.match_prefix([1, 2, 9])  # splits [1 2 | 3 4]
+    lower = tree.node_info(leaf)
+    upper = tree.node_info(lower.parent_id)
+    assert (lower.num_tokens, lower.has_mamba_value, lower.mamba_value) == (2, True, 7)
+    assert (upper.num_tokens, upper.has_mamba_value) == (2, False)
+    tree.check_invariants()
+
+
+def test_an_existing_state_is_kept_and_the_callers_copy_is_reported():
+    tree = mamba_tree()
+    insert(tree, [1, 2, 3], state=3)
+    again = insert(tree, [1, 2, 3], state=4)
+    assert again.mamba_exist and not again.mamba_taken
+    assert slots(tree.all_mamba_indices()) == [3]
+    # A node on the path without a state (a tombstone) adopts the caller's state.
+    insert(tree, [1, 2, 3, 4, 5], state=5)
+    tree.match_prefix([1, 2, 3, 4, 9])  # splits [4 5] into [4 | 5]: the upper part has none
+    tombstone = insert(tree, [1, 2, 3, 4], state=6)
+    assert tombstone.mamba_taken and sorted(slots(tree.all_mamba_indices())) == [3, 5, 6]
+
+
+def test_mamba_values_are_checked():
+    with pytest.raises(InvalidArgumentError, match="without the Mamba component"):
+        RadixTree(1, 64).insert([1, 2], torch.arange(2), mamba_value=0)
+    tree = mamba_tree()
+    before = full_snapshot(tree)
+    with pytest.raises(IndexOutOfRangeError, match="mamba_value 64 is out of range"):
+        tree.insert([1, 2], torch.arange(2), mamba_value=64)
+    with pytest.raises(InvalidArgumentError, match="num_mamba_slots"):
+        RadixTree(1, 64, mamba=True, num_mamba_slots=-1)
+    assert full_snapshot(tree) == before
+
+
+# --- locks and receipts -----------------------------------------------------------------------
+
+
+def test_a_lock_covers_the_state_of_the_node_it_locks_and_needs_its_receipt():
+    tree = mamba_tree()
+    leaf = insert(tree, [1, 2, 3, 4], state=1).last_node
+    receipt = tree.inc_lock_ref(leaf)
+    assert receipt.mamba_node_id == leaf
+    assert (tree.mamba_evictable_size(), tree.mamba_protected_size()) == (0, 1)
+    assert len(tree.evict_mamba(1).mamba_indices) == 0  # a locked state is never freed
+    before = full_snapshot(tree)
+    with pytest.raises(InvalidArgumentError, match="pass the receipt's mamba_node_id"):
+        tree.dec_lock_ref(receipt.node_id)
+    with pytest.raises(InvalidArgumentError, match="wrong receipt"):
+        tree.dec_lock_ref(receipt.node_id, receipt.node_id + 100)
+    assert full_snapshot(tree) == before
+    tree.match_prefix([1, 2, 9])  # a split under the lock: the receipt stays valid
+    tree.check_invariants()
+    assert tree.dec_lock_ref(receipt.node_id, receipt.mamba_node_id) == 4
+    with pytest.raises(InvalidArgumentError, match="holds no Mamba lock"):
+        tree.dec_lock_ref(receipt.node_id, receipt.mamba_node_id)
+    assert (tree.mamba_evictable_size(), tree.mamba_protected_size()) == (1, 0)
+    tree.check_invariants()
+
+
+def test_locking_a_tombstone_locks_no_state():
+    tree = mamba_tree()
+    insert(tree, [1, 2, 3, 4], state=1)
+    m = tree.match_prefix([1, 2, 9])  # splits: [1 2] has no state
+    upper = tree.node_info(tree.node_info(insert(tree, [1, 2, 3, 4]).last_node).parent_id)
+    receipt = tree.inc_lock_ref(upper.node_id)
+    assert receipt.mamba_node_id == -1 and m.best_match_node == 0
+    tree.dec_lock_ref(receipt.node_id)
+    tree.check_invariants()
+
+
+# --- eviction and the tombstone cascade -------------------------------------------------------
+
+
+def test_evict_mamba_tombstones_internal_states_and_deletes_useless_leaves():
+    tree = mamba_tree()
+    insert(tree, [1, 2], state=1, first_slot=0)
+    insert(tree, [1, 2, 3, 4], state=2, first_slot=0)  # leaf under the [1 2] state
+    insert(tree, [1, 2, 5, 6], state=3, first_slot=100)
+    # Make the internal [1 2] state the least recently used one.
+    tree.match_prefix([1, 2, 3, 4])
+    tree.match_prefix([1, 2, 5, 6])
+    r = tree.evict_mamba(1)
+    assert slots(r.mamba_indices) in ([1], [2], [3])
+    # Every state was touched with its path; the deepest are older than their ancestors, so the
+    # back is the [3 4] leaf: a leaf's state goes with the leaf (a childless tombstone is useless).
+    assert slots(r.mamba_indices) == [2] and slots(r.device_indices) == [2, 3]
+    assert r.dropped_tokens == 2 and tree.match_prefix([1, 2, 3, 4]).device_prefix_len == 2
+    tree.check_invariants()
+    # Now tombstone the internal state: the node stays (it has a child), its KV too.
+    receipt = tree.inc_lock_ref(tree.match_prefix([1, 2, 5, 6]).last_device_node)
+    r = tree.evict_mamba(1)
+    assert slots(r.mamba_indices) == [1] and len(r.device_indices) == 0
+    assert tree.match_prefix([1, 2, 5, 6]).device_prefix_len == 4  # the leaf's state still serves
+    assert tree.match_prefix([1, 2]).device_prefix_len == 0  # [1 2] is a tombstone now
+    tree.dec_lock_ref(receipt.node_id, receipt.mamba_node_id)
+    # Evicting the last state deletes the leaf, and the cascade takes the tombstone parent too.
+    r = tree.evict_mamba(5)
+    assert slots(r.mamba_indices) == [3]
+    assert sorted(slots(r.device_indices)) == [0, 1, 102, 103]
+    assert tree.num_nodes() == 0 and tree.total_size() == 0
+    tree.check_invariants()
+
+
+def test_full_eviction_frees_the_states_it_takes_and_cascades():
+    tree = mamba_tree(page_size=2)
+    insert(tree, [1, 1, 2, 2], state=1, first_slot=0)
+    insert(tree, [1, 1, 2, 2, 3, 3, 4, 4], state=2, first_slot=0)
+    r = tree.evict(2, write_back=False)  # one page from the LRU leaf [3 3 4 4]: its end is gone
+    assert slots(r.mamba_indices) == [2]
+    # The trimmed leaf lost its state: a childless tombstone, deleted whole by the cascade.
+    assert sorted(slots(r.device_indices)) == [4, 5, 6, 7]
+    assert tree.match_prefix([1, 1, 2, 2, 3, 3]).device_prefix_len == 4
+    tree.check_invariants()
+    r = tree.evict(100, write_back=False)
+    assert slots(r.mamba_indices) == [1] and tree.num_nodes() == 0
+    assert tree.mamba_evictable_size() == 0
+    tree.check_invariants()
+
+
+@pytest.mark.parametrize("hold", ["lock", "host_lock", "backup"])
+def test_the_cascade_stops_at_a_held_node(hold):
+    tree = mamba_tree()
+    insert(tree, [1, 2], first_slot=0)  # no state: a tombstone from the start
+    leaf = insert(tree, [1, 2, 3, 4], state=9, first_slot=0).last_node
+    parent = tree.node_info(leaf).parent_id
+    if hold == "lock":
+        tree.inc_lock_ref(parent)
+    elif hold == "host_lock":
+        tree.inc_host_lock_ref(parent)
+    else:
+        tree.commit_backup(parent, torch.arange(2))
+        tree.inc_lock_ref(parent)  # the cache locks what it backs up, until the ack
+    r = tree.evict_mamba(1)
+    assert slots(r.mamba_indices) == [9] and sorted(slots(r.device_indices)) == [2, 3]
+    assert tree.contains_node(parent) and not tree.contains_node(leaf)
+    tree.check_invariants()
