@@ -738,12 +738,15 @@ class HiCache:
         controller = self._controller()
         # Loads are acknowledged in submission order and a chained load comes after the loads
         # above it, so the request holds a load-pending node iff its lock's node is one.
-        while self.tree.node_info(req.last_node).load_pending:
-            ack_ids = controller.pop_oldest_load()
-            if not ack_ids:
-                return  # failed, or never started: the insert stops there
-            for ack_id in ack_ids:
-                self._finish_load(ack_id, ok=True)
+        if not self.tree.node_info(req.last_node).load_pending:
+            return
+        with profiling.nvtx_range(profiling.ACK):  # ack processing, as check_hicache_events
+            while self.tree.node_info(req.last_node).load_pending:
+                ack_ids = controller.pop_oldest_load()
+                if not ack_ids:
+                    return  # failed, or never started: the insert stops there
+                for ack_id in ack_ids:
+                    self._finish_load(ack_id, ok=True)
 
     def _check_req(self, req: Req) -> int:
         num_tokens = len(req.token_ids)

@@ -435,6 +435,7 @@ class CacheController:
             if batch.error is not None:
                 return []
             self._loads.popleft()
+            self._count(self.load_counters)(batch)
             return list(batch.op.ack_ids)
 
     def wait_until_layer_ready(self, layer: int, consumer_index: int | None = None) -> None:

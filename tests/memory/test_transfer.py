@@ -109,6 +109,9 @@ def _check_round_trip(dev: DeviceKVPool, host: HostKVPool) -> None:
     dev.write(dev_idx, *random_kv(dev, dev_idx.numel(), seed=8))
     before = [t.clone() for t in dev.read(dev_idx)]
     transfer.backup_all_layers(dev, host, dev_idx, host_idx)
+    if dev.device.type == "cuda":
+        # The backup's ack: the direct load reads the host rows on the CPU right away.
+        torch.cuda.synchronize()
     for buf in _device_buffers(dev):
         buf.fill_(SENTINEL)
     # Load into other device slots: reversed page order of the same set.
