@@ -33,7 +33,7 @@ from hicache.errors import (
     TransferError,
 )
 from hicache.events import KVEventPublisher, Medium
-from hicache.memory import DeviceKVPool, HostKVPool, PageAllocator
+from hicache.memory import DeviceKVPool, HostKVPool, MambaStatePool, PageAllocator
 from hicache.results import EvictResult, InsertResult, LockReceipt, MatchResult
 
 __all__ = ["WRITE_POLICIES", "CacheStats", "HiCache", "Req"]
@@ -66,6 +66,10 @@ class CacheStats:
         load_back_tokens: tokens queued for host -> device load-back.
         load_back_failed_tokens: tokens whose load-back could not be queued (device full) or
             whose copy failed.
+        mamba_forks: request state slots filled by copy-on-write from a cached state.
+        mamba_published: states the tree took from finished requests (checkpoints).
+        mamba_existed: checkpoints the tree already had a state for (the copy was freed).
+        mamba_evicted_states: states freed by eviction (Mamba or Full pressure).
     """
 
     match_calls: int = 0
@@ -79,6 +83,10 @@ class CacheStats:
     backup_failed_tokens: int = 0
     load_back_tokens: int = 0
     load_back_failed_tokens: int = 0
+    mamba_forks: int = 0
+    mamba_published: int = 0
+    mamba_existed: int = 0
+    mamba_evicted_states: int = 0
 
     def as_dict(self) -> dict[str, int]:
         """The counters as a plain dict."""
@@ -99,6 +107,12 @@ class Req:
         last_node: the node this request holds a lock on (the root, id 0, holds nothing).
         prefix_len: SGLang's ``cache_protected_len``: ``kv_indices[:prefix_len]`` belong to the tree
             (kept alive by the lock on ``last_node``); the request owns ``kv_indices[prefix_len:]``.
+        mamba_node_id: the Mamba part of the lock receipt (``LockReceipt.mamba_node_id``); -1
+            when the lock holds no state.
+        mamba_checkpoints: Mamba caches: ``(num_tokens, slot)`` pairs, the request's states after
+            its first ``num_tokens`` tokens (page-aligned, ascending) that
+            :meth:`HiCache.cache_finished_req` publishes in the tree; the request owns the slots
+            until then, and the cache frees those the tree does not take.
     """
 
     token_ids: torch.Tensor
@@ -106,6 +120,8 @@ class Req:
     kv_indices: torch.Tensor = field(default_factory=_empty_slots)
     last_node: int = _ROOT_ID
     prefix_len: int = 0
+    mamba_node_id: int = -1
+    mamba_checkpoints: list[tuple[int, int]] = field(default_factory=list)
 
 
 class HiCache:
@@ -124,10 +140,17 @@ class HiCache:
         enable_kv_events: publish KV events (:mod:`hicache.events`) through :attr:`kv_events`;
             costs a page hash per inserted page, so it is off by default (SGLang's
             ``--kv-events-config``).
+        mamba_pool: hybrid Mamba + attention models: the Mamba state pool. The tree then has the
+            Mamba component (see :class:`~hicache.RadixTree`): matches end at cached states,
+            :meth:`fork_mamba` gives a request its own copy (copy-on-write),
+            :meth:`cache_finished_req` publishes ``req.mamba_checkpoints``, and states are evicted
+            (:meth:`alloc_mamba`) least recently used first. Device tier only so far.
 
     Raises:
         InvalidArgumentError: bad ``page_size``, pool sizes that are not whole pages, a host pool of
-            another page size, an unknown write policy or io backend.
+            another page size, an unknown write policy or io backend, or a host pool together
+            with a Mamba pool (host Mamba states are not in the tree yet: the host tier would
+            hold Full KV that no Mamba match can end on).
     """
 
     def __init__(
@@ -138,7 +161,13 @@ class HiCache:
         write_policy: str = "write_through",
         io_backend: str = "auto",
         enable_kv_events: bool = False,
+        mamba_pool: MambaStatePool | None = None,
     ) -> None:
+        if mamba_pool is not None and host_pool is not None:
+            raise InvalidArgumentError(
+                "HiCache: a host pool with a Mamba pool is not supported yet: the tree holds no "
+                "host Mamba states, so host-only nodes could never end a Mamba match"
+            )
         if write_policy not in WRITE_POLICIES:
             raise InvalidArgumentError(
                 f"HiCache: write_policy: expected one of {sorted(WRITE_POLICIES)}, "
@@ -155,7 +184,11 @@ class HiCache:
         self.write_policy = write_policy
         self.allocator = PageAllocator(device_pool.num_slots, page_size)
         num_host_slots = host_pool.num_slots if host_pool is not None else 0
-        self.tree = RadixTree(page_size, device_pool.num_slots, num_host_slots)
+        self.mamba_pool = mamba_pool
+        num_states = mamba_pool.num_slots if mamba_pool is not None else 0
+        self.tree = RadixTree(
+            page_size, device_pool.num_slots, num_host_slots, mamba_pool is not None, num_states
+        )
         self.controller = (
             CacheController(device_pool, host_pool, io_backend) if host_pool is not None else None
         )
@@ -231,21 +264,25 @@ class HiCache:
     def inc_lock_ref(self, node_id: int) -> LockReceipt:
         """Protects a node's device KV and its ancestors' from eviction; returns the receipt.
 
-        The lock starts at the deepest device node at or above ``node_id``; pass the receipt's
-        ``node_id`` to :meth:`dec_lock_ref`.
+        The lock starts at the deepest device node at or above ``node_id``; with a Mamba pool it
+        also locks that node's state. Pass the receipt's ``node_id`` and ``mamba_node_id`` to
+        :meth:`dec_lock_ref`.
         """
         with self._lock:
             return self.tree.inc_lock_ref(node_id)
 
-    def dec_lock_ref(self, node_id: int) -> int:
+    def dec_lock_ref(self, node_id: int, mamba_node_id: int = -1) -> int:
         """Releases a lock from :meth:`inc_lock_ref`; returns tokens that became evictable.
 
         The last lock on nodes whose load-back failed demotes them back to host-only and frees
         their device slots (a request that locked them was told by a :class:`TransferError`; its
         prefix KV is garbage and it must be aborted).
+
+        Raises:
+            InvalidArgumentError: not a receipt of a held lock (see ``RadixTree.dec_lock_ref``).
         """
         with self._lock:
-            return self._dec_lock_ref(node_id)
+            return self._dec_lock_ref(node_id, mamba_node_id)
 
     def evict(self, num_tokens: int) -> int:
         """Evicts at least ``num_tokens`` device tokens (whole pages), least recently used first.
@@ -478,11 +515,11 @@ class HiCache:
         self.tree.dec_host_lock_ref(ack_id)
         self._free_failed_load_slots()
 
-    def _dec_lock_ref(self, node_id: int) -> int:
+    def _dec_lock_ref(self, node_id: int, mamba_node_id: int = -1) -> int:
         """``tree.dec_lock_ref``, then frees the device slots of failed loads it demoted."""
         if not self.tree.load_failed_size():
-            return self.tree.dec_lock_ref(node_id)  # nothing it could demote
-        delta = self.tree.dec_lock_ref(node_id)
+            return self.tree.dec_lock_ref(node_id, mamba_node_id)  # nothing it could demote
+        delta = self.tree.dec_lock_ref(node_id, mamba_node_id)
         self._free_failed_load_slots()
         return delta
 
@@ -594,6 +631,97 @@ class HiCache:
         with self._lock:
             self.allocator.free(indices)
 
+    # ---- Mamba states (hybrid models) -----------------------------------------------------------
+
+    def alloc_mamba(self, num_states: int) -> torch.Tensor:
+        """Allocates Mamba state slots, evicting least recently used cached states when needed.
+
+        Args:
+            num_states: states to allocate, >= 0.
+
+        Returns:
+            torch.Tensor: ``[num_states]`` int64 CPU slot indices, owned by the caller.
+
+        Raises:
+            InvalidArgumentError: no Mamba pool, or ``num_states < 0``.
+            PoolExhaustedError: free plus evictable states cannot hold them (the rest are locked by
+                running requests); nothing was allocated.
+        """
+        pool = self._mamba()
+        if num_states < 0:
+            raise InvalidArgumentError(f"alloc_mamba: num_states must be >= 0, got {num_states}")
+        with self._lock:
+            missing = num_states - pool.available_size()
+            if missing > 0:
+                if missing > self.tree.mamba_evictable_size():
+                    raise PoolExhaustedError(
+                        f"alloc_mamba: need {num_states} states but only "
+                        f"{pool.available_size()} are free and "
+                        f"{self.tree.mamba_evictable_size()} evictable "
+                        f"({self.tree.mamba_protected_size()} locked by running requests)"
+                    )
+                self._free_evicted(self.tree.evict_mamba(missing))
+            return pool.alloc(num_states)
+
+    def free_mamba(self, indices: torch.Tensor) -> None:
+        """Returns request-owned Mamba state slots to the pool.
+
+        Raises:
+            InvalidArgumentError: no Mamba pool, or a double free (nothing is freed).
+        """
+        pool = self._mamba()
+        with self._lock:
+            pool.free(indices)
+
+    def fork_mamba(self, node_id: int) -> int:
+        """Gives a request its own state slot to continue from the state cached at ``node_id``.
+
+        Copy-on-write (SGLang's ``finalize_match_result_in_cache`` with ``cow_mamba``): the slot
+        is a fresh one holding a copy of the node's state, never the node's slot itself, so the
+        request can advance it in place. ``node_id`` is a match's ``last_device_node``; the root
+        (no state: an empty prefix) gives a zeroed slot, the initial state. The node is locked
+        while the slot is allocated, so the eviction that makes room cannot take its state.
+
+        Args:
+            node_id: a node holding a device state, or the root.
+
+        Returns:
+            int: the request's state slot.
+
+        Raises:
+            InvalidArgumentError: no Mamba pool, or ``node_id`` is neither the root nor a node
+                holding a state.
+            IndexOutOfRangeError: unknown node id.
+            PoolExhaustedError: as :meth:`alloc_mamba`.
+        """
+        pool = self._mamba()
+        with self._lock:
+            if node_id == _ROOT_ID:
+                slot = self.alloc_mamba(1)
+                zeros = pool.read(slot)
+                pool.write(slot, torch.zeros_like(zeros[0]), torch.zeros_like(zeros[1]))
+                return int(slot[0])
+            info = self.tree.node_info(node_id)
+            if not info.has_mamba_value:
+                raise InvalidArgumentError(
+                    f"fork_mamba: node {node_id} holds no Mamba state (a tombstone); fork from a "
+                    "match's last_device_node"
+                )
+            receipt = self.tree.inc_lock_ref(node_id)
+            try:
+                slot = self.alloc_mamba(1)
+            finally:
+                self._dec_lock_ref(receipt.node_id, receipt.mamba_node_id)
+            source = torch.tensor([self.tree.node_info(node_id).mamba_value], dtype=torch.int64)
+            pool.copy_slots(source, slot)
+            self.stats.mamba_forks += 1
+            return int(slot[0])
+
+    def _mamba(self) -> MambaStatePool:
+        if self.mamba_pool is None:
+            raise InvalidArgumentError("this cache has no Mamba pool (HiCache(mamba_pool=...))")
+        return self.mamba_pool
+
     def _alloc_host(self, num_tokens: int) -> torch.Tensor | None:
         """Host slots for ``num_tokens`` tokens, evicting host-only leaves if needed; None: full."""
         allocator = self._host_allocator()
@@ -619,6 +747,9 @@ class HiCache:
     def _free_evicted(self, result: EvictResult) -> int:
         """Frees what a tree eviction returned; returns the device tokens freed."""
         n = int(result.device_indices.numel())
+        if result.mamba_indices.numel():
+            self._mamba().free(result.mamba_indices)
+            self.stats.mamba_evicted_states += int(result.mamba_indices.numel())
         if n:
             self.allocator.free(result.device_indices)
             if self.kv_events is not None:
@@ -649,14 +780,23 @@ class HiCache:
         legacy ``cache_finished_req``). Finished load-backs of nodes the request holds are
         acknowledged first (it has waited for them), so that what it computed past them is cached.
 
+        Mamba caches: each of ``req.mamba_checkpoints`` is published at the node ending its
+        prefix (the tree splits there if needed); a state the tree does not take (it has one
+        there already, or the prefix was not cached) is freed. Publishing where later matches
+        will end (the request's last complete block, its branching point) is what keeps Mamba
+        hits close to Full hits.
+
         Returns:
-            InsertResult: the tree's insert result.
+            InsertResult: the tree's insert result (of the whole key).
 
         Raises:
-            InvalidArgumentError: ``kv_indices`` is shorter than ``token_ids`` or not whole pages.
+            InvalidArgumentError: ``kv_indices`` is shorter than ``token_ids`` or not whole pages;
+                checkpoints not page-aligned, ascending and within the aligned tokens, or given
+                to a cache without a Mamba pool. Nothing changed.
         """
         with self._lock:
-            _, result = self._insert_req(req)
+            aligned, result = self._insert_req(req, check_checkpoints=True)
+            self._publish_checkpoints(req, aligned)
             own = req.prefix_len  # the request owns kv_indices[own:]; the tree the rest
             unused = torch.cat(
                 (
@@ -666,11 +806,30 @@ class HiCache:
             )
             if unused.numel():
                 self.allocator.free(unused)
-            self._dec_lock_ref(req.last_node)
+            self._dec_lock_ref(req.last_node, req.mamba_node_id)
         req.kv_indices = _empty_slots()
         req.last_node = _ROOT_ID
         req.prefix_len = 0
+        req.mamba_node_id = -1
+        req.mamba_checkpoints = []
         return result
+
+    def _publish_checkpoints(self, req: Req, aligned: int) -> None:
+        """Inserts each checkpoint's prefix with its state (the KV is in the tree already)."""
+        for num_tokens, slot in req.mamba_checkpoints:
+            r = self.tree.insert(
+                req.token_ids[:num_tokens], req.kv_indices[:num_tokens], req.extra_key, slot
+            )
+            if r.prefix_len != min(num_tokens, r.cached_len) or r.adopted_len:
+                raise InvariantError(
+                    f"a checkpoint insert of {num_tokens} tokens took KV slots (prefix_len "
+                    f"{r.prefix_len}, adopted {r.adopted_len}): the key was not cached first"
+                )
+            if r.mamba_taken:
+                self.stats.mamba_published += 1
+            else:
+                self.stats.mamba_existed += int(r.mamba_exist)
+                self._mamba().free(torch.tensor([slot], dtype=torch.int64))
 
     def cache_unfinished_req(self, req: Req) -> InsertResult:
         """Caches the KV computed so far by a running request (chunked prefill) and keeps it.
@@ -686,7 +845,16 @@ class HiCache:
 
         Returns:
             InsertResult: the tree's insert result.
+
+        Raises:
+            InvalidArgumentError: as :meth:`cache_finished_req`; or a cache with a Mamba pool
+                (a running request's state checkpoints are not supported yet).
         """
+        if self.mamba_pool is not None:
+            raise InvalidArgumentError(
+                "cache_unfinished_req: not supported with a Mamba pool yet (cache the request "
+                "when it finishes, with its mamba_checkpoints)"
+            )
         with self._lock:
             _, result = self._insert_req(req)
             cached = result.cached_len
@@ -703,17 +871,24 @@ class HiCache:
                     f"{cached} tokens just inserted"
                 )
             receipt = self.tree.inc_lock_ref(match.last_device_node)
-            self._dec_lock_ref(req.last_node)
+            self._dec_lock_ref(req.last_node, req.mamba_node_id)
         kv = req.kv_indices.clone()
         kv[:cached] = match.device_indices
         req.kv_indices = kv
         req.last_node = receipt.node_id
+        req.mamba_node_id = receipt.mamba_node_id
         req.prefix_len = cached
         return result
 
-    def _insert_req(self, req: Req) -> tuple[int, InsertResult]:
+    def _insert_req(self, req: Req, check_checkpoints: bool = False) -> tuple[int, InsertResult]:
         """Validates ``req`` and inserts its page-aligned tokens; returns (aligned len, result)."""
         aligned = self._check_req(req)
+        if check_checkpoints:
+            self._check_checkpoints(req, aligned)
+        elif req.mamba_checkpoints:
+            raise InvalidArgumentError(
+                "req.mamba_checkpoints are published by cache_finished_req only"
+            )
         if self._ongoing_loads:
             self._apply_loads_held_by(req)
         result = self.insert(req.token_ids[:aligned], req.kv_indices[:aligned], req.extra_key)
@@ -748,6 +923,21 @@ class HiCache:
                 for ack_id in ack_ids:
                     self._finish_load(ack_id, ok=True)
 
+    def _check_checkpoints(self, req: Req, aligned: int) -> None:
+        if not req.mamba_checkpoints:
+            return
+        self._mamba()
+        previous = 0
+        for num_tokens, slot in req.mamba_checkpoints:
+            if num_tokens % self.page_size or not previous < num_tokens <= aligned:
+                raise InvalidArgumentError(
+                    f"req.mamba_checkpoints: {num_tokens} tokens is not a page-aligned prefix "
+                    f"after {previous} and within the {aligned} aligned tokens"
+                )
+            if not 0 <= slot < self._mamba().num_slots:
+                raise InvalidArgumentError(f"req.mamba_checkpoints: state slot {slot} out of range")
+            previous = num_tokens
+
     def _check_req(self, req: Req) -> int:
         num_tokens = len(req.token_ids)
         kv = req.kv_indices
@@ -778,7 +968,10 @@ class HiCache:
         with self._lock:
             self.flush()
             host = self.tree.all_host_indices()
+            states = self.tree.all_mamba_indices()
             freed = self.tree.reset()
+            if states.numel():
+                self._mamba().free(states)
             if freed.numel():
                 self.allocator.free(freed)
             if host.numel():
@@ -802,21 +995,38 @@ class HiCache:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
-    def check_invariants(self, request_slots: torch.Tensor | None = None) -> None:
+    def check_invariants(
+        self, request_slots: torch.Tensor | None = None, request_states: torch.Tensor | None = None
+    ) -> None:
         """Checks the tree's invariants and slot ownership (DESIGN.md invariant 3).
 
         Device: tree slots are never free; with ``request_slots``, tree slots, free slots and
         ``request_slots`` partition the pool exactly. Host: tree host slots and free host slots
         always partition the host pool exactly (in-flight transfers are committed in the tree).
+        Mamba: tree states are never free; with ``request_states``, tree states, free states and
+        ``request_states`` partition the state pool exactly.
 
         Args:
             request_slots: int64 CPU tensor of every device slot that running requests own.
+            request_states: int64 CPU tensor of every Mamba state slot running requests own.
 
         Raises:
             InvariantError: a slot is owned twice, leaked, or a tree invariant is broken.
         """
         with self._lock:
             self.tree.check_invariants()
+            if self.mamba_pool is not None:
+                states = self.tree.all_mamba_indices()
+                if self.mamba_pool.allocator.is_free(states).any():
+                    raise InvariantError("a Mamba state held by the tree is also free")
+                if request_states is not None:
+                    _check_partition(
+                        torch.cat(
+                            (states, self.mamba_pool.allocator.free_slot_indices(), request_states)
+                        ),
+                        self.mamba_pool.num_slots,
+                        "Mamba state slot",
+                    )
             owned = self.tree.all_device_indices()
             if self.allocator.is_free(owned).any():
                 raise InvariantError("a slot held by the tree is also in the allocator's free list")

@@ -1,0 +1,126 @@
+"""HiCache with a Mamba state pool: copy-on-write, checkpoints, state eviction, slot ownership."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hicache.cache import HiCache, Req
+from hicache.errors import InvalidArgumentError, PoolExhaustedError
+from hicache.memory import DeviceKVPool, HostKVPool, MambaStatePool
+
+PAGE = 4
+
+
+def make_cache(num_states: int = 4) -> HiCache:
+    pool = DeviceKVPool(128, 1, 1, 4, torch.float16, "cpu")
+    states = MambaStatePool(num_states, 2, (3, 2), (2, 2), torch.float32, torch.float32, "cpu")
+    return HiCache(pool, PAGE, mamba_pool=states)
+
+
+def state_of(cache: HiCache, slot: int) -> torch.Tensor:
+    conv, temporal = cache.mamba_pool.read(torch.tensor([slot]))
+    return torch.cat((conv.flatten(), temporal.flatten()))
+
+
+def write_state(cache: HiCache, slot: int, value: float) -> None:
+    conv, temporal = cache.mamba_pool.read(torch.tensor([slot]))
+    cache.mamba_pool.write(torch.tensor([slot]), conv.fill_(value), temporal.fill_(value + 0.5))
+
+
+def serve(cache: HiCache, tokens: list[int], checkpoints: dict[int, float]) -> tuple[int, int]:
+    """One request: match, lock, fork, compute, publish; returns (hit tokens, forked-from value)."""
+    key = torch.tensor(tokens, dtype=torch.int32)
+    m = cache.match_prefix(key)
+    receipt = cache.inc_lock_ref(m.last_device_node)
+    working = cache.fork_mamba(m.last_device_node)
+    seen = float(state_of(cache, working)[0])
+    hit = m.device_prefix_len
+    slots = cache.alloc(len(tokens) - hit)
+    published = []
+    for num_tokens, value in sorted(checkpoints.items()):
+        slot = int(cache.alloc_mamba(1)[0])
+        write_state(cache, slot, value)
+        published.append((num_tokens, slot))
+    cache.free_mamba(torch.tensor([working]))
+    req = Req(
+        key,
+        kv_indices=torch.cat((m.device_indices, slots)),
+        last_node=receipt.node_id,
+        prefix_len=hit,
+        mamba_node_id=receipt.mamba_node_id,
+        mamba_checkpoints=published,
+    )
+    cache.cache_finished_req(req)
+    cache.check_invariants(torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64))
+    return hit, seen
+
+
+def test_requests_continue_from_published_checkpoints_through_copies():
+    cache = make_cache()
+    first = list(range(12))
+    assert serve(cache, first, {8: 1.0, 12: 2.0}) == (0, 0.0)  # root: the initial (zero) state
+    assert cache.stats.mamba_published == 2
+    # A turn extending the first: matches up to the deepest state (12 tokens) and copies it.
+    assert serve(cache, [*first, 12, 13, 14, 15], {16: 3.0}) == (12, 2.0)
+    # A request branching inside the first one's last page: the 8-token checkpoint serves it.
+    m = cache.match_prefix(torch.tensor([*first[:8], 99, 99, 99, 99], dtype=torch.int32))
+    assert m.device_prefix_len == 8 and m.mamba_branching_seqlen == -1
+    assert cache.stats.mamba_forks == 1  # the root fork is no copy
+    # The node's own state is untouched by what the request did with its copy.
+    node = cache.tree.node_info(cache.match_prefix(torch.tensor(first)).last_device_node)
+    assert float(state_of(cache, node.mamba_value)[0]) == 2.0
+
+
+def test_an_existing_checkpoint_keeps_the_trees_state_and_frees_the_copy():
+    cache = make_cache()
+    serve(cache, list(range(8)), {8: 1.0})
+    free_before = cache.mamba_pool.available_size()
+    serve(cache, list(range(8)), {8: 5.0})
+    assert cache.stats.mamba_existed == 1
+    assert cache.mamba_pool.available_size() == free_before
+    node = cache.tree.node_info(cache.match_prefix(torch.arange(8)).last_device_node)
+    assert float(state_of(cache, node.mamba_value)[0]) == 1.0
+
+
+def test_state_pressure_evicts_least_recently_used_states():
+    cache = make_cache(num_states=4)
+    for base in (0, 100, 200):
+        serve(cache, [base + i for i in range(8)], {8: float(base)})
+    assert cache.tree.mamba_evictable_size() == 3
+    cache.match_prefix(torch.arange(8))  # the 0-based path is now the most recent
+    slots = cache.alloc_mamba(3)  # one free + two evicted: 100 and 200, the older ones
+    assert cache.stats.mamba_evicted_states == 2
+    assert cache.match_prefix(torch.arange(8)).device_prefix_len == 8
+    assert cache.match_prefix(torch.arange(100, 108)).device_prefix_len == 0
+    receipt = cache.inc_lock_ref(cache.match_prefix(torch.arange(8)).last_device_node)
+    with pytest.raises(PoolExhaustedError, match="locked by running requests"):
+        cache.alloc_mamba(1)
+    cache.check_invariants(torch.empty(0, dtype=torch.int64), slots)
+    cache.dec_lock_ref(receipt.node_id, receipt.mamba_node_id)
+    cache.free_mamba(slots)
+    cache.check_invariants(torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64))
+
+
+def test_bad_mamba_use_is_rejected_and_changes_nothing():
+    pool = DeviceKVPool(64, 1, 1, 4, torch.float16, "cpu")
+    states = MambaStatePool(2, 1, (2,), (2,), torch.float32, torch.float32, "cpu")
+    with pytest.raises(InvalidArgumentError, match="host pool with a Mamba pool"):
+        HiCache(pool, PAGE, HostKVPool(pool, 64, PAGE), mamba_pool=states)
+    with pytest.raises(InvalidArgumentError, match="no Mamba pool"):
+        HiCache(pool, PAGE).alloc_mamba(1)
+    cache = make_cache()
+    key = torch.arange(8, dtype=torch.int32)
+    slots = cache.alloc(8)
+    bad = Req(key, kv_indices=slots, mamba_checkpoints=[(6, 0)])
+    with pytest.raises(InvalidArgumentError, match="not a page-aligned prefix"):
+        cache.cache_finished_req(bad)
+    assert cache.tree.num_nodes() == 0
+    with pytest.raises(InvalidArgumentError, match="not supported with a Mamba pool"):
+        cache.cache_unfinished_req(Req(key, kv_indices=slots))
+    tombstone = cache.insert(key, slots).last_node  # KV without a state
+    free_states = cache.mamba_pool.available_size()
+    with pytest.raises(InvalidArgumentError, match="holds no Mamba state"):
+        cache.fork_mamba(tombstone)
+    assert cache.mamba_pool.available_size() == free_states
+    assert cache.match_prefix(key).device_prefix_len == 0  # no state to continue from
