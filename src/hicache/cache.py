@@ -697,25 +697,26 @@ class HiCache:
         pool = self._mamba()
         with self._lock:
             if node_id == _ROOT_ID:
-                slot = self.alloc_mamba(1)
-                zeros = pool.read(slot)
-                pool.write(slot, torch.zeros_like(zeros[0]), torch.zeros_like(zeros[1]))
-                return int(slot[0])
+                slot = int(self.alloc_mamba(1)[0])
+                pool.init_state(slot)
+                return slot
             info = self.tree.node_info(node_id)
             if not info.has_mamba_value:
                 raise InvalidArgumentError(
                     f"fork_mamba: node {node_id} holds no Mamba state (a tombstone); fork from a "
                     "match's last_device_node"
                 )
-            receipt = self.tree.inc_lock_ref(node_id)
-            try:
-                slot = self.alloc_mamba(1)
-            finally:
-                self._dec_lock_ref(receipt.node_id, receipt.mamba_node_id)
-            source = torch.tensor([self.tree.node_info(node_id).mamba_value], dtype=torch.int64)
-            pool.copy_slots(source, slot)
+            if pool.available_size() == 0:  # the eviction that makes room must spare this state
+                receipt = self.tree.inc_lock_ref(node_id)
+                try:
+                    slot = int(self.alloc_mamba(1)[0])
+                finally:
+                    self._dec_lock_ref(receipt.node_id, receipt.mamba_node_id)
+            else:
+                slot = int(self.alloc_mamba(1)[0])
+            pool.init_state(slot, info.mamba_value)
             self.stats.mamba_forks += 1
-            return int(slot[0])
+            return slot
 
     def _mamba(self) -> MambaStatePool:
         if self.mamba_pool is None:

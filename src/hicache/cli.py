@@ -94,6 +94,20 @@ def _add_replay_parser(sub: argparse._SubParsersAction) -> None:
         help="check every cache invariant and slot ownership every N requests",
     )
     p.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
+    p.add_argument(
+        "--model",
+        choices=("plain", "mamba-hybrid"),
+        default="plain",
+        help="plain attention (default) or a Mamba + attention hybrid: a Mamba state pool beside "
+        "the KV pool; a hit must end on a cached state, verified like KV",
+    )
+    p.add_argument(
+        "--max-mamba-cache-size",
+        type=int,
+        default=None,
+        help="Mamba state slots (default: what fits in 0.9x the KV memory at 3,144 KV tokens per "
+        "state, SGLang's default sizing)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument(
         "--plot",
@@ -130,6 +144,20 @@ def _print_report(report) -> None:
                 f"{stats['demoted_tokens']:,} / {stats['dropped_tokens']:,}",
             ),
             ("host-evicted tokens", f"{stats['host_evicted_tokens']:,}"),
+        ]
+    if report.mamba_states:
+        stats = report.cache_stats
+        rows += [
+            ("model / Mamba states", f"mamba-hybrid / {report.mamba_states:,}"),
+            ("Full-only hit blocks (same tree)", f"{report.full_kv_hit_blocks:,}"),
+            (
+                "Mamba forks / published / existed",
+                f"{stats['mamba_forks']:,} / {stats['mamba_published']:,} / "
+                f"{stats['mamba_existed']:,}",
+            ),
+            ("Mamba states evicted", f"{stats['mamba_evicted_states']:,}"),
+            ("tombstones at end", f"{report.tombstones_at_end:,}"),
+            ("verified Mamba states", f"{report.mamba_verified_states:,}"),
         ]
     rows += [
         ("block hits", f"{report.hit_blocks:,} / {report.total_blocks:,}"),
@@ -182,6 +210,8 @@ def _replay(args: argparse.Namespace) -> int:
         write_policy=args.hicache_write_policy,
         host_layout=args.hicache_mem_layout,
         io_backend=args.hicache_io_backend,
+        model=args.model,
+        max_mamba_cache_size=args.max_mamba_cache_size,
     )
     with Progress(
         "[progress.description]{task.description}",

@@ -783,3 +783,21 @@ class TestCuda:
         host.backup_all_layers(host.prepare(dev_idx.cuda(), host_idx))
         torch.cuda.synchronize()
         _assert_bit_equal(host.read(host_idx), tuple(t.cpu() for t in dev.read(dev_idx)))
+
+
+def test_init_state_copies_one_slot_or_zeroes_it():
+    pool = MambaStatePool(4, 2, (3,), (2, 2), torch.float32, torch.float32, "cpu")
+    slots = pool.alloc(3)
+    conv = torch.arange(2 * 3 * 3, dtype=torch.float32).view(2, 3, 3) + 1
+    temporal = torch.arange(2 * 3 * 4, dtype=torch.float32).view(2, 3, 2, 2) + 1
+    pool.write(slots, conv, temporal)
+    pool.init_state(int(slots[1]), int(slots[0]))
+    got = pool.read(slots)
+    assert torch.equal(got[0][:, 1], conv[:, 0]) and torch.equal(got[1][:, 1], temporal[:, 0])
+    assert torch.equal(got[0][:, 0], conv[:, 0])  # the source is untouched
+    pool.init_state(int(slots[2]))
+    assert not pool.read(slots[2:])[0].any() and not pool.read(slots[2:])[1].any()
+    with pytest.raises(IndexOutOfRangeError, match="slot 4 out of range"):
+        pool.init_state(4, 0)
+    with pytest.raises(InvalidArgumentError, match="same slot"):
+        pool.init_state(1, 1)

@@ -378,6 +378,34 @@ class MambaStatePool:
         _check_allocated(self.allocator, src, f"{fn}: src_indices")
         _check_allocated(self.allocator, dst, f"{fn}: dst_indices")
 
+    def init_state(self, dst: int, src: int | None = None) -> None:
+        """Fills slot ``dst`` with a copy of slot ``src``'s state, or zeroes (the initial state).
+
+        The one-slot copy-on-write of :meth:`HiCache.fork_mamba`, on the current stream, without
+        the allocation checks of :meth:`copy_slots` (the cache owns both slots: the tree's and
+        one it has just allocated), so it costs two slice copies.
+
+        Args:
+            dst: the slot to fill.
+            src: the slot to copy, or None for a zeroed state.
+
+        Raises:
+            IndexOutOfRangeError: a slot outside ``[0, num_slots)``.
+            InvalidArgumentError: ``src == dst``.
+        """
+        for slot in (dst,) if src is None else (dst, src):
+            if not 0 <= slot < self._num_slots:
+                raise IndexOutOfRangeError(
+                    f"init_state: slot {slot} out of range [0, {self._num_slots})"
+                )
+        if src == dst:
+            raise InvalidArgumentError(f"init_state: src and dst are the same slot {dst}")
+        for buf in (self.conv_state, self.temporal_state):
+            if src is None:
+                buf[:, dst].zero_()
+            else:
+                buf[:, dst].copy_(buf[:, src])
+
     def _copy(self, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Gathers the source states, then scatters them: one op of each per buffer."""
         if src.numel() == 0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -11,10 +12,20 @@ import torch
 from hicache import metrics
 from hicache.cache import WRITE_POLICIES, HiCache, Req
 from hicache.errors import HiCacheError, InvalidArgumentError
-from hicache.memory import DeviceKVPool, HostKVPool
+from hicache.memory import DeviceKVPool, HostKVPool, MambaStatePool
 from hicache.replay.trace import TRACE_BLOCK_TOKENS, TraceRequest, block_tokens
 
-__all__ = ["KVIntegrityError", "ReplayConfig", "ReplayReport", "expected_kv", "run_replay"]
+__all__ = [
+    "KVIntegrityError",
+    "ReplayConfig",
+    "ReplayReport",
+    "checkpoint_positions",
+    "expected_kv",
+    "expected_state",
+    "run_replay",
+]
+
+MODELS = ("plain", "mamba-hybrid")
 
 OPERATIONS = (
     "match_prefix",
@@ -59,6 +70,11 @@ class ReplayConfig:
         io_backend: transfer backend (SGLang's ``--hicache-io-backend``).
         timeline_points: windows of the report's timeline (hit ratio per tier and transfer
             bandwidth per window of requests); 0 for none.
+        model: ``"plain"`` (attention only) or ``"mamba-hybrid"`` (Mamba + attention layers: a
+            Mamba state pool beside the KV pool; a hit must end on a cached state).
+        max_mamba_cache_size: Mamba state slots (SGLang's ``--max-mamba-cache-size``); None:
+            the states that fit in 0.9x the KV memory at Qwen3-Next-80B-A3B's 3,144 KV tokens per
+            state, SGLang's default (``--mamba-full-memory-ratio``), and at least 5.
     """
 
     block_tokens: int = 16
@@ -80,6 +96,8 @@ class ReplayConfig:
     host_layout: str = "layer_first"
     io_backend: str = "auto"
     timeline_points: int = 200
+    model: str = "plain"
+    max_mamba_cache_size: int | None = None
 
 
 @dataclass
@@ -116,6 +134,12 @@ class ReplayReport:
     timeline: list = field(default_factory=list)
     # hicache.metrics.as_dict(collect(cache)) at the end of the replay.
     metrics: dict = field(default_factory=dict)
+    # Hybrid models: what the Full component alone matched in the same tree (hit_blocks is what
+    # every component accepted), the Mamba state pool's size, and tombstones left at the end.
+    full_kv_hit_blocks: int = 0
+    mamba_states: int = 0
+    mamba_verified_states: int = 0
+    tombstones_at_end: int = 0
 
     @property
     def block_hit_ratio(self) -> float:
@@ -179,6 +203,140 @@ def expected_kv(tokens: torch.Tensor, pool: DeviceKVPool) -> tuple[torch.Tensor,
     return tuple(outputs)
 
 
+def _splitmix64(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64 of int64 ``x`` (wrapping arithmetic): a well-mixed hash per element."""
+    x = x * -0x61C8864680B583EB + 0x632BE59BD9B4E019
+    x = (x ^ (x >> 30)) * -0x40A7B892E31B1A47
+    x = (x ^ (x >> 27)) * -0x6B2FB644ECCEEE15
+    return x ^ (x >> 31)
+
+
+def expected_state(block_ids: torch.Tensor, pool: MambaStatePool) -> tuple[torch.Tensor, ...]:
+    """The Mamba state the replay computes after a block: bytes of a hash of (block id, layer).
+
+    A trace block id names its whole prefix (the ids are prefix hashes), so the state after a
+    block is a deterministic function of (block id, layer). Element ``e`` of layer ``l`` is byte
+    ``(e + l) mod 8`` of ``splitmix64(block_id * 64 + l)``: integers in [0, 255], exact in every
+    float dtype; a state copied from the wrong node differs in nearly every element.
+
+    Args:
+        block_ids: ``[n]`` int64 CPU block ids.
+        pool: the state pool whose shapes, dtypes and device the result takes.
+
+    Returns:
+        ``(conv, temporal)``: ``[num_layers, n, *conv_shape]`` and
+        ``[num_layers, n, *temporal_shape]`` on the pool's device.
+    """
+    layers = torch.arange(pool.num_layers, dtype=torch.int64)[:, None]
+    hashes = _splitmix64(block_ids.to(torch.int64)[None, :] * 64 + layers)  # [L, n]
+    hash_bytes = hashes.contiguous().view(torch.uint8).view(pool.num_layers, -1, 8)
+    out = []
+    for shape, dtype in (
+        (pool.conv_shape, pool.conv_dtype),
+        (pool.temporal_shape, pool.temporal_dtype),
+    ):
+        count = math.prod(shape)
+        element = (torch.arange(count)[None, :] + layers) % 8  # [L, count]
+        index = element[:, None, :].expand(-1, hash_bytes.shape[1], -1)  # [L, n, count]
+        picked = torch.gather(hash_bytes, 2, index)
+        out.append(picked.to(dtype).view(pool.num_layers, -1, *shape).to(pool.device))
+    return tuple(out)
+
+
+def checkpoint_positions(request: TraceRequest, match, block_tokens: int, step: int) -> list[int]:
+    """Where a finished ``mamba-hybrid`` request publishes states, ascending (see _MambaModel).
+
+    Args:
+        request: the trace request.
+        match: its :class:`~hicache.results.MatchResult` at admission.
+        block_tokens: tokens per trace block.
+        step: positions are multiples of it (``lcm(block_tokens, page_size)``).
+
+    Returns:
+        Up to two token counts past the match: the last complete block of input, and the
+        branching point when the Full match ran past the deepest cached state.
+    """
+    complete = min(request.input_length // TRACE_BLOCK_TOKENS, len(request.hash_ids))
+    end = complete * block_tokens // step * step
+    branch = match.mamba_branching_seqlen // step * step
+    return sorted({p for p in (end, branch) if p > match.device_prefix_len})
+
+
+class _MambaModel:
+    """The Mamba side of a ``mamba-hybrid`` replay: its state pool and checkpoint policy.
+
+    Checkpoints (what a finished request publishes): the state after the request's last complete
+    block of input (a trace request's last block is usually partial, and the next turn re-hashes
+    it: the turn after shares the prefix up to the last complete one), and the state at the
+    branching point when the Full match ran past the deepest cached state (later requests that
+    branch there find it). At most two per request; the request's working state is donated as
+    the first, as SGLang donates ``mamba_pool_idx`` at finish. SGLang 0.5.23's ``extra_buffer``
+    tracks one state per prefill, at the branching point or the last grid point, which is why a
+    conversation turn mostly reuses an older turn's state (baselines README).
+    """
+
+    # Tiny state shapes (the baseline's: conv 16x1, temporal 1x4x4); the budget, not the bytes, is
+    # what the hit ratio depends on.
+    CONV_SHAPE = (4, 2)
+    TEMPORAL_SHAPE = (2, 4, 4)
+    # Qwen3-Next-80B-A3B: KV tokens whose memory one Mamba state takes (SGLang's sizing).
+    KV_TOKENS_PER_STATE = 3144
+    MEMORY_RATIO = 0.9  # SGLang's --mamba-full-memory-ratio default
+
+    def __init__(self, config: ReplayConfig, capacity_blocks: int, device: str) -> None:
+        num_states = config.max_mamba_cache_size
+        if num_states is None:
+            kv_tokens = capacity_blocks * TRACE_BLOCK_TOKENS
+            num_states = max(5, int(self.MEMORY_RATIO * kv_tokens / self.KV_TOKENS_PER_STATE))
+        if num_states < 2:
+            raise InvalidArgumentError(
+                f"max_mamba_cache_size: a request needs up to 2 state slots, got {num_states}"
+            )
+        self.block_tokens = config.block_tokens
+        self.step = math.lcm(config.block_tokens, config.page_size)  # a checkpoint position unit
+        self.pool = MambaStatePool(
+            num_states,
+            config.num_layers,
+            self.CONV_SHAPE,
+            self.TEMPORAL_SHAPE,
+            torch.float32,
+            torch.float32,
+            device,
+        )
+
+    def begin(self, cache: HiCache, request: TraceRequest, match, verify: bool, i: int) -> int:
+        """Forks the request's working state from the match; checks it is the right state."""
+        working = cache.fork_mamba(match.last_device_node)
+        hit = match.device_prefix_len
+        if verify:
+            got = self.pool.read(torch.tensor([working]))
+            if hit:
+                block = torch.tensor([request.hash_ids[hit // self.block_tokens - 1]])
+                want = expected_state(block, self.pool)
+            else:
+                want = tuple(torch.zeros_like(g) for g in got)
+            if not all(torch.equal(g, w) for g, w in zip(got, want, strict=True)):
+                raise KVIntegrityError(
+                    f"request {i}: the Mamba state copied for its {hit} hit tokens differs from "
+                    "the state computed after them"
+                )
+        return working
+
+    def checkpoints(
+        self, cache: HiCache, request: TraceRequest, match, working: int
+    ) -> list[tuple[int, int]]:
+        """The request's checkpoints, its working state holding the one at its last block."""
+        bt = self.block_tokens
+        positions = checkpoint_positions(request, match, bt, self.step)
+        if not positions:
+            cache.free_mamba(torch.tensor([working]))
+            return []
+        slots = [working] + cache.alloc_mamba(len(positions) - 1).tolist()
+        blocks = torch.tensor([request.hash_ids[p // bt - 1] for p in positions])
+        self.pool.write(torch.tensor(slots), *expected_state(blocks, self.pool))
+        return list(zip(positions, slots, strict=True))
+
+
 def run_replay(
     requests: list[TraceRequest],
     config: ReplayConfig,
@@ -236,7 +394,17 @@ def run_replay(
             f"unknown write policy {config.write_policy!r}; expected one of "
             f"{sorted(WRITE_POLICIES)}"
         )
-    cache = HiCache(pool, ps, host_pool, config.write_policy, config.io_backend)
+    if config.model not in MODELS:
+        raise InvalidArgumentError(f"unknown model {config.model!r}; expected one of {MODELS}")
+    mamba = _MambaModel(config, capacity, device) if config.model == "mamba-hybrid" else None
+    cache = HiCache(
+        pool,
+        ps,
+        host_pool,
+        config.write_policy,
+        config.io_backend,
+        mamba_pool=mamba.pool if mamba is not None else None,
+    )
     report = ReplayReport(
         trace=trace_name,
         config=asdict(config),
@@ -245,6 +413,7 @@ def run_replay(
         host_capacity_blocks=host_pool.num_slots // bt if host_pool is not None else 0,
         device=str(pool.device),
         io_backend=cache.controller.io_backend if cache.controller is not None else "",
+        mamba_states=mamba.pool.num_slots if mamba is not None else 0,
     )
     ops = report.op_seconds
     window = -(-len(requests) // config.timeline_points) if config.timeline_points > 0 else 0
@@ -267,6 +436,10 @@ def run_replay(
                 match = cache.match_prefix(tokens)
             t2 = clock()
             receipt = cache.inc_lock_ref(match.last_device_node)
+            working = -1
+            if mamba is not None:
+                working = mamba.begin(cache, trace_req, match, config.verify, i)
+                report.mamba_verified_states += int(config.verify)
             t3 = clock()
             hit = match.device_prefix_len
             if config.verify and hit:
@@ -291,7 +464,10 @@ def run_replay(
                 kv_indices=torch.cat((match.device_indices, new_slots)),
                 last_node=receipt.node_id,
                 prefix_len=hit,
+                mamba_node_id=receipt.mamba_node_id,
             )
+            if mamba is not None:
+                req.mamba_checkpoints = mamba.checkpoints(cache, trace_req, match, working)
             cache.cache_finished_req(req)
             t7 = clock()
             # Deterministic replay: this step's backups land before the next step evicts.
@@ -307,6 +483,7 @@ def run_replay(
             ops["check_hicache_events"] += t8 - t7
 
             hit_blocks = hit // bt
+            report.full_kv_hit_blocks += max(hit, match.mamba_branching_seqlen) // bt
             report.requests += 1
             report.total_blocks += len(trace_req.hash_ids)
             report.hit_blocks += hit_blocks
@@ -316,13 +493,17 @@ def run_replay(
             report.hit_tokens += min(hit_blocks * TRACE_BLOCK_TOKENS, trace_req.input_length)
             timeline.step()
             if config.check_every and (i + 1) % config.check_every == 0:
-                cache.check_invariants(request_slots=no_slots)
+                cache.check_invariants(request_slots=no_slots, request_states=no_slots)
             if progress is not None:
                 progress(i + 1)
         cache.flush()
         timeline.close()
-        cache.check_invariants(request_slots=no_slots)
+        cache.check_invariants(request_slots=no_slots, request_states=no_slots)
         report.metrics = metrics.as_dict(metrics.collect(cache))
+        if mamba is not None:
+            report.tombstones_at_end = sum(
+                not cache.tree.node_info(n).has_mamba_value for n in cache.tree.node_ids()
+            )
     finally:
         cache.close()
     report.wall_seconds = clock() - start
