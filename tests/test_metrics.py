@@ -38,7 +38,8 @@ def test_dict_and_prometheus_report_the_same_values():
     assert values["hicache_queue_depth{direction=backup}"] == 0  # run_request flushes
     assert values["hicache_tokens{state=evictable,tier=L1}"] == cache.tree.evictable_size()
     assert values["hicache_capacity_tokens{tier=L2}"] == 16384
-    assert set(s.name for s in metrics.collect(cache)) == set(metrics.METRICS)
+    names = {name for name in metrics.METRICS if not name.startswith("hicache_mamba")}
+    assert set(s.name for s in metrics.collect(cache)) == names  # no Mamba pool: no Mamba rows
 
     text = metrics.prometheus_text(cache, const_labels={"tp_rank": "0"})
     parsed = {
@@ -64,3 +65,36 @@ def test_device_only_cache_reports_device_metrics_only():
     assert values["hicache_match_calls_total"] == 1
     assert not any("direction" in k or "tier=L2" in k and "tokens{" in k for k in values)
     assert "hicache_capacity_tokens{tier=L2}" not in values
+
+
+def test_mamba_cache_reports_its_states():
+    from hicache.cache import HiCache, Req
+    from hicache.memory import DeviceKVPool, MambaStatePool
+
+    pool = DeviceKVPool(64, 1, 1, 4, torch.float16, "cpu")
+    states = MambaStatePool(4, 1, (2,), (2,), torch.float32, torch.float32, "cpu")
+    cache = HiCache(pool, 4, mamba_pool=states)
+    key = torch.arange(8, dtype=torch.int32)
+    for _ in range(2):
+        m = cache.match_prefix(key)
+        receipt = cache.inc_lock_ref(m.last_device_node)
+        working = cache.fork_mamba(m.last_device_node)
+        slots = cache.alloc(8 - m.device_prefix_len)
+        req = Req(
+            key,
+            kv_indices=torch.cat((m.device_indices, slots)),
+            last_node=receipt.node_id,
+            prefix_len=m.device_prefix_len,
+            mamba_node_id=receipt.mamba_node_id,
+            mamba_checkpoints=[(8, working)],
+        )
+        cache.cache_finished_req(req)
+    values = metrics.as_dict(metrics.collect(cache))
+    assert values["hicache_mamba_states{state=evictable}"] == 1
+    assert values["hicache_mamba_capacity_states"] == 4
+    assert values["hicache_mamba_forks_total"] == 1  # the second request forked the first's state
+    assert values["hicache_mamba_published_total"] == 1
+    assert values["hicache_hit_tokens_total{component=full,tier=L1}"] == 8
+    assert set(s.name for s in metrics.collect(cache)) == set(metrics.METRICS) - {
+        name for name in metrics.METRICS if "direction" in name or "transfer" in name
+    } - {"hicache_queue_depth", "hicache_failed_tokens_total"}

@@ -26,7 +26,15 @@ hicache_failed_tokens_total         counter same, tokens not copied (no room, or
 hicache_queue_depth                 gauge   same, operations queued or in flight
 hicache_tokens                      gauge   ``tier`` L1 / L2, ``state`` evictable / protected
 hicache_capacity_tokens             gauge   ``tier`` L1 / L2: pool size
+hicache_mamba_states                gauge   ``state`` evictable / protected (Mamba caches)
+hicache_mamba_capacity_states       gauge   the Mamba state pool's size
+hicache_mamba_forks_total           counter request states copied from cached ones
+hicache_mamba_published_total       counter request states the tree took (checkpoints)
+hicache_mamba_evicted_states_total  counter states freed by eviction
 =================================== ======= ===================================================
+
+With a Mamba pool, ``hit_tokens`` count what every component accepted (the match ends at a
+cached state).
 
 Storage (L3) prefetch outcomes join this table with the storage tier.
 """
@@ -76,6 +84,11 @@ METRICS: dict[str, tuple[str, str]] = {
     "hicache_queue_depth": ("gauge", "operations queued or in flight"),
     "hicache_tokens": ("gauge", "tokens held per tier and state"),
     "hicache_capacity_tokens": ("gauge", "pool size per tier, tokens"),
+    "hicache_mamba_states": ("gauge", "Mamba states held by the tree, per state"),
+    "hicache_mamba_capacity_states": ("gauge", "Mamba state pool size"),
+    "hicache_mamba_forks_total": ("counter", "request states copied from cached ones"),
+    "hicache_mamba_published_total": ("counter", "request states the tree took"),
+    "hicache_mamba_evicted_states_total": ("counter", "Mamba states freed by eviction"),
 }
 
 
@@ -136,6 +149,13 @@ def collect(cache: HiCache) -> list[Sample]:
             add("hicache_tokens", evictable, tier=tier, state="evictable")
             add("hicache_tokens", protected, tier=tier, state="protected")
             add("hicache_capacity_tokens", capacity, tier=tier)
+        if cache.mamba_pool is not None:
+            add("hicache_mamba_states", tree.mamba_evictable_size(), state="evictable")
+            add("hicache_mamba_states", tree.mamba_protected_size(), state="protected")
+            add("hicache_mamba_capacity_states", cache.mamba_pool.num_slots)
+            add("hicache_mamba_forks_total", stats.mamba_forks)
+            add("hicache_mamba_published_total", stats.mamba_published)
+            add("hicache_mamba_evicted_states_total", stats.mamba_evicted_states)
     return samples
 
 
