@@ -168,13 +168,16 @@ class MambaTreeMachine(RuleBasedStateMachine):
         assert self.tree.num_nodes() == 0 and not self.states
 
 
-class MambaTreePage4(MambaTreeMachine):
-    page_size = 4
+# SGLang's configuration matrix for full + mamba: page 1, 4, 64, 128.
+MACHINES = {
+    page: type(f"MambaTreePage{page}", (MambaTreeMachine,), {"page_size": page})
+    for page in (1, 4, 64, 128)
+}
 
 
-@pytest.mark.parametrize("machine", [MambaTreeMachine, MambaTreePage4], ids=["page1", "page4"])
-def test_mamba_tree_random_operations(machine) -> None:
+@pytest.mark.parametrize("page_size", sorted(MACHINES), ids=lambda p: f"page{p}")
+def test_mamba_tree_random_operations(page_size: int) -> None:
     random.seed(0)
-    case = machine.TestCase
-    case.settings = settings(settings(), max_examples=150, stateful_step_count=40)
+    case = MACHINES[page_size].TestCase
+    case.settings = settings(settings(), max_examples=80, stateful_step_count=40)
     case().runTest()
