@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from hicache.cache import HiCache, Req
-from hicache.errors import InvalidArgumentError, PoolExhaustedError
-from hicache.memory import DeviceKVPool, HostKVPool, MambaStatePool
+from hicache.errors import InvalidArgumentError, PoolExhaustedError, TransferError
+from hicache.memory import DeviceKVPool, HostKVPool, MambaHostPool, MambaStatePool
 
 PAGE = 4
 
@@ -105,8 +105,20 @@ def test_state_pressure_evicts_least_recently_used_states():
 def test_bad_mamba_use_is_rejected_and_changes_nothing():
     pool = DeviceKVPool(64, 1, 1, 4, torch.float16, "cpu")
     states = MambaStatePool(2, 1, (2,), (2,), torch.float32, torch.float32, "cpu")
-    with pytest.raises(InvalidArgumentError, match="host pool with a Mamba pool"):
+    with pytest.raises(InvalidArgumentError, match="needs a mamba_host_pool"):
         HiCache(pool, PAGE, HostKVPool(pool, 64, PAGE), mamba_pool=states)
+    other = MambaStatePool(2, 1, (2,), (2,), torch.float32, torch.float32, "cpu")
+    with pytest.raises(InvalidArgumentError, match="over that Mamba pool"):
+        HiCache(
+            pool,
+            PAGE,
+            HostKVPool(pool, 64, PAGE),
+            "write_through",
+            "direct",
+            False,
+            states,
+            MambaHostPool(other, 2),
+        )
     with pytest.raises(InvalidArgumentError, match="no Mamba pool"):
         HiCache(pool, PAGE).alloc_mamba(1)
     cache = make_cache()
@@ -124,3 +136,107 @@ def test_bad_mamba_use_is_rejected_and_changes_nothing():
         cache.fork_mamba(tombstone)
     assert cache.mamba_pool.available_size() == free_states
     assert cache.match_prefix(key).device_prefix_len == 0  # no state to continue from
+
+
+# --- the host tier: a state goes device -> host -> device bit-identical ------------------------
+
+
+def make_host_cache(policy: str, layout: str, host_states: int = 8) -> HiCache:
+    pool = DeviceKVPool(32, 1, 1, 4, torch.float16, "cpu")
+    states = MambaStatePool(4, 3, (4, 2), (2, 4, 4), torch.bfloat16, torch.float32, "cpu")
+    return HiCache(
+        pool,
+        PAGE,
+        HostKVPool(pool, 128, PAGE),
+        policy,
+        mamba_pool=states,
+        mamba_host_pool=MambaHostPool(states, host_states, layout),
+    )
+
+
+def random_state(cache: HiCache, slot: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    conv, temporal = cache.mamba_pool.read(torch.tensor([slot]))
+    conv = torch.randn(conv.shape, generator=gen).to(conv.dtype)
+    temporal = torch.randn(temporal.shape, generator=gen).to(temporal.dtype)
+    cache.mamba_pool.write(torch.tensor([slot]), conv, temporal)
+    return conv, temporal
+
+
+def finish(cache: HiCache, key: torch.Tensor, state_seed: int | None):
+    m = cache.match_prefix(key, load_back=True)
+    cache.flush()
+    receipt = cache.inc_lock_ref(m.last_device_node)
+    slots = cache.alloc(len(key) - m.device_prefix_len)
+    checkpoints, written = [], None
+    if state_seed is not None:
+        slot = int(cache.alloc_mamba(1)[0])
+        written = random_state(cache, slot, state_seed)
+        checkpoints = [(len(key), slot)]
+    req = Req(
+        key,
+        kv_indices=torch.cat((m.device_indices, slots)),
+        last_node=receipt.node_id,
+        prefix_len=m.device_prefix_len,
+        mamba_node_id=receipt.mamba_node_id,
+        mamba_checkpoints=checkpoints,
+    )
+    cache.cache_finished_req(req)
+    cache.flush()
+    cache.check_invariants(torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64))
+    return written
+
+
+@pytest.mark.parametrize("layout", ["page_first", "page_first_direct"])
+@pytest.mark.parametrize("policy", ["write_through", "write_back"])
+def test_a_state_comes_back_from_host_bit_identical(policy, layout):
+    cache = make_host_cache(policy, layout)
+    key = torch.arange(16, dtype=torch.int32)
+    written = finish(cache, key, state_seed=1)
+    finish(cache, torch.arange(100, 132, dtype=torch.int32), state_seed=2)  # pushes key to host
+    node = cache.tree.node_info(cache.match_prefix(key).best_match_node)
+    assert not node.has_device_value and node.has_mamba_host_value  # demoted, state kept
+    m = cache.match_prefix(key, load_back=True)
+    assert m.device_prefix_len == 16 and cache.stats.load_back_tokens == 16
+    with pytest.raises(InvalidArgumentError, match="not started"):
+        cache.fork_mamba(m.last_device_node)  # its state is still on host
+    consumer = cache.ready_to_load_host_cache()
+    for layer in range(cache.device_pool.num_layers):
+        cache.wait_until_layer_ready(layer, consumer)
+    working = cache.fork_mamba(m.last_device_node)
+    got = cache.mamba_pool.read(torch.tensor([working]))
+    pairs = zip(got, written, strict=True)
+    assert all(torch.equal(g.view(torch.uint8), w.view(torch.uint8)) for g, w in pairs)
+    cache.free_mamba(torch.tensor([working]))
+    cache.flush()
+    cache.check_invariants(torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64))
+    cache.close()
+
+
+def test_a_failed_state_load_frees_the_slot_and_serves_nothing(monkeypatch):
+    cache = make_host_cache("write_through", "page_first")
+    key = torch.arange(16, dtype=torch.int32)
+    finish(cache, key, state_seed=1)
+    finish(cache, torch.arange(100, 132, dtype=torch.int32), state_seed=2)
+
+    def broken(self, indices):
+        raise RuntimeError("PCIe link down")
+
+    monkeypatch.setattr(MambaHostPool, "load_all_layers", broken)
+    cache.match_prefix(key, load_back=True)
+    with pytest.raises(TransferError, match="PCIe link down"):
+        cache.flush()
+    m = cache.match_prefix(key)
+    assert (m.device_prefix_len, m.host_hit_length) == (0, 16)  # host-only again, state kept
+    cache.check_invariants(torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64))
+    cache.close()
+
+
+def test_a_full_host_state_pool_backs_up_kv_only():
+    cache = make_host_cache("write_through", "page_first", host_states=1)
+    finish(cache, torch.arange(8, dtype=torch.int32), state_seed=1)
+    finish(cache, torch.arange(50, 58, dtype=torch.int32), state_seed=2)
+    assert cache.stats.mamba_backup_skipped == 1
+    assert cache.mamba_host_pool.available_size() == 0
+    cache.check_invariants(torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64))
+    cache.close()

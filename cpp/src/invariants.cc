@@ -63,6 +63,7 @@ void RadixTree::check_invariants() const {
   std::unordered_set<SlotIndex> slots;
   std::unordered_set<SlotIndex> host_slots;
   std::unordered_set<SlotIndex> mamba_slots;
+  std::unordered_set<SlotIndex> mamba_host_slots;
   int64_t mamba_evictable = 0;
   int64_t mamba_protected = 0;
   size_t mamba_lru_members = 0;
@@ -245,11 +246,35 @@ void RadixTree::check_invariants() const {
       if (mamba.lock_ref != 0) fail(n->id, "a Mamba-locked tombstone");
       if (MambaLru::contains(n)) fail(n->id, "a Mamba tombstone in the Mamba LRU");
     }
+    // A host state is the backup of a device state: it lives with the node's host KV.
+    if (mamba.has_host_value) {
+      if (!mamba_) fail(n->id, "holds a host Mamba state in a tree without the Mamba component");
+      if (!full.has_host_value) fail(n->id, "holds a host Mamba state but no host KV");
+      if (mamba.host_value.size() != 1) fail(n->id, "a host Mamba state is one slot");
+      const SlotIndex v = mamba.host_value[0];
+      if (v < 0 || (num_mamba_host_slots_ > 0 && v >= num_mamba_host_slots_)) {
+        fail(n->id, "host Mamba slot " + std::to_string(v) + " out of range");
+      }
+      if (!mamba_host_slots.insert(v).second) {
+        fail(n->id, "host Mamba slot " + std::to_string(v) + " owned twice");
+      }
+    } else if (!mamba.host_value.empty()) {
+      fail(n->id, "no host Mamba state but a host Mamba slot");
+    }
   }
 
   if (load_failed != load_failed_size_) {
     fail(kRootId, "load-failed ledger " + std::to_string(load_failed_size_) + " but recomputed " +
                       std::to_string(load_failed));
+  }
+  // Mamba slots waiting in the outboxes: owned by nobody else.
+  for (const SlotIndex v : failed_load_states_) {
+    if (!mamba_slots.insert(v).second) fail(kRootId, "failed-load state " + std::to_string(v) + " also held");
+  }
+  for (const SlotIndex v : freed_mamba_host_) {
+    if (!mamba_host_slots.insert(v).second) {
+      fail(kRootId, "freed host state " + std::to_string(v) + " also held");
+    }
   }
   // Slots of demoted load-failed nodes not yet taken by the caller: owned by nobody else.
   for (const SlotIndex v : failed_load_slots_) {

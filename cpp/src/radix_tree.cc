@@ -56,20 +56,22 @@ std::string describe(const char* caller, NodeId id, const std::string& what) {
 }  // namespace
 
 RadixTree::RadixTree(int64_t page_size, int64_t num_device_slots, int64_t num_host_slots,
-                     bool mamba, int64_t num_mamba_slots)
+                     bool mamba, int64_t num_mamba_slots, int64_t num_mamba_host_slots)
     : page_size_(page_size),
       num_device_slots_(num_device_slots),
       num_host_slots_(num_host_slots),
       mamba_(mamba),
       num_mamba_slots_(num_mamba_slots),
+      num_mamba_host_slots_(num_mamba_host_slots),
       root_(new Node()) {
   if (page_size < 1) {
     throw std::invalid_argument("RadixTree: page_size must be >= 1, got " +
                                 std::to_string(page_size));
   }
-  if (num_mamba_slots < 0) {
-    throw std::invalid_argument("RadixTree: num_mamba_slots must be >= 0 (0 = unchecked), got " +
-                                std::to_string(num_mamba_slots));
+  if (num_mamba_slots < 0 || num_mamba_host_slots < 0) {
+    throw std::invalid_argument(
+        "RadixTree: num_mamba_slots and num_mamba_host_slots must be >= 0 (0 = unchecked), got " +
+        std::to_string(num_mamba_slots) + " and " + std::to_string(num_mamba_host_slots));
   }
   if (num_device_slots < 0 || num_host_slots < 0) {
     throw std::invalid_argument("RadixTree: num_device_slots and num_host_slots must be >= 0 "
@@ -243,7 +245,7 @@ void RadixTree::touch_path(Node* node) {
 }
 
 void RadixTree::destroy_leaf(Node* node) {
-  if (node->has_mamba_state()) {
+  if (node->has_mamba_state() || node->has_mamba_host_state()) {
     throw std::logic_error(describe("destroy_leaf", node->id, "still holds a Mamba state"));
   }
   if (DeviceLru::contains(node)) device_lru_.erase(node);
@@ -318,9 +320,7 @@ void RadixTree::demote_failed(Node* node) {
                                       "has a device child " + std::to_string(c->id)));
     }
   }
-  if (node->has_mamba_state()) {  // loads bring no state and inserts stop at pending loads
-    throw std::logic_error(describe("demote_failed", node->id, "holds a Mamba state"));
-  }
+  free_mamba(node, failed_load_states_);  // a load's anchor got its state with the failed copy
   ComponentData& full = node->full();
   if (DeviceLru::contains(node)) {  // unlocked before the load failed
     device_lru_.erase(node);
@@ -370,6 +370,7 @@ bool RadixTree::drop_unbacked(Node* node, EvictResult& result) {
   // Children come after their parent in `subtree`: destroy in reverse, leaves first.
   for (auto it = subtree.rbegin(); it != subtree.rend(); ++it) {
     Node* n = *it;
+    free_mamba_host(n);
     if (n->backuped()) {
       const auto& host = n->full().host_value;
       result.host_freed.insert(result.host_freed.end(), host.begin(), host.end());
@@ -384,7 +385,7 @@ bool RadixTree::drop_unbacked(Node* node, EvictResult& result) {
 // Drops the tail of a childless node's key past `keep` tokens (a page multiple, 0 < keep < len),
 // with the matching device and host slots. The caller frees the slots and fixes the sizes.
 void RadixTree::trim_tail(Node* node, size_t keep) {
-  if (node->has_mamba_state()) {  // the state is of the dropped end: the caller frees it first
+  if (node->has_mamba_state() || node->has_mamba_host_state()) {  // states of the dropped end
     throw std::logic_error(describe("trim_tail", node->id, "still holds a Mamba state"));
   }
   node->key.resize(keep);
@@ -409,14 +410,29 @@ void RadixTree::free_mamba(Node* node, std::vector<SlotIndex>& freed) {
   --mamba_evictable_size_;
 }
 
+// Frees node's host Mamba state (if any) into the outbox of take_freed_mamba_host_slots.
+void RadixTree::free_mamba_host(Node* node) {
+  ComponentData& mamba = node->mamba();
+  if (!mamba.has_host_value) return;
+  freed_mamba_host_.push_back(mamba.host_value[0]);
+  mamba.host_value.clear();
+  mamba.has_host_value = false;
+}
+
+// A Mamba tree's node with no state on either tier: no match can end there.
+bool RadixTree::useless_tombstone(const Node* node) const {
+  return mamba_ && !node->has_mamba_state() && !node->has_mamba_host_state();
+}
+
 // The tombstone cascade of Mamba trees (failure class 5): from `node` upwards, deletes each node
-// that is a childless Mamba tombstone (no match can end there or below it) with its Full slots,
+// that is a childless Mamba tombstone on both tiers (no match can end there or below it) with its
+// Full slots,
 // and stops at the first that is not, or is locked or host-locked in any component, has a backup
 // or load in flight, or is load-failed: an in-flight operation's nodes must stay. device_ok =
 // false also stops at a node with device KV (evict_host returns host slots only).
 void RadixTree::delete_tombstones(Node* node, EvictResult& result, bool device_ok) {
   if (!mamba_) return;
-  while (!node->is_root() && node->num_children == 0 && !node->has_mamba_state()) {
+  while (!node->is_root() && node->num_children == 0 && useless_tombstone(node)) {
     const ComponentData& full = node->full();
     if (full.lock_ref > 0 || full.host_lock_ref > 0 || node->mamba().lock_ref > 0 ||
         node->backup_pending != kNoNode || node->load_pending != kNoNode || node->load_failed ||
@@ -450,7 +466,8 @@ MatchResult RadixTree::match_prefix(const Token* key, size_t len, std::string_vi
   Node* node = root_.get();
   // The deepest node every validator accepts (best_match_node) and the deepest one they accept on
   // device (last_device_node). Full accepts every matched node (device, or host-only on the
-  // path); Mamba only nodes holding a state, on device (no host states yet) or the root.
+  // path); Mamba only nodes holding a usable state: a device node's device state, a host-only
+  // node's host state (loaded back with it), or the root.
   Node* best = node;
   Node* last_device = node;
   size_t device_len = 0;  // device tokens down to the deepest device node walked so far
@@ -470,7 +487,8 @@ MatchResult RadixTree::match_prefix(const Token* key, size_t len, std::string_vi
       }
       node = child;
       pos += m;
-      if (!mamba_ || child->has_mamba_state()) {
+      if (!mamba_ ||
+          (child->evicted() ? child->has_mamba_host_state() : child->has_mamba_state())) {
         best = child;
         if (!child->evicted()) {
           last_device = child;
@@ -807,6 +825,7 @@ std::vector<SlotIndex> RadixTree::evict_host(int64_t num_tokens) {
       host_evictable_size_ -= victim->num_tokens();
       pages -= victim_pages;
       Node* parent = victim->parent;
+      free_mamba_host(victim);
       destroy_leaf(victim);
       EvictResult cascade;  // Mamba trees: host-only tombstones above it; device ones stay
       delete_tombstones(parent, cascade, /*device_ok=*/false);
@@ -818,6 +837,7 @@ std::vector<SlotIndex> RadixTree::evict_host(int64_t num_tokens) {
       const int64_t trimmed = victim->num_tokens() - static_cast<int64_t>(keep);
       host_total_size_ -= trimmed;
       host_evictable_size_ -= trimmed;
+      free_mamba_host(victim);  // the state of the dropped end
       trim_tail(victim, keep);
       pages = 0;
     }
@@ -830,10 +850,14 @@ TransferPlan RadixTree::backup_plan(NodeId id, uint64_t min_hit_count) const {
   for (const Node* n = node_by_id(id, "backup_plan"); !n->is_root(); n = n->parent) {
     if (!n->evicted() && !n->backuped() && n->hit_count >= min_hit_count) path.push_back(n);
   }
-  return root_first_plan(path, &ComponentData::value);
+  TransferPlan plan = root_first_plan(path, &ComponentData::value);
+  for (auto it = path.rbegin(); it != path.rend(); ++it) {
+    plan.states.push_back((*it)->has_mamba_state() ? (*it)->mamba().value[0] : -1);
+  }
+  return plan;
 }
 
-void RadixTree::commit_backup(NodeId id, const SlotIndex* host, size_t len) {
+void RadixTree::commit_backup(NodeId id, const SlotIndex* host, size_t len, SlotIndex host_state) {
   Node* node = node_by_id(id, "commit_backup");
   if (node->is_root() || node->evicted()) {
     throw std::invalid_argument(describe("commit_backup", id, "has no device KV to back up"));
@@ -848,6 +872,21 @@ void RadixTree::commit_backup(NodeId id, const SlotIndex* host, size_t len) {
                                              " host slots were given"));
   }
   check_slots("commit_backup", host, len, num_host_slots_, "host");
+  if (host_state != -1) {
+    if (!node->has_mamba_state()) {
+      throw std::invalid_argument(describe("commit_backup", id,
+                                           "a host_state was given but the node holds no device "
+                                           "Mamba state"));
+    }
+    if (host_state < 0 || (num_mamba_host_slots_ > 0 && host_state >= num_mamba_host_slots_)) {
+      throw std::out_of_range(describe("commit_backup", id,
+                                       "host_state " + std::to_string(host_state) +
+                                           " is out of range for a Mamba host pool of " +
+                                           std::to_string(num_mamba_host_slots_) + " slots"));
+    }
+    node->mamba().host_value.assign(1, host_state);
+    node->mamba().has_host_value = true;
+  }
   ComponentData& full = node->full();
   full.host_value.assign(host, host + len);
   full.has_host_value = true;
@@ -882,6 +921,7 @@ std::vector<SlotIndex> RadixTree::abort_backup(NodeId ack_id) {
     freed.insert(freed.end(), full.host_value.begin(), full.host_value.end());
     full.host_value.clear();
     full.has_host_value = false;
+    free_mamba_host(n);  // its bytes are as unfinished as the KV's
     host_total_size_ -= n->num_tokens();
     n->backup_pending = kNoNode;
   }
@@ -889,13 +929,35 @@ std::vector<SlotIndex> RadixTree::abort_backup(NodeId ack_id) {
 }
 
 TransferPlan RadixTree::load_back_plan(NodeId anchor) const {
-  return root_first_plan(load_path(node_by_id(anchor, "load_back_plan")),
-                         &ComponentData::host_value);
+  const std::vector<Node*> path = load_path(node_by_id(anchor, "load_back_plan"));
+  TransferPlan plan = root_first_plan(path, &ComponentData::host_value);
+  // Mamba trees: the anchor's host state comes back with the KV (none elsewhere: a request
+  // continues from the anchor's state only).
+  plan.states.assign(path.size(), -1);
+  if (!path.empty() && path.front()->has_mamba_host_state()) {
+    plan.states.back() = path.front()->mamba().host_value[0];
+  }
+  return plan;
 }
 
-void RadixTree::commit_load_back(NodeId anchor, const SlotIndex* device, size_t len) {
+void RadixTree::commit_load_back(NodeId anchor, const SlotIndex* device, size_t len,
+                                 SlotIndex device_state) {
   Node* node = node_by_id(anchor, "commit_load_back");
   const std::vector<Node*> path = load_path(node);
+  const bool with_state = !path.empty() && path.front()->has_mamba_host_state();
+  if (with_state != (device_state != -1)) {
+    throw std::invalid_argument(describe("commit_load_back", anchor,
+                                         with_state ? "its host Mamba state needs a device_state slot"
+                                                    : "a device_state was given but there is no "
+                                                      "host Mamba state to load"));
+  }
+  if (with_state &&
+      (device_state < 0 || (num_mamba_slots_ > 0 && device_state >= num_mamba_slots_))) {
+    throw std::out_of_range(describe("commit_load_back", anchor,
+                                     "device_state " + std::to_string(device_state) +
+                                         " is out of range for a Mamba pool of " +
+                                         std::to_string(num_mamba_slots_) + " slots"));
+  }
   if (path.empty() && node->evicted()) {
     throw std::invalid_argument(describe("commit_load_back", anchor,
                                          "is under a load-failed node: nothing can be loaded "
@@ -924,6 +986,12 @@ void RadixTree::commit_load_back(NodeId anchor, const SlotIndex* device, size_t 
     }
     device_lru_.push_front(n);  // evicted nodes are never locked; touch_path orders them
     evictable_size_ += n->num_tokens();
+  }
+  if (with_state) {  // the anchor's state, device tier: unlocked until the caller locks anchor
+    node->mamba().value.assign(1, device_state);
+    node->mamba().has_value = true;
+    mamba_lru_.push_front(node);
+    ++mamba_evictable_size_;
   }
   touch_path(node);
 }
@@ -978,6 +1046,18 @@ std::vector<SlotIndex> RadixTree::take_failed_load_slots() {
   return slots;
 }
 
+std::vector<SlotIndex> RadixTree::take_failed_load_states() {
+  std::vector<SlotIndex> slots;
+  slots.swap(failed_load_states_);
+  return slots;
+}
+
+std::vector<SlotIndex> RadixTree::take_freed_mamba_host_slots() {
+  std::vector<SlotIndex> slots;
+  slots.swap(freed_mamba_host_);
+  return slots;
+}
+
 std::vector<SlotIndex> RadixTree::reset() {
   if (protected_size_ != 0) {
     throw std::invalid_argument("reset: " + std::to_string(protected_size_) +
@@ -998,6 +1078,8 @@ std::vector<SlotIndex> RadixTree::reset() {
   host_lru_.clear();
   mamba_lru_.clear();
   mamba_evictable_size_ = mamba_protected_size_ = 0;  // (locked states are Full-locked: none)
+  failed_load_states_.clear();  // the caller takes the outboxes and the states first
+  freed_mamba_host_.clear();
   child_index_.clear();
   nodes_.clear();
   namespaces_.clear();
@@ -1031,6 +1113,8 @@ NodeInfo RadixTree::node_info(NodeId id) const {
   info.has_mamba_value = node->has_mamba_state();
   info.mamba_value = node->has_mamba_state() ? node->mamba().value[0] : -1;
   info.mamba_lock_ref = node->mamba().lock_ref;
+  info.has_mamba_host_value = node->has_mamba_host_state();
+  info.mamba_host_value = node->has_mamba_host_state() ? node->mamba().host_value[0] : -1;
   info.has_extra_key = node->ns > 0;
   if (node->ns > 0) info.extra_key = namespace_names_[static_cast<size_t>(node->ns)];
   return info;
@@ -1057,6 +1141,14 @@ std::vector<SlotIndex> RadixTree::all_device_indices() const {
 
 std::vector<SlotIndex> RadixTree::all_host_indices() const {
   return tier_slots(root_.get(), &ComponentData::host_value, host_total_size_);
+}
+
+std::vector<SlotIndex> RadixTree::all_mamba_host_indices() const {
+  std::vector<SlotIndex> out;
+  for (const auto& [id, node] : nodes_) {
+    if (node->has_mamba_host_state()) out.push_back(node->mamba().host_value[0]);
+  }
+  return out;
 }
 
 std::vector<SlotIndex> RadixTree::all_mamba_indices() const {
@@ -1092,6 +1184,7 @@ std::string RadixTree::pretty_print() const {
     if (n->has_mamba_state()) {
       os << " mamba=" << n->mamba().value[0] << " mamba_lock_ref=" << n->mamba().lock_ref;
     }
+    if (n->has_mamba_host_state()) os << " mamba_host=" << n->mamba().host_value[0];
     if (n->ns > 0) os << " extra_key=" << namespace_names_[static_cast<size_t>(n->ns)];
     if (!n->key.empty()) {
       os << " key=[";

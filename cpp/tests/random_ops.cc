@@ -25,7 +25,8 @@ int main(int argc, char** argv) {
   for (const int64_t page_size : {1, 4, 16})
   for (const bool mamba : {false, true}) {
     RadixTree tree(page_size, 0, 0, mamba);
-    SlotIndex next_mamba_slot = 0;    // fresh Mamba state slots (never reused)
+    SlotIndex next_mamba_slot = 0;       // fresh Mamba state slots (never reused)
+    SlotIndex next_mamba_host_slot = 0;  // fresh host Mamba state slots
     std::vector<LockReceipt> locked;  // lock receipts
     std::vector<NodeId> host_locked;  // host-locked nodes
     // In-flight load-backs, oldest first: (anchor = ack id, lock receipt); each also holds a host
@@ -33,7 +34,11 @@ int main(int argc, char** argv) {
     std::vector<std::pair<NodeId, LockReceipt>> loads;
     // Demoted load-failed nodes' slots are handed back; fresh slots are never reused, so only the
     // count matters here.
-    auto take_failed = [&]() { failed_load_slots += tree.take_failed_load_slots().size(); };
+    auto take_failed = [&]() {
+      failed_load_slots += tree.take_failed_load_slots().size();
+      tree.take_failed_load_states();
+      tree.take_freed_mamba_host_slots();
+    };
     auto ack_oldest_load = [&](bool fail) {
       const auto [anchor, receipt] = loads.front();
       loads.erase(loads.begin());
@@ -96,7 +101,9 @@ int main(int argc, char** argv) {
           const auto plan = tree.backup_plan(m.last_device_node, static_cast<uint64_t>(uniform(1, 2)));
           for (size_t i = 0; i < plan.nodes.size(); ++i) {
             const auto host = fresh(next_host_slot, static_cast<size_t>(plan.lengths[i]));
-            tree.commit_backup(plan.nodes[i], host.data(), host.size());
+            const SlotIndex host_state =
+                plan.states[i] >= 0 && uniform(0, 3) > 0 ? next_mamba_host_slot++ : -1;
+            tree.commit_backup(plan.nodes[i], host.data(), host.size(), host_state);
             // The copy either finishes or fails; either way the node leaves the pending state.
             if (uniform(0, 3) == 0) {
               tree.abort_backup(plan.nodes[i]);
@@ -112,7 +119,9 @@ int main(int argc, char** argv) {
           tree.inc_host_lock_ref(m.best_match_node);
           const auto plan = tree.load_back_plan(m.best_match_node);
           const auto device = fresh(next_slot, plan.indices.size());
-          tree.commit_load_back(m.best_match_node, device.data(), device.size());
+          const SlotIndex device_state =
+              !plan.states.empty() && plan.states.back() >= 0 ? next_mamba_slot++ : -1;
+          tree.commit_load_back(m.best_match_node, device.data(), device.size(), device_state);
           if (!plan.nodes.empty() && uniform(0, 1) == 0) {
             // In flight: locked until its ack (case 9); requests may lock it meanwhile (case 2).
             loads.emplace_back(m.best_match_node, tree.inc_lock_ref(m.best_match_node));

@@ -50,6 +50,7 @@ cdef extern from "hicache/radix_tree.h" namespace "hicache" nogil:
         vector[NodeId] nodes
         vector[int64_t] lengths
         vector[SlotIndex] indices
+        vector[SlotIndex] states
 
     cdef cppclass CNodeInfo "hicache::NodeInfo":
         NodeId node_id
@@ -68,12 +69,15 @@ cdef extern from "hicache/radix_tree.h" namespace "hicache" nogil:
         cbool has_mamba_value
         SlotIndex mamba_value
         int64_t mamba_lock_ref
+        cbool has_mamba_host_value
+        SlotIndex mamba_host_value
         string extra_key
         cbool has_extra_key
 
     cdef cppclass CRadixTree "hicache::RadixTree":
         CRadixTree(int64_t page_size, int64_t num_device_slots, int64_t num_host_slots,
-                   cbool mamba, int64_t num_mamba_slots) except +translate_cpp_exception
+                   cbool mamba, int64_t num_mamba_slots,
+                   int64_t num_mamba_host_slots) except +translate_cpp_exception
         int64_t page_size()
         int64_t num_device_slots()
         int64_t num_host_slots()
@@ -93,16 +97,16 @@ cdef extern from "hicache/radix_tree.h" namespace "hicache" nogil:
         CEvictResult evict_mamba(int64_t num_states) except +translate_cpp_exception
         CTransferPlan backup_plan(NodeId node_id,
                                   uint64_t min_hit_count) except +translate_cpp_exception
-        void commit_backup(NodeId node_id, const SlotIndex* host,
-                           size_t length) except +translate_cpp_exception
+        void commit_backup(NodeId node_id, const SlotIndex* host, size_t length,
+                           SlotIndex host_state) except +translate_cpp_exception
         void finish_backup(NodeId ack_id) except +translate_cpp_exception
         vector[SlotIndex] abort_backup(NodeId ack_id) except +translate_cpp_exception
         CTransferPlan load_back_plan(NodeId anchor) except +translate_cpp_exception
         void finish_load_back(NodeId ack_id) except +translate_cpp_exception
         int64_t abort_load_back(NodeId ack_id) except +translate_cpp_exception
         vector[SlotIndex] take_failed_load_slots() except +translate_cpp_exception
-        void commit_load_back(NodeId anchor, const SlotIndex* device,
-                              size_t length) except +translate_cpp_exception
+        void commit_load_back(NodeId anchor, const SlotIndex* device, size_t length,
+                              SlotIndex device_state) except +translate_cpp_exception
         int64_t evictable_size()
         int64_t protected_size()
         int64_t total_size()
@@ -120,6 +124,9 @@ cdef extern from "hicache/radix_tree.h" namespace "hicache" nogil:
         vector[SlotIndex] all_device_indices() except +translate_cpp_exception
         vector[SlotIndex] all_host_indices() except +translate_cpp_exception
         vector[SlotIndex] all_mamba_indices() except +translate_cpp_exception
+        vector[SlotIndex] all_mamba_host_indices() except +translate_cpp_exception
+        vector[SlotIndex] take_failed_load_states() except +translate_cpp_exception
+        vector[SlotIndex] take_freed_mamba_host_slots() except +translate_cpp_exception
         vector[SlotIndex] reset() except +translate_cpp_exception
         string pretty_print() except +translate_cpp_exception
         void check_invariants() except +translate_cpp_exception
@@ -140,5 +147,6 @@ cdef class RadixTree:
     cdef readonly int64_t num_host_slots
     cdef readonly cbool mamba
     cdef readonly int64_t num_mamba_slots
+    cdef readonly int64_t num_mamba_host_slots
     cdef int _as_tokens(self, object key, const Token** out, size_t* n) except -1
     cdef int _as_slots(self, object value, const SlotIndex** out, size_t* n) except -1

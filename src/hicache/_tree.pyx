@@ -71,7 +71,8 @@ cdef object _evict_result(CEvictResult& r):
 
 
 cdef object _plan(CTransferPlan& plan):
-    return TransferPlan(list(plan.nodes), list(plan.lengths), _to_tensor(plan.indices))
+    return TransferPlan(list(plan.nodes), list(plan.lengths), _to_tensor(plan.indices),
+                        tuple(plan.states))
 
 
 cdef int _check_cpu_vector(object t, str name) except -1:
@@ -162,20 +163,23 @@ cdef class RadixTree:
         num_host_slots: the same for the host pool.
         mamba: add the Mamba component.
         num_mamba_slots: the same check for Mamba state slots (one slot per state).
+        num_mamba_host_slots: the same for host Mamba state slots.
 
     Raises:
         InvalidArgumentError: ``page_size < 1`` or a negative pool size.
     """
 
     def __cinit__(self, int64_t page_size=1, int64_t num_device_slots=0,
-                  int64_t num_host_slots=0, bint mamba=False, int64_t num_mamba_slots=0):
+                  int64_t num_host_slots=0, bint mamba=False, int64_t num_mamba_slots=0,
+                  int64_t num_mamba_host_slots=0):
         self._tree.reset(new CRadixTree(page_size, num_device_slots, num_host_slots, mamba,
-                                        num_mamba_slots))
+                                        num_mamba_slots, num_mamba_host_slots))
         self.page_size = page_size
         self.num_device_slots = num_device_slots
         self.num_host_slots = num_host_slots
         self.mamba = mamba
         self.num_mamba_slots = num_mamba_slots
+        self.num_mamba_host_slots = num_mamba_host_slots
 
     @property
     def root_id(self) -> int:
@@ -466,7 +470,7 @@ cdef class RadixTree:
         cdef CTransferPlan p = self._tree.get().backup_plan(node_id, min_hit_count)
         return _plan(p)
 
-    def commit_backup(self, int64_t node_id, host_indices):
+    def commit_backup(self, int64_t node_id, host_indices, int64_t host_state=-1):
         """Records that device node ``node_id`` is backed up in host slots ``host_indices``.
 
         Called when the device -> host copy is queued (SGLang's ``commit_backup``): the node is
@@ -476,16 +480,19 @@ cdef class RadixTree:
         Args:
             node_id: a device node without a host value.
             host_indices: ``[num_tokens of the node]`` int64 CPU host slots, whole pages.
+            host_state: Mamba trees: the host slot of the backup of the node's device state (the
+                plan's ``states`` entry), or -1 to back up the KV only.
 
         Raises:
-            InvalidArgumentError: the node is evicted or already backed up, a wrong length, or
-                slots not made of whole pages.
-            IndexOutOfRangeError: unknown node id, or a slot ``>= num_host_slots``.
+            InvalidArgumentError: the node is evicted or already backed up, a wrong length, slots
+                not made of whole pages, or a ``host_state`` for a node without a device state.
+            IndexOutOfRangeError: unknown node id, a slot ``>= num_host_slots``, or a
+                ``host_state`` out of ``[0, num_mamba_host_slots)``.
         """
         cdef const SlotIndex* slots
         cdef size_t m
         self._as_slots(host_indices, &slots, &m)
-        self._tree.get().commit_backup(node_id, slots, m)
+        self._tree.get().commit_backup(node_id, slots, m, host_state)
 
     def finish_backup(self, int64_t ack_id):
         """The copy of backup ``ack_id`` (the node id given to :meth:`commit_backup`) finished.
@@ -524,22 +531,27 @@ cdef class RadixTree:
         cdef CTransferPlan p = self._tree.get().load_back_plan(anchor)
         return _plan(p)
 
-    def commit_load_back(self, int64_t anchor, device_indices):
+    def commit_load_back(self, int64_t anchor, device_indices, int64_t device_state=-1):
         """Gives the nodes of ``load_back_plan(anchor)`` the device slots ``device_indices``.
 
         Called when the host -> device copy is queued (SGLang's ``commit_load_back``): the nodes
         become device+host, unlocked, just used and load-pending under ack id ``anchor``; the
         caller locks ``anchor`` until after :meth:`finish_load_back` or :meth:`abort_load_back`.
+        Mamba trees: when the plan carries the anchor's host state (``states[-1] >= 0``),
+        ``device_state`` is the device slot it is loaded into (the anchor's device state from
+        now on); otherwise it must be -1.
 
         Raises:
             InvalidArgumentError: a length other than the plan's tokens, slots not made of whole
-                pages, or an anchor under a load-failed node.
-            IndexOutOfRangeError: unknown node id or a slot ``>= num_device_slots``.
+                pages, an anchor under a load-failed node, or a missing / unexpected
+                ``device_state``.
+            IndexOutOfRangeError: unknown node id, a slot ``>= num_device_slots``, or a
+                ``device_state`` out of ``[0, num_mamba_slots)``.
         """
         cdef const SlotIndex* slots
         cdef size_t m
         self._as_slots(device_indices, &slots, &m)
-        self._tree.get().commit_load_back(anchor, slots, m)
+        self._tree.get().commit_load_back(anchor, slots, m, device_state)
 
     def finish_load_back(self, int64_t ack_id):
         """The load ``ack_id`` (the anchor given to :meth:`commit_load_back`) finished.
@@ -583,6 +595,26 @@ cdef class RadixTree:
             torch.Tensor: int64 CPU tensor of device slots to free.
         """
         return _to_tensor(self._tree.get().take_failed_load_slots())
+
+    def take_failed_load_states(self):
+        """Mamba trees: the device states of load-failed nodes demoted since the last call.
+
+        Returns:
+            torch.Tensor: int64 CPU tensor of Mamba state slots to free.
+        """
+        return _to_tensor(self._tree.get().take_failed_load_states())
+
+    def take_freed_mamba_host_slots(self):
+        """Mamba trees: host states freed inside the tree since the last call.
+
+        :meth:`evict_host`, :meth:`abort_backup` and evictions that drop host-only subtrees free
+        the host states of the nodes whose host KV they free; their results are KV slots only,
+        so the states wait here.
+
+        Returns:
+            torch.Tensor: int64 CPU tensor of host Mamba state slots to free.
+        """
+        return _to_tensor(self._tree.get().take_freed_mamba_host_slots())
 
     def host_total_size(self):
         """Tokens with host KV in the tree (host-only and device+host nodes)."""
@@ -639,7 +671,8 @@ cdef class RadixTree:
                         i.host_ref_counter, i.hit_count, i.last_access_time, i.has_device_value,
                         i.has_host_value, i.backup_pending, i.load_pending, i.load_failed,
                         i.extra_key.decode("utf-8") if i.has_extra_key else None,
-                        i.has_mamba_value, i.mamba_value, i.mamba_lock_ref)
+                        i.has_mamba_value, i.mamba_value, i.mamba_lock_ref,
+                        i.has_mamba_host_value, i.mamba_host_value)
 
     def node_ids(self):
         """Ids of every node but the root, parents before children (for tests and debugging).
@@ -671,6 +704,10 @@ cdef class RadixTree:
     def all_mamba_indices(self):
         """All Mamba state slots held by the tree, as an int64 CPU tensor (order unspecified)."""
         return _to_tensor(self._tree.get().all_mamba_indices())
+
+    def all_mamba_host_indices(self):
+        """All host Mamba state slots held by the tree (int64 CPU tensor, order unspecified)."""
+        return _to_tensor(self._tree.get().all_mamba_host_indices())
 
     def reset(self):
         """Drops every node and returns the device slots they held (int64 CPU tensor).

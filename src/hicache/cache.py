@@ -33,7 +33,14 @@ from hicache.errors import (
     TransferError,
 )
 from hicache.events import KVEventPublisher, Medium
-from hicache.memory import DeviceKVPool, HostKVPool, MambaStatePool, PageAllocator
+from hicache.memory import (
+    DeviceKVPool,
+    HostKVPool,
+    MambaHostPool,
+    MambaStatePool,
+    PageAllocator,
+    PoolTransfer,
+)
 from hicache.results import EvictResult, InsertResult, LockReceipt, MatchResult
 
 __all__ = ["WRITE_POLICIES", "CacheStats", "HiCache", "Req"]
@@ -70,6 +77,7 @@ class CacheStats:
         mamba_published: states the tree took from finished requests (checkpoints).
         mamba_existed: checkpoints the tree already had a state for (the copy was freed).
         mamba_evicted_states: states freed by eviction (Mamba or Full pressure).
+        mamba_backup_skipped: node backups that went without their state (no host state slot).
     """
 
     match_calls: int = 0
@@ -87,6 +95,7 @@ class CacheStats:
     mamba_published: int = 0
     mamba_existed: int = 0
     mamba_evicted_states: int = 0
+    mamba_backup_skipped: int = 0
 
     def as_dict(self) -> dict[str, int]:
         """The counters as a plain dict."""
@@ -144,13 +153,18 @@ class HiCache:
             Mamba component (see :class:`~hicache.RadixTree`): matches end at cached states,
             :meth:`fork_mamba` gives a request its own copy (copy-on-write),
             :meth:`cache_finished_req` publishes ``req.mamba_checkpoints``, and states are evicted
-            (:meth:`alloc_mamba`) least recently used first. Device tier only so far.
+            (:meth:`alloc_mamba`) least recently used first.
+        mamba_host_pool: with ``host_pool`` and ``mamba_pool``: the host Mamba state pool (over
+            ``mamba_pool``). Backups carry each node's state with its KV (a ``"mamba"``
+            :class:`~hicache.memory.PoolTransfer` in the same controller batch), demotion keeps
+            it, and a load-back brings the anchor's state back before its layer 0 is signalled.
+            A node whose state found no free host slot is backed up without it.
 
     Raises:
         InvalidArgumentError: bad ``page_size``, pool sizes that are not whole pages, a host pool of
-            another page size, an unknown write policy or io backend, or a host pool together
-            with a Mamba pool (host Mamba states are not in the tree yet: the host tier would
-            hold Full KV that no Mamba match can end on).
+            another page size, an unknown write policy or io backend, or Mamba pools that do not
+            fit together (a host pool and a Mamba pool need a Mamba host pool over that Mamba
+            pool, and a Mamba host pool needs both).
     """
 
     def __init__(
@@ -162,11 +176,16 @@ class HiCache:
         io_backend: str = "auto",
         enable_kv_events: bool = False,
         mamba_pool: MambaStatePool | None = None,
+        mamba_host_pool: MambaHostPool | None = None,
     ) -> None:
-        if mamba_pool is not None and host_pool is not None:
+        hybrid_host = host_pool is not None and mamba_pool is not None
+        if hybrid_host != (mamba_host_pool is not None) or (
+            mamba_host_pool is not None and mamba_host_pool.device_pool is not mamba_pool
+        ):
             raise InvalidArgumentError(
-                "HiCache: a host pool with a Mamba pool is not supported yet: the tree holds no "
-                "host Mamba states, so host-only nodes could never end a Mamba match"
+                "HiCache: a host pool with a Mamba pool needs a mamba_host_pool over that Mamba "
+                "pool (the host tier keeps each node's state with its KV), and a mamba_host_pool "
+                "needs both"
             )
         if write_policy not in WRITE_POLICIES:
             raise InvalidArgumentError(
@@ -185,21 +204,29 @@ class HiCache:
         self.allocator = PageAllocator(device_pool.num_slots, page_size)
         num_host_slots = host_pool.num_slots if host_pool is not None else 0
         self.mamba_pool = mamba_pool
-        num_states = mamba_pool.num_slots if mamba_pool is not None else 0
+        self.mamba_host_pool = mamba_host_pool
         self.tree = RadixTree(
-            page_size, device_pool.num_slots, num_host_slots, mamba_pool is not None, num_states
+            page_size,
+            device_pool.num_slots,
+            num_host_slots,
+            mamba_pool is not None,
+            mamba_pool.num_slots if mamba_pool is not None else 0,
+            mamba_host_pool.num_slots if mamba_host_pool is not None else 0,
         )
+        extra_pools = {"mamba": mamba_host_pool} if mamba_host_pool is not None else None
         self.controller = (
-            CacheController(device_pool, host_pool, io_backend) if host_pool is not None else None
+            CacheController(device_pool, host_pool, io_backend, extra_pools)
+            if host_pool is not None
+            else None
         )
         self.stats = CacheStats()
         self._lock = threading.RLock()
         self._write_threshold = WRITE_POLICIES[write_policy] if host_pool is not None else None
         self._write_back = host_pool is not None and write_policy == "write_back"
-        # In-flight transfers by ack id (the node id given to the tree's commit): the node the
-        # transfer's lock receipt names. Loads also hold a host lock on the ack id.
-        self._ongoing_writes: dict[int, int | None] = {}
-        self._ongoing_loads: dict[int, int] = {}
+        # In-flight transfers by ack id (the node id given to the tree's commit): the
+        # transfer's lock receipt. Loads also hold a host lock on the ack id.
+        self._ongoing_writes: dict[int, LockReceipt | None] = {}
+        self._ongoing_loads: dict[int, LockReceipt] = {}
         # KV events: None unless enabled. With events, the (source, destination) slots of each
         # in-flight transfer by ack id, so that its ack can report what was copied where.
         self.kv_events = KVEventPublisher(page_size) if enable_kv_events else None
@@ -248,6 +275,16 @@ class HiCache:
         is never traded for KV that may turn out to be garbage); the tree owns the rest. Under a
         write-through policy, the inserted path's unbacked nodes are then queued for backup.
         """
+        return self._insert(key, value, extra_key)
+
+    def _insert(
+        self, key, value: torch.Tensor, extra_key: str | None, checkpoints=()
+    ) -> InsertResult:
+        """:meth:`insert`, publishing Mamba ``checkpoints`` before the write-through backups.
+
+        A checkpoint's state is on its node before the backup is planned, so the backup carries
+        it (a state published after its node's backup would never reach the host tier).
+        """
         with self._lock, profiling.nvtx_range(profiling.INSERT):
             result = self.tree.insert(key, value, extra_key)
             if self.kv_events is not None:
@@ -258,6 +295,7 @@ class HiCache:
                     result.prefix_len // self.page_size,
                     extra_key,
                 )
+            self._publish_checkpoints(key, value, extra_key, checkpoints)
             self._write_through(result.last_node)
             return result
 
@@ -366,23 +404,34 @@ class HiCache:
             if plan.num_tokens == 0:
                 return 0
             self.tree.inc_host_lock_ref(node_id)
-            ancestors = self.tree.inc_lock_ref(node_id).node_id
+            ancestors = self.tree.inc_lock_ref(node_id)
+            host_state = plan.states[-1] if plan.states else -1
+            device_indices = device_state = None
             try:
                 device_indices = self.alloc(plan.num_tokens)
+                if host_state >= 0:  # the anchor's state comes back with its KV
+                    device_state = self.alloc_mamba(1)
             except BaseException as e:
                 # Whatever alloc raised (it can also raise TransferError, or be interrupted),
-                # nothing was allocated: release both locks, or they pin the path forever.
-                self._dec_lock_ref(ancestors)
+                # release what was allocated and both locks, or they pin the path forever.
+                if device_indices is not None:
+                    self.allocator.free(device_indices)
+                self._dec_lock_ref(ancestors.node_id, ancestors.mamba_node_id)
                 self.tree.dec_host_lock_ref(node_id)
                 if not isinstance(e, PoolExhaustedError):
                     raise
                 self.stats.load_back_failed_tokens += plan.num_tokens
                 return 0
-            self.tree.commit_load_back(node_id, device_indices)
+            state = int(device_state[0]) if device_state is not None else -1
+            self.tree.commit_load_back(node_id, device_indices, state)
             self._remember_slots("load", node_id, plan.indices, device_indices)
-            self._dec_lock_ref(ancestors)
-            self._ongoing_loads[node_id] = self.tree.inc_lock_ref(node_id).node_id
-            self._controller().load(plan.indices, device_indices, node_id)
+            self._dec_lock_ref(ancestors.node_id, ancestors.mamba_node_id)
+            self._ongoing_loads[node_id] = self.tree.inc_lock_ref(node_id)
+            transfers: tuple[PoolTransfer, ...] = ()
+            if device_state is not None:
+                host = torch.tensor([host_state], dtype=torch.int64)
+                transfers = (PoolTransfer("mamba", host, device_state),)
+            self._controller().load(plan.indices, device_indices, node_id, transfers)
             self.stats.load_back_tokens += plan.num_tokens
             return plan.num_tokens
 
@@ -499,7 +548,7 @@ class HiCache:
             self.stats.backup_failed_tokens += int(freed.numel())
             self._free_host(freed, count=False)
         if receipt is not None:
-            self._dec_lock_ref(receipt)
+            self._dec_lock_ref(receipt.node_id, receipt.mamba_node_id)
 
     def _finish_load(self, ack_id: int, ok: bool) -> None:
         # The tree records the outcome while the load's lock still holds the nodes; releasing it
@@ -511,7 +560,7 @@ class HiCache:
             self.tree.finish_load_back(ack_id)
         else:
             self.stats.load_back_failed_tokens += self.tree.abort_load_back(ack_id)
-        self.tree.dec_lock_ref(receipt)
+        self.tree.dec_lock_ref(receipt.node_id, receipt.mamba_node_id)
         self.tree.dec_host_lock_ref(ack_id)
         self._free_failed_load_slots()
 
@@ -524,6 +573,10 @@ class HiCache:
         return delta
 
     def _free_failed_load_slots(self) -> None:
+        if self.mamba_pool is not None:
+            states = self.tree.take_failed_load_states()
+            if states.numel():
+                self.mamba_pool.free(states)
         freed = self.tree.take_failed_load_slots()
         if freed.numel():
             self.allocator.free(freed)
@@ -554,15 +607,33 @@ class HiCache:
             if host is None:
                 return
         start = 0
-        for node_id_i, length in zip(plan.node_ids[:num_nodes], plan.lengths, strict=False):
+        states = plan.states or (-1,) * len(plan.node_ids)
+        for node_id_i, length, state in zip(
+            plan.node_ids[:num_nodes], plan.lengths, states, strict=False
+        ):
             end = start + length
-            self.tree.commit_backup(node_id_i, host[start:end])
-            receipt = self.tree.inc_lock_ref(node_id_i).node_id
-            self._ongoing_writes[node_id_i] = receipt
+            host_state, transfers = self._state_backup(state)
+            self.tree.commit_backup(node_id_i, host[start:end], host_state)
+            self._ongoing_writes[node_id_i] = self.tree.inc_lock_ref(node_id_i)
             self._remember_slots("write", node_id_i, plan.indices[start:end], host[start:end])
-            self._controller().write(plan.indices[start:end], host[start:end], node_id_i)
+            self._controller().write(plan.indices[start:end], host[start:end], node_id_i, transfers)
             self.stats.backup_tokens += length
             start = end
+
+    def _state_backup(self, state: int) -> tuple[int, tuple[PoolTransfer, ...]]:
+        """A host slot and the pool transfer for the backup of device state ``state`` (or -1).
+
+        Without a free host state slot the node is backed up without its state (it stays
+        matchable from device; from host only where another backup holds its state).
+        """
+        if state < 0 or self.mamba_host_pool is None:
+            return -1, ()
+        if self.mamba_host_pool.available_size() == 0:
+            self.stats.mamba_backup_skipped += 1
+            return -1, ()
+        host_state = self.mamba_host_pool.alloc(1)
+        device_state = torch.tensor([state], dtype=torch.int64)
+        return int(host_state[0]), (PoolTransfer("mamba", host_state, device_state),)
 
     def _backup_now(self, node_id: int) -> bool:
         """Backs device node ``node_id`` up synchronously (write-back eviction); False if not."""
@@ -573,10 +644,11 @@ class HiCache:
         if host is None:
             self.stats.backup_failed_tokens += length
             return False
-        self.tree.commit_backup(node_id, host)
+        host_state, transfers = self._state_backup(plan.states[-1] if plan.states else -1)
+        self.tree.commit_backup(node_id, host, host_state)
         self._ongoing_writes[node_id] = None  # no lock: we wait for the copy right here
         self._remember_slots("write", node_id, plan.indices[-length:], host)
-        controller.write(plan.indices[-length:], host, node_id)
+        controller.write(plan.indices[-length:], host, node_id, transfers)
         self.stats.backup_tokens += length
         controller.start_writing()
         errors: list[TransferError] = []
@@ -680,7 +752,10 @@ class HiCache:
         is a fresh one holding a copy of the node's state, never the node's slot itself, so the
         request can advance it in place. ``node_id`` is a match's ``last_device_node``; the root
         (no state: an empty prefix) gives a zeroed slot, the initial state. The node is locked
-        while the slot is allocated, so the eviction that makes room cannot take its state.
+        while the slot is allocated, so the eviction that makes room cannot take its state. When
+        the match loaded the node back from host, call it after the load's layers are ready
+        (:meth:`wait_until_layer_ready`): on CUDA the copy is enqueued on the current stream,
+        which then waits for the load; on CPU the worker has copied it.
 
         Args:
             node_id: a node holding a device state, or the root.
@@ -689,8 +764,8 @@ class HiCache:
             int: the request's state slot.
 
         Raises:
-            InvalidArgumentError: no Mamba pool, or ``node_id`` is neither the root nor a node
-                holding a state.
+            InvalidArgumentError: no Mamba pool, ``node_id`` is neither the root nor a node
+                holding a state, or its state's load-back was not started.
             IndexOutOfRangeError: unknown node id.
             PoolExhaustedError: as :meth:`alloc_mamba`.
         """
@@ -706,6 +781,11 @@ class HiCache:
                     f"fork_mamba: node {node_id} holds no Mamba state (a tombstone); fork from a "
                     "match's last_device_node"
                 )
+            if info.load_pending and any(node_id in op.ack_ids for op in self._load_queue()):
+                raise InvalidArgumentError(
+                    f"fork_mamba: node {node_id}'s state is loaded back by a load not started "
+                    "yet: call ready_to_load_host_cache() and wait_until_layer_ready() first"
+                )
             if pool.available_size() == 0:  # the eviction that makes room must spare this state
                 receipt = self.tree.inc_lock_ref(node_id)
                 try:
@@ -717,6 +797,9 @@ class HiCache:
             pool.init_state(slot, info.mamba_value)
             self.stats.mamba_forks += 1
             return slot
+
+    def _load_queue(self) -> list:
+        return self.controller.load_queue if self.controller is not None else []
 
     def _mamba(self) -> MambaStatePool:
         if self.mamba_pool is None:
@@ -762,6 +845,10 @@ class HiCache:
         return n
 
     def _free_host(self, indices: torch.Tensor, count: bool = True) -> None:
+        if self.mamba_host_pool is not None:  # host states freed with their nodes' host KV
+            states = self.tree.take_freed_mamba_host_slots()
+            if states.numel():
+                self.mamba_host_pool.free(states)
         if indices.numel():
             self._host_allocator().free(indices)
             if self.kv_events is not None:
@@ -796,8 +883,7 @@ class HiCache:
                 to a cache without a Mamba pool. Nothing changed.
         """
         with self._lock:
-            aligned, result = self._insert_req(req, check_checkpoints=True)
-            self._publish_checkpoints(req, aligned)
+            _, result = self._insert_req(req, check_checkpoints=True)
             own = req.prefix_len  # the request owns kv_indices[own:]; the tree the rest
             unused = torch.cat(
                 (
@@ -815,12 +901,10 @@ class HiCache:
         req.mamba_checkpoints = []
         return result
 
-    def _publish_checkpoints(self, req: Req, aligned: int) -> None:
+    def _publish_checkpoints(self, key, value: torch.Tensor, extra_key, checkpoints) -> None:
         """Inserts each checkpoint's prefix with its state (the KV is in the tree already)."""
-        for num_tokens, slot in req.mamba_checkpoints:
-            r = self.tree.insert(
-                req.token_ids[:num_tokens], req.kv_indices[:num_tokens], req.extra_key, slot
-            )
+        for num_tokens, slot in checkpoints:
+            r = self.tree.insert(key[:num_tokens], value[:num_tokens], extra_key, slot)
             if r.prefix_len != min(num_tokens, r.cached_len) or r.adopted_len:
                 raise InvariantError(
                     f"a checkpoint insert of {num_tokens} tokens took KV slots (prefix_len "
@@ -892,7 +976,12 @@ class HiCache:
             )
         if self._ongoing_loads:
             self._apply_loads_held_by(req)
-        result = self.insert(req.token_ids[:aligned], req.kv_indices[:aligned], req.extra_key)
+        result = self._insert(
+            req.token_ids[:aligned],
+            req.kv_indices[:aligned],
+            req.extra_key,
+            req.mamba_checkpoints if check_checkpoints else (),
+        )
         # The request's locked prefix is on device; only a stop at a load-pending or load-failed
         # node inside it (the request matched it while in flight) leaves it uncounted.
         if result.prefix_len < req.prefix_len and result.cached_len == aligned:
@@ -968,11 +1057,17 @@ class HiCache:
         """
         with self._lock:
             self.flush()
+            self._free_failed_load_slots()  # empty the tree's outboxes first
+            if self.host_pool is not None:
+                self._free_host(_empty_slots(), count=False)
             host = self.tree.all_host_indices()
             states = self.tree.all_mamba_indices()
+            host_states = self.tree.all_mamba_host_indices()
             freed = self.tree.reset()
             if states.numel():
                 self._mamba().free(states)
+            if host_states.numel() and self.mamba_host_pool is not None:
+                self.mamba_host_pool.free(host_states)
             if freed.numel():
                 self.allocator.free(freed)
             if host.numel():
@@ -1016,6 +1111,17 @@ class HiCache:
         """
         with self._lock:
             self.tree.check_invariants()
+            if self.mamba_host_pool is not None:
+                _check_partition(
+                    torch.cat(
+                        (
+                            self.tree.all_mamba_host_indices(),
+                            self.mamba_host_pool.allocator.free_slot_indices(),
+                        )
+                    ),
+                    self.mamba_host_pool.num_slots,
+                    "host Mamba state slot",
+                )
             if self.mamba_pool is not None:
                 states = self.tree.all_mamba_indices()
                 if self.mamba_pool.allocator.is_free(states).any():

@@ -42,6 +42,8 @@ from hicache import profiling, transfer
 from hicache.errors import IndexOutOfRangeError, InvalidArgumentError, TransferError
 from hicache.memory.device_pool import DeviceKVPool
 from hicache.memory.host_pool import HostKVPool, check_slot_indices
+from hicache.memory.mamba_pool import MambaHostPool
+from hicache.memory.pool_transfer import PoolTransfer
 
 __all__ = ["CacheController", "CacheOperation", "TransferCounters"]
 
@@ -79,18 +81,26 @@ class CacheOperation:
         host_indices: ``[n]`` int64 CPU host slots, owned by the operation.
         device_indices: ``[n]`` int64 CPU device slots, owned by the operation.
         ack_ids: node ids reported by the ack when the copy has finished.
+        pool_transfers: the copies of extra pools that go with it (hybrid models: ``"mamba"``
+            states), immutable :class:`~hicache.memory.PoolTransfer`s that own their indices
+            (DESIGN.md failure class 1); at most one per pool.
     """
 
     host_indices: torch.Tensor
     device_indices: torch.Tensor
     ack_ids: tuple[int, ...]
+    pool_transfers: tuple[PoolTransfer, ...] = ()
 
     @classmethod
     def create(
-        cls, host_indices: torch.Tensor, device_indices: torch.Tensor, ack_id: int
+        cls,
+        host_indices: torch.Tensor,
+        device_indices: torch.Tensor,
+        ack_id: int,
+        pool_transfers: tuple[PoolTransfer, ...] = (),
     ) -> CacheOperation:
         """An operation owning copies of the given indices (never views of the caller's)."""
-        return cls(host_indices.clone(), device_indices.clone(), (int(ack_id),))
+        return cls(host_indices.clone(), device_indices.clone(), (int(ack_id),), pool_transfers)
 
     @classmethod
     def merge(cls, ops: Sequence[CacheOperation]) -> CacheOperation:
@@ -103,10 +113,23 @@ class CacheOperation:
             raise InvalidArgumentError("CacheOperation.merge: no operations to merge")
         if len(ops) == 1:
             return ops[0]
+        by_pool: dict[str, list[PoolTransfer]] = {}
+        for op in ops:
+            for t in op.pool_transfers:
+                by_pool.setdefault(t.name, []).append(t)
+        merged = tuple(
+            PoolTransfer(
+                name,
+                torch.cat([t.host_indices for t in ts]),
+                torch.cat([t.device_indices for t in ts]),
+            )
+            for name, ts in sorted(by_pool.items())  # sorted: one order, whatever the op order
+        )
         return cls(
             torch.cat([op.host_indices for op in ops]),
             torch.cat([op.device_indices for op in ops]),
             tuple(itertools.chain.from_iterable(op.ack_ids for op in ops)),
+            merged,
         )
 
     @property
@@ -251,6 +274,11 @@ class CacheController:
     Args:
         device_pool: the device KV pool.
         host_pool: the host KV pool; same kind, layers, heads, head_dim and dtype.
+        extra_pools: host pools of the other state kinds of a hybrid model, by the name their
+            :class:`~hicache.memory.PoolTransfer` objects use (``{"mamba": MambaHostPool}``);
+            each knows its device pool. Their copies run in the same batches as the KV; a load
+            copies them, all their layers, before it signals layer 0 (a state is small, and a
+            model reading any layer after waiting for it then finds every pool's state there).
         io_backend: ``"direct"``, ``"kernel"`` or ``"auto"`` (SGLang's ``--hicache-io-backend``;
             see :func:`hicache.transfer.resolve_backend`). :attr:`io_backend` is the one that runs.
 
@@ -260,13 +288,18 @@ class CacheController:
     """
 
     def __init__(
-        self, device_pool: DeviceKVPool, host_pool: HostKVPool, io_backend: str = "auto"
+        self,
+        device_pool: DeviceKVPool,
+        host_pool: HostKVPool,
+        io_backend: str = "auto",
+        extra_pools: dict[str, MambaHostPool] | None = None,
     ) -> None:
         # Validates the pools and the backend; resolves "auto" (logged) to the backend that runs.
         self._transfer = transfer.KVTransfer(device_pool, host_pool, io_backend)
         self.device_pool = device_pool
         self.host_pool = host_pool
         self.io_backend = self._transfer.io_backend  # "kernel" or "direct", never "auto"
+        self.extra_pools = dict(extra_pools or {})
         self.num_layers = device_pool.num_layers
         self._cuda = device_pool.device.type == "cuda"
         self.write_queue: list[CacheOperation] = []
@@ -284,30 +317,57 @@ class CacheController:
 
     # ---- queueing -------------------------------------------------------------------------------
 
-    def write(self, device_indices: torch.Tensor, host_indices: torch.Tensor, ack_id: int) -> None:
+    def write(
+        self,
+        device_indices: torch.Tensor,
+        host_indices: torch.Tensor,
+        ack_id: int,
+        pool_transfers: tuple[PoolTransfer, ...] = (),
+    ) -> None:
         """Queues a backup of ``device_indices`` into ``host_indices`` (copied: owned by the op).
 
+        Args:
+            device_indices: ``[n]`` int64 CPU device KV slots.
+            host_indices: ``[n]`` int64 CPU host KV slots.
+            ack_id: reported by :meth:`writing_check` when the copy has finished.
+            pool_transfers: the extra pools' copies that go with it (device -> host too).
+
         Raises:
-            InvalidArgumentError: an index tensor that is not a 1-D int64 CPU tensor, or lengths
-                that differ. Nothing is queued.
+            InvalidArgumentError: an index tensor that is not a 1-D int64 CPU tensor, lengths
+                that differ, or a pool transfer for an unknown pool. Nothing is queued.
             IndexOutOfRangeError: a slot out of its pool. Nothing is queued.
         """
         with profiling.nvtx_range(profiling.ENQUEUE_WRITE):
-            self._check("write", device_indices, host_indices, ack_id)
-            self.write_queue.append(CacheOperation.create(host_indices, device_indices, ack_id))
+            self._check("write", device_indices, host_indices, ack_id, pool_transfers)
+            self.write_queue.append(
+                CacheOperation.create(host_indices, device_indices, ack_id, pool_transfers)
+            )
 
-    def load(self, host_indices: torch.Tensor, device_indices: torch.Tensor, ack_id: int) -> None:
+    def load(
+        self,
+        host_indices: torch.Tensor,
+        device_indices: torch.Tensor,
+        ack_id: int,
+        pool_transfers: tuple[PoolTransfer, ...] = (),
+    ) -> None:
         """Queues a load of ``host_indices`` into ``device_indices`` (copied: owned by the op).
 
         Raises:
             InvalidArgumentError, IndexOutOfRangeError: as :meth:`write`. Nothing is queued.
         """
         with profiling.nvtx_range(profiling.ENQUEUE_LOAD):
-            self._check("load", device_indices, host_indices, ack_id)
-            self.load_queue.append(CacheOperation.create(host_indices, device_indices, ack_id))
+            self._check("load", device_indices, host_indices, ack_id, pool_transfers)
+            self.load_queue.append(
+                CacheOperation.create(host_indices, device_indices, ack_id, pool_transfers)
+            )
 
     def _check(
-        self, fn: str, device_indices: torch.Tensor, host_indices: torch.Tensor, ack_id: int
+        self,
+        fn: str,
+        device_indices: torch.Tensor,
+        host_indices: torch.Tensor,
+        ack_id: int,
+        pool_transfers: tuple[PoolTransfer, ...] = (),
     ) -> None:
         if self._closed:
             raise InvalidArgumentError(f"CacheController.{fn}: the controller is closed")
@@ -326,6 +386,17 @@ class CacheController:
                 f"{fn}: device_indices has {device_indices.numel()} slots but host_indices has "
                 f"{host_indices.numel()}"
             )
+        names = [getattr(t, "name", None) for t in pool_transfers]
+        for t in pool_transfers:
+            pool = self.extra_pools.get(t.name) if isinstance(t, PoolTransfer) else None
+            if pool is None:
+                raise InvalidArgumentError(
+                    f"{fn}: pool_transfers: expected PoolTransfers of {sorted(self.extra_pools)}, "
+                    f"got {t!r}"
+                )
+            pool.prepare(t.device_indices, t.host_indices, f"{fn}: pool {t.name!r}")  # checks
+        if len(set(names)) != len(names):
+            raise InvalidArgumentError(f"{fn}: pool_transfers: one per pool, got {names}")
 
     # ---- submission -----------------------------------------------------------------------------
 
@@ -365,11 +436,17 @@ class CacheController:
             self._transfer.backup_all_layers(
                 self._transfer.prepare(op.device_indices, op.host_indices, "write")
             )
+            for t in op.pool_transfers:
+                pool = self.extra_pools[t.name]
+                pool.backup_all_layers(pool.prepare(t.device_indices, t.host_indices, "write"))
 
     def _run_load(self, batch: _Batch) -> None:
         op = batch.op
         with profiling.nvtx_range(profiling.LOAD_BATCH, op.num_tokens):
             indices = self._transfer.prepare(op.device_indices, op.host_indices, "load")
+            for t in op.pool_transfers:  # every layer of them, before layer 0 is signalled
+                pool = self.extra_pools[t.name]
+                pool.load_all_layers(pool.prepare(t.device_indices, t.host_indices, "load"))
             for layer in range(self.num_layers):
                 with profiling.nvtx_range(profiling.LOAD_LAYER, layer):
                     self._transfer.load_layer(indices, layer)

@@ -116,11 +116,15 @@ class TransferPlan(NamedTuple):
         lengths: tokens per node, same order.
         indices: ``[sum(lengths)]`` int64 CPU tensor of the source slots, node after node: device
             slots for a backup (device -> host), host slots for a load-back (host -> device).
+        states: Mamba trees: per node, the source Mamba state slot that goes with it (its device
+            state for a backup; for a load-back only the anchor, last, carries its host state);
+            -1 for none. Empty otherwise.
     """
 
     node_ids: list[int]
     lengths: list[int]
     indices: torch.Tensor
+    states: tuple[int, ...] = ()
 
     @property
     def num_tokens(self) -> int:
@@ -155,3 +159,5 @@ class NodeInfo(NamedTuple):
     has_mamba_value: bool = False  # Mamba trees: holds a device state (else a tombstone)
     mamba_value: int = -1  # its state slot
     mamba_lock_ref: int = 0
+    has_mamba_host_value: bool = False  # holds a host state (its backup)
+    mamba_host_value: int = -1

@@ -194,3 +194,99 @@ def test_the_cascade_stops_at_a_held_node(hold):
     assert slots(r.mamba_indices) == [9] and sorted(slots(r.device_indices)) == [2, 3]
     assert tree.contains_node(parent) and not tree.contains_node(leaf)
     tree.check_invariants()
+
+
+# --- host tier: states backed up with the KV, kept by demotion, loaded back with the anchor ----
+
+
+def backed_up_tree(state: int = 2, host_state: int = 5):
+    tree = mamba_tree(page_size=4)
+    leaf = insert(tree, list(range(8)), state=state, first_slot=0).last_node
+    plan = tree.backup_plan(leaf, 1)
+    assert plan.states == (state,)
+    tree.commit_backup(leaf, torch.arange(8, 16), host_state=host_state)
+    tree.finish_backup(leaf)
+    tree.check_invariants()
+    return tree, leaf
+
+
+def test_a_demoted_node_keeps_its_host_state_and_loads_it_back_with_the_kv():
+    tree, leaf = backed_up_tree()
+    evicted = tree.evict(8, write_back=False)
+    assert slots(evicted.mamba_indices) == [2] and evicted.demoted_tokens == 8
+    info = tree.node_info(leaf)
+    assert (info.has_device_value, info.has_mamba_host_value, info.mamba_host_value) == (
+        False,
+        True,
+        5,
+    )
+    m = tree.match_prefix(list(range(8)))
+    assert (m.best_match_node, m.last_device_node, m.host_hit_length) == (leaf, 0, 8)
+    plan = tree.load_back_plan(leaf)
+    assert plan.states == (5,) and slots(plan.indices) == list(range(8, 16))
+    before = full_snapshot(tree)
+    with pytest.raises(InvalidArgumentError, match="needs a device_state slot"):
+        tree.commit_load_back(leaf, torch.arange(20, 28))
+    assert full_snapshot(tree) == before
+    tree.commit_load_back(leaf, torch.arange(20, 28), device_state=7)
+    receipt = tree.inc_lock_ref(leaf)
+    assert receipt.mamba_node_id == leaf  # the loaded state is locked with the KV
+    tree.check_invariants()
+    tree.finish_load_back(leaf)
+    tree.dec_lock_ref(receipt.node_id, receipt.mamba_node_id)
+    m = tree.match_prefix(list(range(8)))
+    assert slots(m.device_indices) == list(range(20, 28)) and m.last_device_node == leaf
+    assert tree.node_info(leaf).mamba_value == 7 and tree.node_info(leaf).mamba_host_value == 5
+    tree.check_invariants()
+
+
+def test_host_states_freed_inside_the_tree_wait_in_the_outbox():
+    tree, leaf = backed_up_tree()
+    tree.evict(8, write_back=False)
+    assert tree.evict_host(8).tolist() == list(range(8, 16))
+    assert slots(tree.take_freed_mamba_host_slots()) == [5]
+    assert slots(tree.take_freed_mamba_host_slots()) == []  # handed over once
+    assert tree.num_nodes() == 0
+    # A failed backup frees its host state too.
+    leaf = insert(tree, list(range(8)), state=3, first_slot=0).last_node
+    tree.commit_backup(leaf, torch.arange(8, 16), host_state=6)
+    receipt = tree.inc_lock_ref(leaf)
+    assert slots(tree.abort_backup(leaf)) == list(range(8, 16))
+    assert slots(tree.take_freed_mamba_host_slots()) == [6]
+    assert not tree.node_info(leaf).has_mamba_host_value
+    tree.dec_lock_ref(receipt.node_id, receipt.mamba_node_id)
+    tree.check_invariants()
+
+
+def test_a_failed_load_hands_its_state_back():
+    tree, leaf = backed_up_tree()
+    tree.evict(8, write_back=False)
+    tree.inc_host_lock_ref(leaf)
+    tree.commit_load_back(leaf, torch.arange(20, 28), device_state=7)
+    receipt = tree.inc_lock_ref(leaf)
+    tree.abort_load_back(leaf)
+    tree.dec_lock_ref(receipt.node_id, receipt.mamba_node_id)  # demotes the failed node
+    tree.dec_host_lock_ref(leaf)
+    assert slots(tree.take_failed_load_slots()) == list(range(20, 28))
+    assert slots(tree.take_failed_load_states()) == [7]
+    info = tree.node_info(leaf)
+    assert not info.has_device_value and info.has_mamba_host_value  # still matchable from host
+    assert tree.match_prefix(list(range(8))).best_match_node == leaf
+    tree.check_invariants()
+
+
+def test_host_state_arguments_are_checked():
+    tree = mamba_tree(page_size=4)
+    leaf = insert(tree, list(range(8)), first_slot=0).last_node  # no state
+    before = full_snapshot(tree)
+    with pytest.raises(InvalidArgumentError, match="holds no device Mamba state"):
+        tree.commit_backup(leaf, torch.arange(8, 16), host_state=1)
+    assert full_snapshot(tree) == before
+    tree, leaf = backed_up_tree()
+    tree.evict(8, write_back=False)
+    tree.match_prefix(list(range(8)))
+    bounded = RadixTree(4, 64, 64, mamba=True, num_mamba_slots=8, num_mamba_host_slots=8)
+    other = bounded.insert(list(range(4)), torch.arange(4), mamba_value=1).last_node
+    with pytest.raises(IndexOutOfRangeError, match="host_state 8 is out of range"):
+        bounded.commit_backup(other, torch.arange(4), host_state=8)
+    bounded.check_invariants()

@@ -33,9 +33,11 @@ class MambaTreeMachine(RuleBasedStateMachine):
         self.next_slot = 0
         self.next_host = 0
         self.next_state = 0
+        self.next_host_state = 0
         self.device: set[int] = set()  # slots the tree must hold
         self.host: set[int] = set()
         self.states: set[int] = set()
+        self.host_states: set[int] = set()
         self.receipts: list = []
         self.host_locked: list[int] = []
 
@@ -46,6 +48,17 @@ class MambaTreeMachine(RuleBasedStateMachine):
         start = getattr(self, attr)
         setattr(self, attr, start + n)
         return torch.arange(start, start + n, dtype=torch.int64)
+
+    def _drain(self) -> None:
+        """Takes the tree's outboxes of freed host states and failed loads' slots."""
+        for pool, freed in (
+            (self.host_states, self.tree.take_freed_mamba_host_slots()),
+            (self.device, self.tree.take_failed_load_slots()),
+            (self.states, self.tree.take_failed_load_states()),
+        ):
+            for slot in freed.tolist():
+                assert slot in pool, f"slot {slot} handed back but not held by the tree"
+                pool.remove(slot)
 
     def _returned(self, result) -> None:
         for pool, freed in (
@@ -76,9 +89,14 @@ class MambaTreeMachine(RuleBasedStateMachine):
     def match(self, pages: list[int]) -> None:
         key = self._key(pages)
         m = self.tree.match_prefix(key)
-        # The match ends at the root or at a node holding a state, and covers its whole path.
+        # The match ends at the root or at a node holding a usable state (a device node's device
+        # state, a host-only node's host state), and covers its whole path.
         if m.best_match_node != self.tree.root_id:
-            assert self.tree.node_info(m.best_match_node).has_mamba_value
+            best = self.tree.node_info(m.best_match_node)
+            usable = best.has_mamba_value if best.has_device_value else best.has_mamba_host_value
+            assert usable
+        if m.last_device_node != self.tree.root_id:
+            assert self.tree.node_info(m.last_device_node).has_mamba_value
         path, node = 0, m.best_match_node
         while node != self.tree.root_id:
             info = self.tree.node_info(node)
@@ -120,13 +138,17 @@ class MambaTreeMachine(RuleBasedStateMachine):
         for slot in self.tree.evict_host(pages * self.page_size).tolist():
             self.host.remove(slot)
 
-    @rule(pages=pages_st, fail=st.booleans())
-    def backup(self, pages: list[int], fail: bool) -> None:
+    @rule(pages=pages_st, fail=st.booleans(), with_states=st.booleans())
+    def backup(self, pages: list[int], fail: bool, with_states: bool) -> None:
         m = self.tree.match_prefix(self._key(pages))
         plan = self.tree.backup_plan(m.last_device_node, 1)
-        for node, length in zip(plan.node_ids, plan.lengths, strict=True):
+        for node, length, state in zip(plan.node_ids, plan.lengths, plan.states, strict=True):
             host = self._fresh(length, "next_host")
-            self.tree.commit_backup(node, host)
+            host_state = -1
+            if state >= 0 and with_states:  # else: the host state pool was full, KV only
+                host_state = int(self._fresh(1, "next_host_state")[0])
+                self.host_states.add(host_state)
+            self.tree.commit_backup(node, host, host_state)
             receipt = self.tree.inc_lock_ref(node)
             self.host.update(host.tolist())
             if fail:
@@ -135,6 +157,28 @@ class MambaTreeMachine(RuleBasedStateMachine):
             else:
                 self.tree.finish_backup(node)
             self.tree.dec_lock_ref(receipt.node_id, receipt.mamba_node_id)
+
+    @rule(pages=pages_st, fail=st.booleans())
+    def load_back(self, pages: list[int], fail: bool) -> None:
+        anchor = self.tree.match_prefix(self._key(pages)).best_match_node
+        plan = self.tree.load_back_plan(anchor)
+        if not plan.node_ids:
+            return
+        self.tree.inc_host_lock_ref(anchor)
+        device = self._fresh(plan.num_tokens, "next_slot")
+        device_state = -1
+        if plan.states[-1] >= 0:
+            device_state = int(self._fresh(1, "next_state")[0])
+            self.states.add(device_state)
+        self.tree.commit_load_back(anchor, device, device_state)
+        self.device.update(device.tolist())
+        receipt = self.tree.inc_lock_ref(anchor)
+        if fail:
+            self.tree.abort_load_back(anchor)
+        else:
+            self.tree.finish_load_back(anchor)
+        self.tree.dec_lock_ref(receipt.node_id, receipt.mamba_node_id)
+        self.tree.dec_host_lock_ref(anchor)
 
     @rule(pages=pages_st, lock=st.booleans())
     def host_lock(self, pages: list[int], lock: bool) -> None:
@@ -149,10 +193,12 @@ class MambaTreeMachine(RuleBasedStateMachine):
 
     @invariant()
     def consistent(self) -> None:
+        self._drain()
         self.tree.check_invariants()
         assert set(self.tree.all_device_indices().tolist()) == self.device
         assert set(self.tree.all_host_indices().tolist()) == self.host
         assert set(self.tree.all_mamba_indices().tolist()) == self.states
+        assert set(self.tree.all_mamba_host_indices().tolist()) == self.host_states
         held = self.tree.mamba_evictable_size() + self.tree.mamba_protected_size()
         assert held == len(self.states)
 
@@ -165,7 +211,7 @@ class MambaTreeMachine(RuleBasedStateMachine):
         for slot in self.tree.evict_host(1 << 30).tolist():
             self.host.remove(slot)
         self.consistent()
-        assert self.tree.num_nodes() == 0 and not self.states
+        assert self.tree.num_nodes() == 0 and not self.states and not self.host_states
 
 
 # SGLang's configuration matrix for full + mamba: page 1, 4, 64, 128.

@@ -66,6 +66,7 @@ struct Node {
   ComponentData& mamba() { return comp[static_cast<int>(Component::kMamba)]; }
   const ComponentData& mamba() const { return comp[static_cast<int>(Component::kMamba)]; }
   bool has_mamba_state() const { return mamba().has_value; }  // false: a Mamba tombstone
+  bool has_mamba_host_state() const { return mamba().has_host_value; }
   int64_t num_tokens() const { return static_cast<int64_t>(key.size()); }
   bool evicted() const { return !full().has_value; }     // SGLang's `evicted` (no device KV)
   bool backuped() const { return full().has_host_value; }  // SGLang's `backuped` (host KV)

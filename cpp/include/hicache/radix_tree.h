@@ -19,11 +19,18 @@
 //
 // Mamba component (a tree built with mamba = true; hybrid Mamba + attention models, SGLang's
 // UnifiedRadixCache with FULL + MAMBA): a node may hold one device state slot, the recurrent state
-// after its last token; a node without one is a Mamba tombstone. Device tier only for now (no host
-// states: a host-only node never validates for Mamba).
-//   - match_prefix ends where the deepest matched node holding a state ends (the root's empty
-//     prefix always validates): a request can only continue from a state. The Full tokens matched
-//     beyond it are reported as mamba_branching_seqlen (where the scheduler may checkpoint anew).
+// after its last token, and one host state slot, its backup; a node without a state on a tier is a
+// Mamba tombstone there.
+//   - match_prefix ends where the deepest matched node holding a usable state ends (the root's
+//     empty prefix always validates): a device node with a device state, or a host-only node with
+//     a host state (then the load-back of best_match_node loads that state with the KV). A request
+//     can only continue from a state. The Full tokens matched beyond it are reported as
+//     mamba_branching_seqlen (where the scheduler may checkpoint anew).
+//   - backups carry the node's device state when it has one (TransferPlan::states, commit_backup's
+//     host_state); demotion keeps the host state, so the node stays matchable from host; a
+//     load-back brings the anchor's host state back (commit_load_back's device_state). Host states
+//     freed inside the tree (host eviction, failed backups, the cascade) wait in an outbox for
+//     take_freed_mamba_host_slots(); device states of failed loads in take_failed_load_states().
 //   - insert gives the node that ends the key the caller's state unless it has one
 //     (mamba_exist: the caller frees its copy) or the walk stopped early (the caller keeps it).
 //   - inc_lock_ref also locks the state of the node it locks (a single-node lock; the receipt's
@@ -31,8 +38,9 @@
 //   - a split leaves the state (and its lock) on the lower node, which keeps the id and the end.
 //   - Full eviction frees the states of the nodes it demotes, drops or trims. evict_mamba frees
 //     the least recently used unlocked states (internal nodes become tombstones).
-//   - Tombstone cascade (failure class 5): a childless Mamba tombstone is useless and is deleted
-//     with its Full KV, and so is its parent if that is now one too, and so on; the cascade stops
+//   - Tombstone cascade (failure class 5): a childless node with no state on either tier is useless
+//     and is deleted with its Full KV, and so is its parent if that is now one too, and so on; the
+//     cascade stops
 //     at any node that is locked or host-locked in any component, has a transfer pending, or is
 //     load-failed.
 //
@@ -108,6 +116,9 @@ struct TransferPlan {
   std::vector<NodeId> nodes;
   std::vector<int64_t> lengths;  // tokens per node
   std::vector<SlotIndex> indices;
+  // Mamba trees, one per node: the source state slot that goes with it (device state for a
+  // backup, the anchor's host state for a load-back), -1 for none.
+  std::vector<SlotIndex> states;
 };
 
 struct NodeInfo {
@@ -127,6 +138,8 @@ struct NodeInfo {
   bool has_mamba_value = false;  // holds a device Mamba state (Mamba trees)
   SlotIndex mamba_value = -1;    // its slot, -1 without one
   int64_t mamba_lock_ref = 0;
+  bool has_mamba_host_value = false;  // holds a host Mamba state (its backup)
+  SlotIndex mamba_host_value = -1;
   std::string extra_key;
   bool has_extra_key = false;
 };
@@ -136,7 +149,7 @@ class RadixTree {
   // page_size: tokens per page (>= 1). num_device_slots / num_host_slots / num_mamba_slots: if > 0,
   // slots handed to the tree must be below them (0 = unchecked). mamba: add the Mamba component.
   RadixTree(int64_t page_size, int64_t num_device_slots, int64_t num_host_slots = 0,
-            bool mamba = false, int64_t num_mamba_slots = 0);
+            bool mamba = false, int64_t num_mamba_slots = 0, int64_t num_mamba_host_slots = 0);
   ~RadixTree();
   RadixTree(const RadixTree&) = delete;
   RadixTree& operator=(const RadixTree&) = delete;
@@ -196,12 +209,14 @@ class RadixTree {
   TransferPlan backup_plan(NodeId id, uint64_t min_hit_count) const;
   // Gives device node `id` (no host value yet) the host slots host[0:len], len = its tokens, and
   // marks it backup-pending with ack id `id`. Called when the backup is queued (SGLang's
-  // commit_backup); the caller keeps the node locked until finish_backup or abort_backup.
-  void commit_backup(NodeId id, const SlotIndex* host, size_t len);
+  // commit_backup); the caller keeps the node locked until finish_backup or abort_backup. Mamba
+  // trees: host_state >= 0 is the host slot of the node's device state's backup.
+  void commit_backup(NodeId id, const SlotIndex* host, size_t len, SlotIndex host_state = -1);
   // The copy of backup `ack_id` finished: clears the pending mark on its node and fragments.
   void finish_backup(NodeId ack_id);
   // The copy of backup `ack_id` failed: its node and fragments lose their host value again (the
-  // host bytes are garbage and must never be served). Returns the host slots to free.
+  // host bytes are garbage and must never be served). Returns the host slots to free (a host
+  // state goes to take_freed_mamba_host_slots).
   std::vector<SlotIndex> abort_backup(NodeId ack_id);
 
   // The host-only nodes from the deepest device ancestor of `anchor` down to anchor, root-first,
@@ -212,8 +227,10 @@ class RadixTree {
   // Gives those nodes the device slots device[0:len] (len = the plan's tokens); they become
   // device+host nodes, unlocked, load-pending with ack id `anchor`. Called when the load is queued
   // (SGLang's commit_load_back); the caller locks anchor until after finish_ or abort_load_back.
-  // invalid_argument if anchor is host-only under a load-failed node.
-  void commit_load_back(NodeId anchor, const SlotIndex* device, size_t len);
+  // invalid_argument if anchor is host-only under a load-failed node. Mamba trees: device_state is
+  // the device slot for the plan's state (required iff the plan has one).
+  void commit_load_back(NodeId anchor, const SlotIndex* device, size_t len,
+                        SlotIndex device_state = -1);
   // The load `ack_id` finished: clears the pending mark on its nodes (a node that is load-failed
   // because a load above it failed stays so).
   void finish_load_back(NodeId ack_id);
@@ -226,6 +243,11 @@ class RadixTree {
   // Device slots of load-failed nodes demoted since the last call: no longer in the tree, still
   // owned by it until taken. The caller frees them. O(slots).
   std::vector<SlotIndex> take_failed_load_slots();
+  // Mamba trees: device states of those demoted load-failed nodes (their loads' states), and host
+  // states freed inside the tree since the last call (evict_host, abort_backup, the cascade of
+  // evict_host, evictions dropping host-only subtrees). The caller frees them. O(slots).
+  std::vector<SlotIndex> take_failed_load_states();
+  std::vector<SlotIndex> take_freed_mamba_host_slots();
 
   int64_t evictable_size() const { return evictable_size_; }
   int64_t protected_size() const { return protected_size_; }
@@ -251,6 +273,7 @@ class RadixTree {
   std::vector<SlotIndex> all_device_indices() const;
   std::vector<SlotIndex> all_host_indices() const;
   std::vector<SlotIndex> all_mamba_indices() const;
+  std::vector<SlotIndex> all_mamba_host_indices() const;
 
   // Drops every node; returns their device slots and any not yet taken by take_failed_load_slots
   // (all_host_indices() and all_mamba_indices() first for the others). Throws invalid_argument if anything is locked or
@@ -287,6 +310,8 @@ class RadixTree {
   bool drop_unbacked(Node* node, EvictResult& result);
   void trim_tail(Node* node, size_t keep);
   void free_mamba(Node* node, std::vector<SlotIndex>& freed);
+  void free_mamba_host(Node* node);
+  bool useless_tombstone(const Node* node) const;
   void delete_tombstones(Node* node, EvictResult& result, bool device_ok);
   void check_slots(const char* caller, const SlotIndex* slots, size_t len, int64_t num_slots,
                    const char* pool) const;
@@ -297,6 +322,7 @@ class RadixTree {
   const int64_t num_host_slots_;
   const bool mamba_;
   const int64_t num_mamba_slots_;
+  const int64_t num_mamba_host_slots_;
   std::unique_ptr<Node> root_;
   // Owner of every non-root node, keyed by id: resolves ids crossing the boundary.
   std::unordered_map<NodeId, std::unique_ptr<Node>> nodes_;
@@ -319,6 +345,10 @@ class RadixTree {
   // Device slots of demoted load-failed nodes, until take_failed_load_slots hands them over: the
   // demotion happens inside dec_lock_ref, whose result is a token count.
   std::vector<SlotIndex> failed_load_slots_;
+  std::vector<SlotIndex> failed_load_states_;  // same, their device Mamba states
+  // Host Mamba states freed inside the tree, until take_freed_mamba_host_slots hands them over
+  // (freed by calls whose results are host KV slots only).
+  std::vector<SlotIndex> freed_mamba_host_;
   NodeId next_id_ = kRootId + 1;
   Tick tick_ = 0;
 };
