@@ -148,7 +148,10 @@ def _print_report(report) -> None:
     if report.mamba_states:
         stats = report.cache_stats
         rows += [
-            ("model / Mamba states", f"mamba-hybrid / {report.mamba_states:,}"),
+            (
+                "model / Mamba states (host)",
+                f"mamba-hybrid / {report.mamba_states:,} ({report.mamba_host_states:,})",
+            ),
             ("Full-only hit blocks (same tree)", f"{report.full_kv_hit_blocks:,}"),
             (
                 "Mamba forks / published / existed",

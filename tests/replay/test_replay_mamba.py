@@ -49,8 +49,19 @@ def test_cli_mamba_hybrid_report(tmp_path, capsys):
     assert report["mamba_states"] == 64 and report["config"]["model"] == "mamba-hybrid"
     assert report["hit_blocks"] <= report["full_kv_hit_blocks"]
     assert "Full-only hit blocks (same tree)" in capsys.readouterr().out
-    assert main([*argv, "--model", "mamba-hybrid", "--hicache-ratio", "2"]) == 2
-    assert "host pool with a Mamba pool" in capsys.readouterr().err
+    assert main([*argv, "--model", "mamba-hybrid", "--max-mamba-cache-size", "1"]) == 2
+    assert "a request needs up to 2 state slots" in capsys.readouterr().err
+
+
+def test_states_come_back_from_the_host_tier_bit_identical_on_every_l2_hit():
+    requests = _trace("conversation", 2000)
+    report = run_replay(requests, _config(hicache_ratio=2, check_every=500))
+    # Every hit's state is checked against the state computed after its last block, L2 hits
+    # after their load-back: a state that did not survive device -> host -> device would raise.
+    assert report.mamba_verified_states == 2000 and report.host_hit_blocks > 0
+    assert report.mamba_host_states == 2 * report.mamba_states
+    device_only = run_replay(requests, _config(verify=False))
+    assert report.hit_blocks > device_only.hit_blocks
 
 
 @pytest.mark.slow

@@ -12,7 +12,7 @@ import torch
 from hicache import metrics
 from hicache.cache import WRITE_POLICIES, HiCache, Req
 from hicache.errors import HiCacheError, InvalidArgumentError
-from hicache.memory import DeviceKVPool, HostKVPool, MambaStatePool
+from hicache.memory import DeviceKVPool, HostKVPool, MambaHostPool, MambaStatePool
 from hicache.replay.trace import TRACE_BLOCK_TOKENS, TraceRequest, block_tokens
 
 __all__ = [
@@ -138,6 +138,7 @@ class ReplayReport:
     # every component accepted), the Mamba state pool's size, and tombstones left at the end.
     full_kv_hit_blocks: int = 0
     mamba_states: int = 0
+    mamba_host_states: int = 0
     mamba_verified_states: int = 0
     tombstones_at_end: int = 0
 
@@ -397,6 +398,11 @@ def run_replay(
     if config.model not in MODELS:
         raise InvalidArgumentError(f"unknown model {config.model!r}; expected one of {MODELS}")
     mamba = _MambaModel(config, capacity, device) if config.model == "mamba-hybrid" else None
+    mamba_host = None
+    if mamba is not None and host_pool is not None:
+        # The host tier holds states in the proportion it holds KV.
+        num_host_states = max(2, mamba.pool.num_slots * host_pool.num_slots // pool.num_slots)
+        mamba_host = MambaHostPool(mamba.pool, num_host_states, "page_first")
     cache = HiCache(
         pool,
         ps,
@@ -404,6 +410,7 @@ def run_replay(
         config.write_policy,
         config.io_backend,
         mamba_pool=mamba.pool if mamba is not None else None,
+        mamba_host_pool=mamba_host,
     )
     report = ReplayReport(
         trace=trace_name,
@@ -414,6 +421,7 @@ def run_replay(
         device=str(pool.device),
         io_backend=cache.controller.io_backend if cache.controller is not None else "",
         mamba_states=mamba.pool.num_slots if mamba is not None else 0,
+        mamba_host_states=mamba_host.num_slots if mamba_host is not None else 0,
     )
     ops = report.op_seconds
     window = -(-len(requests) // config.timeline_points) if config.timeline_points > 0 else 0
