@@ -20,8 +20,8 @@ import torch
 from hicache import transfer
 from hicache.cache import HiCache, Req
 from hicache.errors import PoolExhaustedError
-from hicache.memory import DeviceKVPool, HostKVPool
-from hicache.replay.runner import expected_kv
+from hicache.memory import DeviceKVPool, HostKVPool, MambaHostPool, MambaStatePool
+from hicache.replay.runner import expected_kv, expected_state
 
 PAGE = 4
 NO_SLOTS = torch.empty(0, dtype=torch.int64)
@@ -117,4 +117,86 @@ def test_scheduler_and_workers_race_without_losing_a_slot(monkeypatch, policy):
         _run_request(cache, tokens)
     cache.flush()
     cache.check_invariants(request_slots=NO_SLOTS)
+    cache.close()
+
+
+def _run_mamba_request(cache: HiCache, tokens: torch.Tensor) -> None:
+    """As _run_request, with a Mamba state: forked at the hit (checked), published at the end.
+
+    The state after a prefix is a function of its last token: a token of these keys names its
+    whole prefix (roots repeat the same tokens at the same positions; extension tokens are unique
+    to the request that made them).
+    """
+    states = cache.mamba_pool
+    m = cache.match_prefix(tokens, load_back=True)
+    consumer = cache.ready_to_load_host_cache()
+    for layer in range(cache.device_pool.num_layers):
+        cache.wait_until_layer_ready(layer, consumer)
+    hit = m.device_prefix_len
+    receipt = cache.inc_lock_ref(m.last_device_node)
+    try:
+        working = cache.fork_mamba(m.last_device_node)
+    except PoolExhaustedError:
+        cache.dec_lock_ref(receipt.node_id, receipt.mamba_node_id)
+        return
+    got = states.read(torch.tensor([working]))
+    want = (
+        expected_state(tokens[hit - 1 : hit].to(torch.int64), states)
+        if hit
+        else tuple(torch.zeros_like(g) for g in got)
+    )
+    assert all(torch.equal(g, w) for g, w in zip(got, want, strict=True)), "a wrong state"
+    try:
+        slots = cache.alloc(len(tokens) - hit)
+    except PoolExhaustedError:
+        cache.free_mamba(torch.tensor([working]))
+        cache.dec_lock_ref(receipt.node_id, receipt.mamba_node_id)
+        return
+    end = len(tokens) // PAGE * PAGE
+    states.write(torch.tensor([working]), *expected_state(tokens[end - 1 : end].long(), states))
+    req = Req(
+        tokens,
+        kv_indices=torch.cat((m.device_indices, slots)),
+        last_node=receipt.node_id,
+        prefix_len=hit,
+        mamba_node_id=receipt.mamba_node_id,
+        mamba_checkpoints=[(end, working)],
+    )
+    cache.cache_finished_req(req)
+    cache.check_hicache_events()
+
+
+@pytest.mark.parametrize("policy", ["write_through", "write_back"])
+def test_mamba_states_race_the_workers_without_losing_a_slot(monkeypatch, policy):
+    rng, rng_lock = random.Random(5), threading.Lock()
+    for cls, names in (
+        (transfer.KVTransfer, ("backup_all_layers", "load_layer")),
+        (MambaHostPool, ("backup_all_layers", "load_all_layers")),
+    ):
+        for name in names:
+            monkeypatch.setattr(cls, name, _jitter(getattr(cls, name), rng, rng_lock))
+    pool = DeviceKVPool(160, 2, 2, 4, torch.float16, "cpu")
+    states = MambaStatePool(12, 2, (3, 2), (2, 2), torch.bfloat16, torch.float32, "cpu")
+    cache = HiCache(
+        pool,
+        PAGE,
+        HostKVPool(pool, 320, PAGE, "page_first"),
+        policy,
+        mamba_pool=states,
+        mamba_host_pool=MambaHostPool(states, 24),
+    )
+    keys = _keys(300, seed=13)
+    for step, tokens in enumerate(keys):
+        _run_mamba_request(cache, tokens)
+        if step % 50 == 0:
+            cache.check_invariants(request_slots=NO_SLOTS, request_states=NO_SLOTS)
+    cache.flush()
+    cache.check_invariants(request_slots=NO_SLOTS, request_states=NO_SLOTS)
+    stats = cache.stats
+    assert stats.load_back_tokens > 0 and stats.mamba_forks > 0 and stats.mamba_evicted_states > 0
+    assert cache.tree.all_mamba_host_indices().numel() > 0  # states on the host tier too
+    for tokens in keys[-60:]:  # hits again, L2 ones through their load-backs: states check out
+        _run_mamba_request(cache, tokens)
+    cache.flush()
+    cache.check_invariants(request_slots=NO_SLOTS, request_states=NO_SLOTS)
     cache.close()

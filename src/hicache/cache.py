@@ -717,13 +717,18 @@ class HiCache:
         Raises:
             InvalidArgumentError: no Mamba pool, or ``num_states < 0``.
             PoolExhaustedError: free plus evictable states cannot hold them (the rest are locked by
-                running requests); nothing was allocated.
+                running requests), after waiting for in-flight backups, whose locks hold states
+                too; nothing was allocated.
+            TransferError: a backup it waited for failed (undone in the tree); nothing was
+                allocated.
         """
         pool = self._mamba()
         if num_states < 0:
             raise InvalidArgumentError(f"alloc_mamba: num_states must be >= 0, got {num_states}")
         with self._lock:
             missing = num_states - pool.available_size()
+            if missing > self.tree.mamba_evictable_size() and self._ongoing_writes:
+                self.check_hicache_events(block=True)  # backups lock their states: let them land
             if missing > 0:
                 if missing > self.tree.mamba_evictable_size():
                     raise PoolExhaustedError(
