@@ -163,16 +163,21 @@ def random_state(cache: HiCache, slot: int, seed: int) -> tuple[torch.Tensor, to
     return conv, temporal
 
 
-def finish(cache: HiCache, key: torch.Tensor, state_seed: int | None):
+def finish(cache: HiCache, key: torch.Tensor, state_seed: int | None, also_at: int = 0):
+    """One request with a checkpoint at its end (and at ``also_at`` tokens when > 0)."""
     m = cache.match_prefix(key, load_back=True)
     cache.flush()
     receipt = cache.inc_lock_ref(m.last_device_node)
     slots = cache.alloc(len(key) - m.device_prefix_len)
     checkpoints, written = [], None
     if state_seed is not None:
+        if also_at:
+            slot = int(cache.alloc_mamba(1)[0])
+            random_state(cache, slot, state_seed + 1000)
+            checkpoints.append((also_at, slot))
         slot = int(cache.alloc_mamba(1)[0])
         written = random_state(cache, slot, state_seed)
-        checkpoints = [(len(key), slot)]
+        checkpoints.append((len(key), slot))
     req = Req(
         key,
         kv_indices=torch.cat((m.device_indices, slots)),

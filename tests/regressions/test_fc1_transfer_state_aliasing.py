@@ -79,3 +79,27 @@ def test_device_copies_of_indices_are_new_tensors_on_cuda():
         # The operation's own indices stayed on the CPU; the GPU copy was a new tensor.
         assert queued.device_indices.device.type == "cpu"
         assert device.device.type == "cpu"
+
+
+def test_a_queued_mamba_state_transfer_owns_its_indices():
+    """Hybrid: the extra pool's transfer (the Mamba state) must not alias caller or tree tensors."""
+    from hicache.memory import MambaHostPool, MambaStatePool, PoolTransfer
+
+    pool = DeviceKVPool(32, 2, 2, 8, torch.float16, "cpu")
+    states = MambaStatePool(4, 2, (2,), (2, 2), torch.float32, torch.float32, "cpu")
+    host_states = MambaHostPool(states, 4)
+    conv = torch.arange(4, dtype=torch.float32).view(2, 1, 2) + 1
+    temporal = torch.arange(8, dtype=torch.float32).view(2, 1, 2, 2) + 1
+    states.write(torch.tensor([1]), conv, temporal)
+    with CacheController(pool, HostKVPool(pool, 32, 4), extra_pools={"mamba": host_states}) as c:
+        device_state, host_state = torch.tensor([1]), torch.tensor([2])
+        transfer = PoolTransfer("mamba", host_state, device_state)
+        c.write(torch.arange(4), torch.arange(4), 5, (transfer,))
+        device_state.fill_(3)  # a node's tensor reused at once: the queued copy is unaffected
+        host_state.fill_(0)
+        c.start_writing()
+        assert c.writing_check(block=True) == [5]
+    got = host_states.read(torch.tensor([2]))
+    assert torch.equal(got[0].flatten(), conv.flatten())
+    assert torch.equal(got[1].flatten(), temporal.flatten())
+    assert not host_states.read(torch.tensor([0]))[0].any()  # slot 0 untouched

@@ -75,3 +75,32 @@ def test_cuda_copies_survive_allocator_churn_behind_the_forward_fence():
         got = pool.read(torch.arange(16, 32))
         assert controller.loading_check(block=True) == [1]
     assert all(torch.equal(g, w) for g, w in zip(got, kv, strict=True))
+
+
+def test_a_batch_keeps_its_mamba_state_indices_alive_until_the_ack(monkeypatch):
+    """For every pool: the Mamba state transfer's indices live as long as the batch."""
+    from hicache.memory import MambaHostPool, MambaStatePool, PoolTransfer
+
+    pool, host_pool = _pools("cpu")
+    states = MambaStatePool(4, 2, (2,), (2,), torch.float32, torch.float32, "cpu")
+    host_states = MambaHostPool(states, 4)
+    release = threading.Event()
+    original = MambaHostPool.load_all_layers
+
+    def slow(self, indices):
+        release.wait(10)
+        original(self, indices)
+
+    monkeypatch.setattr(MambaHostPool, "load_all_layers", slow)
+    with CacheController(pool, host_pool, extra_pools={"mamba": host_states}) as controller:
+        t = PoolTransfer("mamba", torch.tensor([1]), torch.tensor([2]))
+        controller.load(torch.arange(4), torch.arange(4), 9, (t,))
+        ref = weakref.ref(controller.load_queue[0].pool_transfers[0].host_indices)
+        del t
+        controller.start_loading()
+        gc.collect()
+        assert ref() is not None  # owned by the in-flight batch
+        release.set()
+        assert controller.loading_check(block=True) == [9]
+        gc.collect()
+        assert ref() is None
