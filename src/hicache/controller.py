@@ -41,7 +41,7 @@ import torch
 from hicache import profiling, transfer
 from hicache.errors import IndexOutOfRangeError, InvalidArgumentError, TransferError
 from hicache.memory.device_pool import DeviceKVPool
-from hicache.memory.host_pool import HostKVPool, check_slot_indices
+from hicache.memory.host_pool import HostKVPool, check_transfer_indices
 from hicache.memory.mamba_pool import MambaHostPool
 from hicache.memory.pool_transfer import PoolTransfer
 
@@ -375,17 +375,14 @@ class CacheController:
             raise InvalidArgumentError(
                 f"{fn}: ack_id: expected an int (a node id), got {type(ack_id).__name__}"
             )
-        check_slot_indices(
-            device_indices, f"{fn}: device_indices", self.device_pool.num_slots, require_cpu=True
+        check_transfer_indices(
+            device_indices,
+            host_indices,
+            self.device_pool.num_slots,
+            self.host_pool.num_slots,
+            fn,
+            device_on_cpu=True,
         )
-        check_slot_indices(
-            host_indices, f"{fn}: host_indices", self.host_pool.num_slots, require_cpu=True
-        )
-        if device_indices.numel() != host_indices.numel():
-            raise InvalidArgumentError(
-                f"{fn}: device_indices has {device_indices.numel()} slots but host_indices has "
-                f"{host_indices.numel()}"
-            )
         names = [getattr(t, "name", None) for t in pool_transfers]
         for t in pool_transfers:
             pool = self.extra_pools.get(t.name) if isinstance(t, PoolTransfer) else None

@@ -53,7 +53,7 @@ import torch
 
 from hicache.errors import IndexOutOfRangeError, InvalidArgumentError
 from hicache.memory.device_pool import DeviceKVPool
-from hicache.memory.host_pool import HostKVPool, check_slot_indices
+from hicache.memory.host_pool import HostKVPool, check_transfer_indices
 
 _cuda_ops: types.ModuleType | None
 try:  # built by CMake where a CUDA compiler was found (HICACHE_CUDA=AUTO|ON)
@@ -232,17 +232,13 @@ class KVTransfer:
         Note:
             The range check of CUDA ``device_indices`` reads them back to the host (a sync).
         """
-        check_slot_indices(
-            host_indices, f"{fn}: host_indices", self.host_pool.num_slots, require_cpu=True
+        check_transfer_indices(
+            device_indices,
+            host_indices,
+            self.device_pool.num_slots,
+            self.host_pool.num_slots,
+            fn,
         )
-        check_slot_indices(
-            device_indices, f"{fn}: device_indices", self.device_pool.num_slots, require_cpu=False
-        )
-        if host_indices.numel() != device_indices.numel():
-            raise InvalidArgumentError(
-                f"{fn}: device_indices: length {device_indices.numel()} differs from host_indices "
-                f"length {host_indices.numel()}"
-            )
         device = self.device_pool.device
         host_on_device = None
         if self.io_backend == IO_BACKEND_KERNEL:

@@ -17,7 +17,7 @@ from hicache.errors import IndexOutOfRangeError, InvalidArgumentError
 from hicache.memory.allocator import PageAllocator
 from hicache.memory.device_pool import DeviceKVPool, check_kv_values
 
-__all__ = ["HostKVPool", "HostLayout", "check_slot_indices"]
+__all__ = ["HostKVPool", "HostLayout", "check_slot_indices", "check_transfer_indices"]
 
 # SGLang's ``--hicache-size`` is in GB of 1e9 bytes, not GiB.
 _BYTES_PER_GB = 1_000_000_000
@@ -63,6 +63,42 @@ def check_slot_indices(
         if lo < 0 or hi >= num_slots:
             bad = lo if lo < 0 else hi
             raise IndexOutOfRangeError(f"{name}: slot index {bad} out of range [0, {num_slots})")
+
+
+def check_transfer_indices(
+    device_indices: torch.Tensor,
+    host_indices: torch.Tensor,
+    num_device_slots: int,
+    num_host_slots: int,
+    fn: str,
+    device_on_cpu: bool = False,
+) -> None:
+    """Checks the paired slot indices of one host <-> device transfer.
+
+    Slot ``device_indices[i]`` pairs with ``host_indices[i]``; both are :func:`check_slot_indices`
+    checked against their pool's size, and their lengths must agree.
+
+    Args:
+        device_indices: ``[n]`` int64 device slot indices (any device unless ``device_on_cpu``).
+        host_indices: ``[n]`` int64 CPU host slot indices.
+        num_device_slots: the device pool's size, slots.
+        num_host_slots: the host pool's size, slots.
+        fn: the caller's name, for error messages.
+        device_on_cpu: require ``device_indices`` on the CPU too.
+
+    Raises:
+        InvalidArgumentError: wrong type, dtype, dim or device, or lengths that differ.
+        IndexOutOfRangeError: a slot is out of its pool's range.
+    """
+    check_slot_indices(host_indices, f"{fn}: host_indices", num_host_slots, require_cpu=True)
+    check_slot_indices(
+        device_indices, f"{fn}: device_indices", num_device_slots, require_cpu=device_on_cpu
+    )
+    if host_indices.numel() != device_indices.numel():
+        raise InvalidArgumentError(
+            f"{fn}: device_indices: length {device_indices.numel()} differs from host_indices "
+            f"length {host_indices.numel()}"
+        )
 
 
 class HostKVPool:

@@ -30,7 +30,7 @@ import torch
 
 from hicache.errors import IndexOutOfRangeError, InvalidArgumentError
 from hicache.memory.allocator import PageAllocator
-from hicache.memory.host_pool import HostLayout, check_slot_indices
+from hicache.memory.host_pool import HostLayout, check_slot_indices, check_transfer_indices
 
 __all__ = ["MambaHostPool", "MambaStatePool", "MambaTransferIndices"]
 
@@ -706,18 +706,9 @@ class MambaHostPool:
             The range check of CUDA ``device_indices`` reads them back to the host (a sync).
             Whether the slots are allocated is not checked: the cache owns both sets.
         """
-        check_slot_indices(host_indices, f"{fn}: host_indices", self._num_slots, require_cpu=True)
-        check_slot_indices(
-            device_indices,
-            f"{fn}: device_indices",
-            self.device_pool.num_slots,
-            require_cpu=False,
+        check_transfer_indices(
+            device_indices, host_indices, self.device_pool.num_slots, self._num_slots, fn
         )
-        if host_indices.numel() != device_indices.numel():
-            raise InvalidArgumentError(
-                f"{fn}: device_indices: length {device_indices.numel()} differs from host_indices "
-                f"length {host_indices.numel()}"
-            )
         host = host_indices.clone(memory_format=torch.contiguous_format)
         device = self.device_pool.device
         if device_indices.device == device:
