@@ -251,10 +251,12 @@ class HiCache:
         with self._lock, profiling.nvtx_range(profiling.INSERT):
             result = self.tree.insert(key, value, extra_key)
             if self.kv_events is not None:
-                aligned = len(key) // self.page_size * self.page_size
+                # Only the pages the tree took: an insert stopped at a pending load leaves the
+                # caller value[cached_len:], which must not be reported stored.
+                cached = result.cached_len
                 self.kv_events.on_device_insert(
-                    key[:aligned],
-                    value[result.prefix_len : aligned],
+                    key[:cached],
+                    value[result.prefix_len : cached],
                     result.prefix_len // self.page_size,
                     extra_key,
                 )
