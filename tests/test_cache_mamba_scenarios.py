@@ -353,6 +353,30 @@ def test_stale_interior_checkpoint_is_rejected():
     cache.free_mamba(torch.tensor([state]))
 
 
+def test_one_state_slot_cannot_be_published_twice():
+    """The slot-reuse guard of ``TestMambaRadixCacheInteriorCheckpoint.test_interior_checkpoint_
+    lets_the_n_minus_1_lookup_reuse`` (sgl-project/sglang,
+    test/registered/unit/mem_cache/test_mamba_radix_cache_match.py).
+
+    SGLang asserts that publishing the interior checkpoint consumes the request's stash exactly
+    once, so the same slot cannot be handed to the tree again (and then freed twice). hicache's
+    analog is a request whose checkpoints repeat a slot: two nodes would own one state, and
+    evicting either would leave the other serving whatever the slot holds next. The request is
+    rejected before anything changes.
+    """
+    cache = make_cache()
+    tokens = list(range(2 * CHUNK))
+    kv = cache.alloc(len(tokens))
+    state = int(cache.alloc_mamba(1)[0])
+    twice = Req(key(tokens), kv_indices=kv, mamba_checkpoints=[(CHUNK, state), (2 * CHUNK, state)])
+    with pytest.raises(InvalidArgumentError, match="state slot 0 is given twice"):
+        cache.cache_finished_req(twice)
+    assert cache.tree.num_nodes() == 0
+    cache.check_invariants(kv, torch.tensor([state]))
+    cache.free(kv)
+    cache.free_mamba(torch.tensor([state]))
+
+
 # --- state pressure --------------------------------------------------------------------------
 
 

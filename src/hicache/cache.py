@@ -794,8 +794,8 @@ class HiCache:
 
         Raises:
             InvalidArgumentError: ``kv_indices`` is shorter than ``token_ids`` or not whole pages;
-                checkpoints not page-aligned, ascending and within the aligned tokens, or given
-                to a cache without a Mamba pool. Nothing changed.
+                checkpoints not page-aligned, ascending and within the aligned tokens, repeating
+                a state slot, or given to a cache without a Mamba pool. Nothing changed.
         """
         with self._lock:
             aligned, result = self._insert_req(req, check_checkpoints=True)
@@ -931,6 +931,7 @@ class HiCache:
             return
         self._mamba()
         previous = 0
+        seen: set[int] = set()
         for num_tokens, slot in req.mamba_checkpoints:
             if num_tokens % self.page_size or not previous < num_tokens <= aligned:
                 raise InvalidArgumentError(
@@ -939,6 +940,12 @@ class HiCache:
                 )
             if not 0 <= slot < self._mamba().num_slots:
                 raise InvalidArgumentError(f"req.mamba_checkpoints: state slot {slot} out of range")
+            if slot in seen:
+                # Two nodes would own one state: evicting either frees it under the other.
+                raise InvalidArgumentError(
+                    f"req.mamba_checkpoints: state slot {slot} is given twice"
+                )
+            seen.add(slot)
             previous = num_tokens
 
     def _check_req(self, req: Req) -> int:
