@@ -138,6 +138,7 @@ def test_mamba_cow_on_match(page_size):
     cache.match_prefix(key(other))
     copy = cache.fork_mamba(node)
     assert cache.stats.mamba_evicted_states == 1
+    cache.check_invariants(NO_SLOTS, torch.cat((held, torch.tensor([copy]))))
     assert cache.match_prefix(key(other)).device_prefix_len == 0  # the victim
     assert torch.equal(state_of(cache, copy), state_of(cache, source))
     cache.check_invariants(NO_SLOTS, torch.cat((held, torch.tensor([copy]))))
@@ -446,6 +447,7 @@ def test_mamba_radix_cache_kv_events():
     assert cache.stats.mamba_evicted_states == 1
     assert not [e for e in events if isinstance(e, BlockRemoved)]
     assert cache.match_prefix(key([1, 2, 3])).device_prefix_len == 0
+    cache.check_invariants(NO_SLOTS, states)
     cache.free_mamba(states)
     cache.dec_lock_ref(receipt.node_id, receipt.mamba_node_id)
 
