@@ -138,3 +138,27 @@ def test_events_are_off_by_default():
     cache = make_cache("write_through")
     assert cache.kv_events is None
     cache.close()
+
+
+def test_an_insert_stopped_at_a_pending_load_reports_only_what_the_tree_took():
+    """An insert that stops at a load-pending node leaves the caller its slots from there on.
+
+    Reporting those pages stored (at slots the tree does not own) left phantom GPU blocks that
+    no BlockRemoved ever clears, and the load's ack then stored the same blocks a second time.
+    """
+    cache = make_cache("write_through", 64, 128, PAGE, enable_kv_events=True)
+    rebuilt = Rebuilt()
+    cache.kv_events.subscribe(rebuilt)
+    run_request(cache, torch.arange(8, dtype=torch.int32))
+    cache.evict(8)  # demoted: host-only
+    match = cache.match_prefix(torch.arange(8, dtype=torch.int32), load_back=True)
+    assert cache.tree.node_info(match.last_device_node).load_pending  # not acknowledged yet
+    slots = cache.alloc(12)
+    result = cache.insert(torch.arange(12, dtype=torch.int32), slots)
+    assert result.cached_len == 0  # stopped at the pending load: the caller keeps every slot
+    assert rebuilt.media == tree_contents(cache)
+    cache.free(slots)
+    cache.flush()  # the load's ack: its pages are stored on GPU now, once
+    assert rebuilt.media == tree_contents(cache)
+    assert len(rebuilt.media[Medium.GPU]) == 2
+    cache.close()

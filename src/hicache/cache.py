@@ -288,10 +288,12 @@ class HiCache:
         with self._lock, profiling.nvtx_range(profiling.INSERT):
             result = self.tree.insert(key, value, extra_key)
             if self.kv_events is not None:
-                aligned = len(key) // self.page_size * self.page_size
+                # Only the pages the tree took: an insert stopped at a pending load leaves the
+                # caller value[cached_len:], which must not be reported stored.
+                cached = result.cached_len
                 self.kv_events.on_device_insert(
-                    key[:aligned],
-                    value[result.prefix_len : aligned],
+                    key[:cached],
+                    value[result.prefix_len : cached],
                     result.prefix_len // self.page_size,
                     extra_key,
                 )
@@ -884,8 +886,8 @@ class HiCache:
 
         Raises:
             InvalidArgumentError: ``kv_indices`` is shorter than ``token_ids`` or not whole pages;
-                checkpoints not page-aligned, ascending and within the aligned tokens, or given
-                to a cache without a Mamba pool. Nothing changed.
+                checkpoints not page-aligned, ascending and within the aligned tokens, repeating
+                a state slot, or given to a cache without a Mamba pool. Nothing changed.
         """
         with self._lock:
             _, result = self._insert_req(req, check_checkpoints=True)
@@ -1023,6 +1025,7 @@ class HiCache:
             return
         self._mamba()
         previous = 0
+        seen: set[int] = set()
         for num_tokens, slot in req.mamba_checkpoints:
             if num_tokens % self.page_size or not previous < num_tokens <= aligned:
                 raise InvalidArgumentError(
@@ -1031,6 +1034,12 @@ class HiCache:
                 )
             if not 0 <= slot < self._mamba().num_slots:
                 raise InvalidArgumentError(f"req.mamba_checkpoints: state slot {slot} out of range")
+            if slot in seen:
+                # Two nodes would own one state: evicting either frees it under the other.
+                raise InvalidArgumentError(
+                    f"req.mamba_checkpoints: state slot {slot} is given twice"
+                )
+            seen.add(slot)
             previous = num_tokens
 
     def _check_req(self, req: Req) -> int:
