@@ -107,7 +107,7 @@ def test_operation_owns_its_indices():
     ("device_indices", "host_indices", "error", "match"),
     [
         (torch.arange(4, dtype=torch.int32), torch.arange(4), InvalidArgumentError, "int64"),
-        (torch.arange(4), torch.arange(8), InvalidArgumentError, "length 4 differs from host_indices length 8"),
+        (torch.arange(4), torch.arange(8), InvalidArgumentError, "length 4 differs"),
         (torch.arange(4).reshape(2, 2), torch.arange(4), InvalidArgumentError, "1-D"),
         (torch.arange(62, 66), torch.arange(4), IndexOutOfRangeError, "out of range"),
         (torch.arange(4), torch.arange(4) - 1, IndexOutOfRangeError, "out of range"),
