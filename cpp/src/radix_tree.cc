@@ -749,12 +749,15 @@ EvictResult RadixTree::evict(int64_t num_tokens, bool write_back) {
     // Mamba trees: what is left of the victim (or its parent, once dropped) may now be a
     // childless tombstone, which the cascade deletes; its pages count as freed.
     Node* cascade_from = victim;
+    int64_t demoted = 0;  // tokens of the victim if this round demoted it
+    const NodeId victim_id = victim->id;  // (a drop destroys the victim)
     if (victim->backuped() || write_back || victim->num_children > 0) {
       // Page-granular: the tail pages become their own node (the victim keeps its id, the kept
       // head is the new parent), which is then demoted, backed up or dropped as a whole.
       if (keep > 0) split(victim, keep);
       const int64_t taken_pages = victim->num_tokens() / page_size_;  // before a drop frees it
       if (victim->backuped()) {
+        demoted = victim->num_tokens();
         demote(victim, result);
       } else if (write_back) {
         result.needs_backup = victim->id;
@@ -786,6 +789,12 @@ EvictResult RadixTree::evict(int64_t num_tokens, bool write_back) {
     const size_t freed_before = result.device_freed.size();
     delete_tombstones(cascade_from, result, /*device_ok=*/true);
     pages -= static_cast<int64_t>(result.device_freed.size() - freed_before) / page_size_;
+    if (demoted > 0 && nodes_.count(victim_id) == 0) {
+      // The cascade deleted the demoted victim with its host copy: its tokens did not stay in
+      // the tree as host-only, so they count as dropped.
+      result.demoted_tokens -= demoted;
+      result.dropped_tokens += demoted;
+    }
   }
   return result;
 }

@@ -94,7 +94,9 @@ class EvictResult(NamedTuple):
         host_indices: ``[m]`` int64 CPU tensor of freed host slots (host-only descendants dropped
             with an unbacked leaf; usually empty).
         demoted_tokens: backed-up tokens that stayed in the tree as host-only (``evicted``).
-        dropped_tokens: unbacked device tokens removed from the tree (their KV is lost).
+        dropped_tokens: device tokens removed from the tree (their KV is lost): unbacked ones, and
+            in Mamba trees those the tombstone cascade deletes with their host copy (a demoted
+            victim it deletes counts here, not in ``demoted_tokens``).
         needs_backup: under ``write_back``, the id of the LRU device leaf that must be backed up
             (``commit_backup`` + a finished copy) before eviction can go on; -1 otherwise.
         mamba_indices: ``[k]`` int64 CPU tensor of freed Mamba state slots (Mamba trees).

@@ -1,10 +1,17 @@
 """A slow, obviously-correct, page-level reference model of ``hicache._tree.RadixTree``.
 
-The model has no nodes at all: it keeps one dict entry per cached page, keyed by
-``(extra_key, tokens of the whole prefix up to and including that page)``. Prefix sharing, splits
-and node ids do not exist here, so the differential tests compare only what a caller can observe:
-matched slots, host hit lengths, insert prefix lengths, lock deltas, sizes, transfer plans and the
-slots every eviction frees.
+The model keeps one dict entry per cached page, keyed by ``(extra_key, tokens of the whole prefix
+up to and including that page)``. Prefix sharing and node ids do not exist here. Node boundaries
+do, as a set ``ends`` of the pages that end a node: where the tree splits a node, trims it or
+evicts a run of it is observable (eviction counts, the tombstone cascade, the tree's node list),
+so the model reproduces them with three rules:
+
+- a match or an insert ends a node where its walk over cached pages ends (the tree splits there),
+  and an insert's new pages are one node;
+- an eviction takes, from its victim page, the deepest pages of that page's node, as many as it
+  still has to free, as one run; a run that is demoted or must be backed up first is split off
+  (the page above it ends a node), a dropped run is cut off (the same);
+- a page is removed only as a leaf; the page above it then ends a node (trimmed, or it did).
 
 A page lives on device (``device`` slots), on host (``host`` slots), or both; never neither.
 
@@ -14,24 +21,41 @@ A failed load marks its pages, and every device page extending them, ``load_fail
 stops before such a page, nothing is loaded under it, and it is demoted (device slots handed back
 through ``take_failed_load_slots``) when its lock count drops to 0, or at once if unlocked.
 
+Mamba component (``mamba=True``): a page may hold the state slot after it (``mamba``; only a page
+that ends a node does: a split leaves the state on the lower node, which keeps the end). A match
+ends at the deepest matched page holding a state (the empty prefix always validates); the Full
+tokens matched beyond it are ``mamba_branching_seqlen``. An insert gives its last page the
+caller's state unless it holds one (``mamba_exist``) or the walk stopped (the caller keeps it). A
+lock also locks the state of its last page (a single-page lock); the unlock releases it first,
+touching that page, then the Full path. ``evict_mamba`` frees the least recently used unlocked
+state. Device eviction frees the states of the pages it demotes or drops. The tombstone cascade,
+run from where an eviction left off, deletes a childless page without a state and goes on with
+its parent, stopping at a page that is locked, host-locked, backup- or load-pending, load-failed
+or (host eviction only) on device; a deleted page's slots count as freed (device tokens as
+dropped, a demoted victim's included).
+
 LRU rule (the one ``RadixTree`` implements with one tick per node): every page touch takes the next
 value of a global tick, and a touched path is touched deepest page first, so ancestors are more
-recent. ``match_prefix``, ``insert`` (up to where it stops) and ``load_back`` touch their page
-path; ``unlock`` touches the pages whose lock count drops to 0; ``host_unlock`` the host-only pages
-whose host lock count drops to 0; demotion (device eviction of a backed-up page, or of a
-load-failed page) touches the demoted page unless it is host-locked. Nothing else touches.
+recent. ``match_prefix`` (up to where it validates), ``insert`` (up to where it stops) and
+``load_back`` touch their page path; ``unlock`` touches the released state's page, then the pages
+whose lock count drops to 0; ``host_unlock`` the host-only pages whose host lock count drops to 0;
+demotion (device eviction of a backed-up page, or of a load-failed page) touches the demoted page
+unless it is host-locked. Nothing else touches.
 
-Eviction, one page at a time:
-- ``evict``: the unlocked device page that no device page extends, with the smallest tick. Backed
-  up: demoted (device slots freed, the page stays host-only). Not backed up: under write_back the
-  call stops and reports it; otherwise it is dropped with every (host-only) page extending it,
-  unless one of them is host-locked, which stops the call.
-- ``evict_host``: the host-only, host-unlocked page that no page extends, smallest tick.
+Eviction, a run at a time:
+- ``evict``: the victim is the unlocked device page that no device page extends, with the smallest
+  tick. Backed up: the run is demoted (device slots freed, the pages stay host-only). Not backed
+  up: under write_back the call stops and reports the victim; otherwise the run is dropped with
+  every (host-only) page extending it, unless one of them is host-locked, which stops the call.
+- ``evict_host``: the victim is the host-only, host-unlocked page that no page extends, smallest
+  tick; the run is removed (the cascade runs only once the victim's whole node is gone).
+- ``evict_mamba``: the unlocked state with the smallest tick.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 PageKey = tuple[str | None, tuple[int, ...]]
 
@@ -46,31 +70,65 @@ class Page:
     lock_count: int = 0
     host_lock_count: int = 0
     hit_count: int = 1
+    backup_pending: bool = False
     load_pending: bool = False
     load_failed: bool = False
+    mamba: int | None = None  # the Mamba state slot after this page (Mamba models)
+    mamba_lock_count: int = 0
+
+
+class MatchOutcome(NamedTuple):
+    """What :meth:`ReferenceTree.match_prefix` found."""
+
+    device_len: int  # validated tokens on device
+    device_slots: list[int]
+    host_len: int  # validated tokens on host only, below the device ones
+    full_len: int  # tokens the Full walk matched (>= device_len + host_len)
+    mamba_branching_seqlen: int  # full_len when more than validated in a Mamba model, else -1
+
+
+class InsertOutcome(NamedTuple):
+    """What :meth:`ReferenceTree.insert` did (see the method)."""
+
+    prefix_len: int
+    adopted_len: int
+    cached_len: int
+    mamba_exist: bool = False
+    mamba_taken: bool = False
+
+
+class LockOutcome(NamedTuple):
+    """What :meth:`ReferenceTree.lock` locked."""
+
+    delta: int  # tokens made protected
+    mamba_locked: bool  # the state of the last page was locked too
 
 
 @dataclass
 class EvictOutcome:
-    """What :meth:`ReferenceTree.evict` did (slots in eviction order)."""
+    """What an eviction did (slots in eviction order)."""
 
     device_freed: list[int] = field(default_factory=list)
     host_freed: list[int] = field(default_factory=list)
     demoted_tokens: int = 0
     dropped_tokens: int = 0
     needs_backup: PageKey | None = None
+    mamba_freed: list[int] = field(default_factory=list)
 
 
 class ReferenceTree:
-    """Page-level model of the device and host tiers of ``RadixTree``.
+    """Page-level model of the device and host tiers (and Mamba states) of ``RadixTree``.
 
     Args:
         page_size: Tokens per page; keys are floored to a multiple of it.
+        mamba: Model the Mamba component.
     """
 
-    def __init__(self, page_size: int = 1) -> None:
+    def __init__(self, page_size: int = 1, mamba: bool = False) -> None:
         self.page_size = page_size
+        self.mamba = mamba
         self.pages: dict[PageKey, Page] = {}
+        self.ends: set[PageKey] = set()
         self.tick = 0
         self.failed_load_slots: list[int] = []
 
@@ -80,6 +138,11 @@ class ReferenceTree:
         """Keys of every full page of ``key``, shallowest first."""
         num_pages = len(key) // self.page_size
         return [(extra_key, tuple(key[: k * self.page_size])) for k in range(1, num_pages + 1)]
+
+    def parent(self, page_key: PageKey) -> PageKey | None:
+        """The page above ``page_key``; None for a first page (its parent is the root)."""
+        extra, tokens = page_key
+        return (extra, tokens[: -self.page_size]) if len(tokens) > self.page_size else None
 
     def _touch(self, page_keys: list[PageKey]) -> None:
         """Give each page a new tick, deepest first, so that ancestors end up more recent."""
@@ -108,72 +171,177 @@ class ReferenceTree:
         extra, tokens = page_key
         return [k for k in self.pages if k[0] == extra and k[1][: len(tokens)] == tokens]
 
+    def node_pages(self, end: PageKey) -> list[PageKey]:
+        """The pages of the node that ``end`` ends, shallowest first."""
+        assert end in self.ends, end
+        pages = [end]
+        above = self.parent(end)
+        while above is not None and above not in self.ends:
+            pages.append(above)
+            above = self.parent(above)
+        return pages[::-1]
+
+    def _split_above(self, page_key: PageKey) -> None:
+        """The page above ``page_key`` ends a node (a split there; nothing for a first page)."""
+        above = self.parent(page_key)
+        if above is not None:
+            self.ends.add(above)
+
+    def _remove(self, page_key: PageKey) -> Page:
+        """Removes a leaf page; the page above it then ends a node."""
+        assert not self._children(page_key), page_key
+        page = self.pages.pop(page_key)
+        self.ends.discard(page_key)
+        self._split_above(page_key)
+        return page
+
+    def _free_state(self, page: Page, out: EvictOutcome) -> None:
+        """Frees the page's state, if any (the page becomes a Mamba tombstone)."""
+        if page.mamba is not None:
+            out.mamba_freed.append(page.mamba)
+            page.mamba = None
+
+    def _cascade(self, page_key: PageKey | None, out: EvictOutcome, device_ok: bool) -> None:
+        """The tombstone cascade (Mamba models), from ``page_key`` up (see the module docstring)."""
+        while self.mamba and page_key is not None:
+            page = self.pages[page_key]
+            if (
+                self._children(page_key)
+                or page.mamba is not None
+                or page.lock_count > 0
+                or page.host_lock_count > 0
+                or page.backup_pending
+                or page.load_pending
+                or page.load_failed
+                or (not device_ok and page.device is not None)
+            ):
+                return
+            self._remove(page_key)
+            if page.device is not None:
+                out.device_freed.extend(page.device)
+                out.dropped_tokens += self.page_size
+            if page.host is not None:
+                out.host_freed.extend(page.host)
+            page_key = self.parent(page_key)
+
+    def device_len(self, prefix: list[int], extra_key: str | None = None) -> int:
+        """Tokens of the cached ``prefix`` on device: its leading (root-anchored) device pages."""
+        num_pages = 0
+        for page_key in self._page_keys(prefix, extra_key):
+            if self.pages[page_key].device is None:
+                break
+            num_pages += 1
+        return num_pages * self.page_size
+
     def page(self, prefix: list[int], extra_key: str | None = None) -> Page:
         """The page ending ``prefix`` (which must be cached)."""
         return self.pages[self._page_keys(prefix, extra_key)[-1]]
 
     # ---- operations -----------------------------------------------------------------------------
 
-    def match_prefix(
-        self, key: list[int], extra_key: str | None = None
-    ) -> tuple[int, list[int], int]:
-        """Returns ``(device tokens, their slots, host-only tokens)`` of the match; touches it."""
+    def match_prefix(self, key: list[int], extra_key: str | None = None) -> MatchOutcome:
+        """Matches ``key``: the walk ends a node; touches the validated prefix."""
         matched = self._matched(key, extra_key)
-        self._touch(matched)
-        slots = [
-            s for k in matched if self.pages[k].device is not None for s in self.pages[k].device
-        ]
-        host_only = sum(self.pages[k].device is None for k in matched) * self.page_size
-        return len(slots), slots, host_only
+        if matched:
+            self.ends.add(matched[-1])
+        valid = matched
+        if self.mamba:
+            with_state = [i + 1 for i, k in enumerate(matched) if self.pages[k].mamba is not None]
+            valid = matched[: max(with_state, default=0)]
+        self._touch(valid)
+        slots = [s for k in valid if self.pages[k].device is not None for s in self.pages[k].device]
+        host_only = sum(self.pages[k].device is None for k in valid) * self.page_size
+        full_len = len(matched) * self.page_size
+        branching = full_len if self.mamba and len(matched) > len(valid) else -1
+        return MatchOutcome(len(slots), slots, host_only, full_len, branching)
 
     def insert(
-        self, key: list[int], value: list[int], extra_key: str | None = None
-    ) -> tuple[int, int, int]:
+        self,
+        key: list[int],
+        value: list[int],
+        extra_key: str | None = None,
+        mamba_value: int | None = None,
+    ) -> InsertOutcome:
         """Caches the pages of ``key``; new and host-only pages take their slots from ``value``.
 
-        Stops at the first load-pending or load-failed page.
+        Stops at the first load-pending or load-failed page. The last page walked ends a node, and
+        so does the last page of the cached pages that existed before.
 
         Returns:
-            ``(prefix_len, adopted_len, cached_len)``: tokens already on device (their slots in
-            ``value`` are unused), tokens of host-only pages that took their slots from ``value``,
-            and tokens of ``key`` cached (all its whole pages, or up to the stop).
+            ``prefix_len``, ``adopted_len``, ``cached_len``: tokens already on device (their slots
+            in ``value`` are unused), tokens of host-only pages that took their slots from
+            ``value``, and tokens of ``key`` cached (all its whole pages, or up to the stop).
+            With a ``mamba_value``: ``mamba_exist`` (the last page holds a state) or
+            ``mamba_taken`` (the last page took it); neither if the walk stopped.
         """
         assert len(key) == len(value)
         prefix_len = adopted_len = 0
         walked = []
+        existed = None  # the last page walked that was cached before
+        stopped = False
         for k, page_key in enumerate(self._page_keys(key, extra_key)):
             slots = list(value[k * self.page_size : (k + 1) * self.page_size])
             page = self.pages.get(page_key)
             if page is not None and (page.load_pending or page.load_failed):
+                stopped = True
                 break
             walked.append(page_key)
             if page is None:
                 self.pages[page_key] = Page(slots, tick=0)
                 continue
+            existed = page_key
             page.hit_count += 1
             if page.device is None:
                 page.device = slots
                 adopted_len += self.page_size
             else:
                 prefix_len += self.page_size
+        if existed is not None:
+            self.ends.add(existed)
+        if walked:
+            self.ends.add(walked[-1])
+        mamba_exist = mamba_taken = False
+        if mamba_value is not None and walked and not stopped:
+            last = self.pages[walked[-1]]
+            if last.mamba is not None:
+                mamba_exist = True
+            else:
+                last.mamba = mamba_value
+                mamba_taken = True
         self._touch(walked)
-        return prefix_len, adopted_len, len(walked) * self.page_size
+        return InsertOutcome(
+            prefix_len, adopted_len, len(walked) * self.page_size, mamba_exist, mamba_taken
+        )
 
-    def lock(self, prefix: list[int], extra_key: str | None = None) -> int:
-        """Locks every page of ``prefix`` (cached, on device); returns tokens made protected."""
+    def lock(self, prefix: list[int], extra_key: str | None = None) -> LockOutcome:
+        """Locks every page of ``prefix`` (cached, on device) and the state of its last page."""
+        page_keys = self._page_keys(prefix, extra_key)
         num_newly_locked = 0
-        for page_key in self._page_keys(prefix, extra_key):
+        for page_key in page_keys:
             page = self.pages[page_key]
             assert page.device is not None, page_key
             num_newly_locked += page.lock_count == 0
             page.lock_count += 1
-        return num_newly_locked * self.page_size
+        mamba_locked = bool(page_keys) and self.pages[page_keys[-1]].mamba is not None
+        if mamba_locked:
+            self.pages[page_keys[-1]].mamba_lock_count += 1
+        return LockOutcome(num_newly_locked * self.page_size, mamba_locked)
 
-    def unlock(self, prefix: list[int], extra_key: str | None = None) -> int:
-        """Undoes :meth:`lock`, deepest page first: a page left unlocked is touched, or demoted if
-        load-failed; returns tokens made evictable."""
+    def unlock(
+        self, prefix: list[int], extra_key: str | None = None, mamba_locked: bool = False
+    ) -> int:
+        """Undoes :meth:`lock`: the state first (touched when released), then the pages, deepest
+        first (a page left unlocked is touched, or demoted if load-failed); returns tokens made
+        evictable."""
+        page_keys = self._page_keys(prefix, extra_key)
+        if mamba_locked:
+            last = self.pages[page_keys[-1]]
+            assert last.mamba_lock_count > 0, page_keys[-1]
+            last.mamba_lock_count -= 1
+            if last.mamba_lock_count == 0:
+                self._touch([page_keys[-1]])
         num_unlocked = 0
-        for page_key in reversed(self._page_keys(prefix, extra_key)):
+        for page_key in reversed(page_keys):
             page = self.pages[page_key]
             assert page.lock_count > 0, page_key
             page.lock_count -= 1
@@ -182,14 +350,13 @@ class ReferenceTree:
             if page.load_failed:
                 self._demote_failed(page_key)
                 continue
-            self.tick += 1
-            page.tick = self.tick
+            self._touch([page_key])
             num_unlocked += 1
         return num_unlocked * self.page_size
 
     def _demote_failed(self, page_key: PageKey) -> None:
         page = self.pages[page_key]
-        assert page.device is not None and page.host is not None
+        assert page.device is not None and page.host is not None and page.mamba is None
         assert not any(self.pages[c].device is not None for c in self._children(page_key))
         self.failed_load_slots.extend(page.device)
         page.device = None
@@ -236,21 +403,30 @@ class ReferenceTree:
         ]
 
     def commit_backup(self, page_keys: list[PageKey], host: list[int]) -> None:
-        """Gives ``page_keys`` (root-first) the host slots ``host``, a page at a time."""
+        """Gives ``page_keys`` (root-first) the host slots ``host``, a page at a time; they are
+        backup-pending until :meth:`finish_backup` or :meth:`abort_backup`."""
         assert len(host) == len(page_keys) * self.page_size
         for i, page_key in enumerate(page_keys):
             page = self.pages[page_key]
             assert page.device is not None and page.host is None
             page.host = list(host[i * self.page_size : (i + 1) * self.page_size])
+            page.backup_pending = True
+
+    def finish_backup(self, page_keys: list[PageKey]) -> None:
+        """A finished backup: ``page_keys`` are no longer backup-pending."""
+        for page_key in page_keys:
+            assert self.pages[page_key].backup_pending
+            self.pages[page_key].backup_pending = False
 
     def abort_backup(self, page_keys: list[PageKey]) -> list[int]:
         """A failed backup: ``page_keys`` lose their host slots, which are returned."""
         freed: list[int] = []
         for page_key in page_keys:
             page = self.pages[page_key]
-            assert page.device is not None and page.host is not None
+            assert page.device is not None and page.host is not None and page.backup_pending
             freed.extend(page.host)
             page.host = None
+            page.backup_pending = False
         return freed
 
     def finish_load_back(self, page_keys: list[PageKey]) -> None:
@@ -304,11 +480,10 @@ class ReferenceTree:
     def evict(self, num_tokens: int, write_back: bool = False) -> EvictOutcome:
         """Evicts ``ceil(num_tokens / page_size)`` device pages (see the module docstring)."""
         out = EvictOutcome()
-        for _ in range(-(-num_tokens // self.page_size)):
+        pages_left = -(-num_tokens // self.page_size)
+        while pages_left > 0:
             device_parents = {
-                (extra, tokens[: -self.page_size])
-                for (extra, tokens), page in self.pages.items()
-                if page.device is not None
+                self.parent(k) for k, page in self.pages.items() if page.device is not None
             }
             leaves = [
                 k
@@ -318,34 +493,55 @@ class ReferenceTree:
             if not leaves:
                 break
             victim = min(leaves, key=lambda k: self.pages[k].tick)
+            run = self.node_pages(victim)[-pages_left:]
             page = self.pages[victim]
+            demoted = False
             if page.host is not None:
-                out.device_freed.extend(page.device)
-                page.device = None
-                out.demoted_tokens += self.page_size
+                self._split_above(run[0])
+                for k in run:
+                    out.device_freed.extend(self.pages[k].device)
+                    self.pages[k].device = None
+                self._free_state(page, out)
                 if page.host_lock_count == 0:
-                    self._touch([victim])
-                continue
-            if write_back:
+                    self._touch(run)
+                out.demoted_tokens += len(run) * self.page_size
+                demoted = True
+                cascade_from: PageKey | None = victim
+            elif write_back:
+                self._split_above(run[0])
                 out.needs_backup = victim
                 break
-            subtree = self._subtree(victim)
-            if any(self.pages[k].host_lock_count > 0 for k in subtree):
-                break
-            out.device_freed.extend(page.device)
-            out.dropped_tokens += self.page_size
-            for k in subtree:
-                dropped = self.pages.pop(k)
-                if k != victim:
-                    assert dropped.device is None
-                    out.host_freed.extend(dropped.host)
+            else:
+                doomed = self._subtree(run[0])
+                if any(self.pages[k].host_lock_count > 0 for k in doomed):
+                    if self._children(victim):  # split off before its subtree is checked
+                        self._split_above(run[0])
+                    break
+                self._free_state(page, out)
+                for k in sorted(doomed, key=lambda k: -len(k[1])):  # leaves first
+                    dropped = self._remove(k)
+                    if k in run:
+                        out.device_freed.extend(dropped.device)
+                    else:
+                        assert dropped.device is None
+                    out.host_freed.extend(dropped.host or [])
+                out.dropped_tokens += len(run) * self.page_size
+                cascade_from = self.parent(run[0])
+            pages_left -= len(run)
+            freed_before = len(out.device_freed)
+            self._cascade(cascade_from, out, device_ok=True)
+            pages_left -= (len(out.device_freed) - freed_before) // self.page_size
+            if demoted and victim not in self.pages:  # the cascade took its host copy too
+                out.demoted_tokens -= len(run) * self.page_size
+                out.dropped_tokens += len(run) * self.page_size
         return out
 
     def evict_host(self, num_tokens: int) -> list[int]:
         """Evicts ``ceil(num_tokens / page_size)`` host-only pages; returns their host slots."""
         freed: list[int] = []
-        for _ in range(-(-num_tokens // self.page_size)):
-            parents = {(extra, tokens[: -self.page_size]) for extra, tokens in self.pages}
+        pages_left = -(-num_tokens // self.page_size)
+        while pages_left > 0:
+            parents = {self.parent(k) for k in self.pages}
             leaves = [
                 k
                 for k, page in self.pages.items()
@@ -354,14 +550,39 @@ class ReferenceTree:
             if not leaves:
                 break
             victim = min(leaves, key=lambda k: self.pages[k].tick)
-            freed.extend(self.pages.pop(victim).host)
+            node = self.node_pages(victim)
+            run = node[-pages_left:]
+            for k in reversed(run):
+                freed.extend(self._remove(k).host)
+            pages_left -= len(run)
+            if len(run) == len(node):  # the whole node is gone (not trimmed): cascade
+                cascade = EvictOutcome()
+                self._cascade(self.parent(run[0]), cascade, device_ok=False)
+                freed.extend(cascade.host_freed)
+                pages_left -= len(cascade.host_freed) // self.page_size
         return freed
+
+    def evict_mamba(self, num_states: int) -> EvictOutcome:
+        """Frees up to ``num_states`` unlocked states, least recently used first; each freed
+        state's page then starts the tombstone cascade."""
+        out = EvictOutcome()
+        for _ in range(num_states):
+            held = [
+                k for k, p in self.pages.items() if p.mamba is not None and p.mamba_lock_count == 0
+            ]
+            if not held:
+                break
+            victim = min(held, key=lambda k: self.pages[k].tick)
+            self._free_state(self.pages[victim], out)
+            self._cascade(victim, out, device_ok=True)
+        return out
 
     def reset(self) -> list[int]:
         """Drops every page; returns all their device slots (and failed-load slots not taken)."""
         assert all(p.lock_count == 0 and p.host_lock_count == 0 for p in self.pages.values())
         slots = self.all_slots() + self.take_failed_load_slots()
         self.pages.clear()
+        self.ends.clear()
         return slots
 
     # ---- observation ----------------------------------------------------------------------------
@@ -371,6 +592,9 @@ class ReferenceTree:
 
     def all_host_slots(self) -> list[int]:
         return [s for page in self.pages.values() if page.host is not None for s in page.host]
+
+    def all_mamba_slots(self) -> list[int]:
+        return [page.mamba for page in self.pages.values() if page.mamba is not None]
 
     def total_size(self) -> int:
         return sum(page.device is not None for page in self.pages.values()) * self.page_size
@@ -395,3 +619,9 @@ class ReferenceTree:
             sum(page.device is None and page.host_lock_count == 0 for page in self.pages.values())
             * self.page_size
         )
+
+    def mamba_evictable_size(self) -> int:
+        return sum(p.mamba is not None and p.mamba_lock_count == 0 for p in self.pages.values())
+
+    def mamba_protected_size(self) -> int:
+        return sum(p.mamba is not None and p.mamba_lock_count > 0 for p in self.pages.values())

@@ -7,9 +7,13 @@ other operations run, inserts over them and loads chained under them included) a
 (finished or failed, oldest first as the controller delivers them, a failed one possibly locked by
 requests) and resets, in any interleaving, and after every step checks the tree's own invariants
 and that every size and every held device and host slot agree with the model, including the
-slots of failed loads handed back when their last lock goes. Keys are built from a few page-sized
-blocks out of a small pool so that prefixes are shared, nodes split and branches compete in
-eviction.
+slots of failed loads handed back when their last lock goes, and that the tree's nodes are the
+model's: the same paths (so splits happen where the model says), each with the model's tiers,
+locks, hits and in-flight marks. Node ids in results (match anchors, insert's last node, lock
+receipts, backup plans, write-back requests) are checked to name the node at the model's path.
+Keys are built from a few page-sized blocks out of a small pool so that prefixes are shared,
+nodes split and branches compete in eviction. The machine also runs Mamba trees
+(``test_differential_mamba``): then the model predicts the states too.
 
 Profiles: ``ci`` (default) and ``long``; pick one with ``HYPOTHESIS_PROFILE=long``.
 """
@@ -17,6 +21,7 @@ Profiles: ``ci`` (default) and ``long``; pick one with ``HYPOTHESIS_PROFILE=long
 from __future__ import annotations
 
 import os
+from collections import Counter
 
 import pytest
 import torch
@@ -25,7 +30,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from hicache._tree import RadixTree
-from tests.reference.model import ReferenceTree
+from hicache.results import LockReceipt, NodeInfo
+from tests.reference.model import PageKey, ReferenceTree
 
 settings.register_profile(
     "ci",
@@ -57,23 +63,26 @@ class TreeVsModel(RuleBasedStateMachine):
 
     page_size = 1
     extra_keys: tuple[str | None, ...] = (None,)
+    mamba = False
 
     def __init__(self) -> None:
         super().__init__()
-        self.tree = RadixTree(page_size=self.page_size)
-        self.model = ReferenceTree(page_size=self.page_size)
+        self.tree = RadixTree(page_size=self.page_size, mamba=self.mamba)
+        self.model = ReferenceTree(page_size=self.page_size, mamba=self.mamba)
         self.block_pool = make_block_pool(self.page_size)
-        # Fresh slots come from these counters, a whole page at a time (never reused, so a slot
-        # owned twice would show).
+        # Fresh slots come from these counters, a whole page (or one state) at a time (never
+        # reused, so a slot owned twice would show).
         self.next_page = 0
         self.next_host_page = 0
-        # Held locks: (receipt node id, extra_key, locked key prefix) — device and host.
-        self.locks: list[tuple[int, str | None, list[int]]] = []
+        self.next_state = 0
+        # Held locks: (receipt, extra_key, locked key prefix) for device locks (the receipt goes
+        # back to dec_lock_ref), (node id, extra_key, host-locked key prefix) for host locks.
+        self.locks: list[tuple[LockReceipt, str | None, list[int]]] = []
         self.host_locks: list[tuple[int, str | None, list[int]]] = []
         # In-flight transfers, as the cache holds them: (ack id, extra_key, model pages, locked
-        # prefix); a load also holds a host lock on the same prefix.
-        self.backups: list[tuple[int, str | None, list, list[int]]] = []
-        self.loads: list[tuple[int, str | None, list, list[int]]] = []
+        # prefix, lock receipt); a load also holds a host lock on the same prefix.
+        self.backups: list[tuple[int, str | None, list, list[int], LockReceipt]] = []
+        self.loads: list[tuple[int, str | None, list, list[int], LockReceipt]] = []
 
     def _key(self, blocks: list[int], tail_len: int) -> list[int]:
         key = [token for b in blocks for token in self.block_pool[b]]
@@ -89,80 +98,128 @@ class TreeVsModel(RuleBasedStateMachine):
             self.next_page += num_pages
         return list(range(start, start + num_tokens))
 
+    def _nodes(self) -> dict[PageKey, NodeInfo]:
+        """The tree's nodes by path: ``(extra_key, tokens from the root to the node's end)``,
+        the model's key of the page ending the node."""
+        paths: dict[int, tuple[int, ...]] = {self.tree.root_id: ()}
+        nodes = {}
+        for node_id in self.tree.node_ids():  # parents first
+            info = self.tree.node_info(node_id)
+            paths[node_id] = paths[info.parent_id] + tuple(self.tree.node_key(node_id))
+            nodes[(info.extra_key, paths[node_id])] = info
+        return nodes
+
+    def _node_at(self, extra_key: str | None, prefix: list[int]) -> int:
+        """The id of the tree's node ending ``prefix`` (the root for an empty one)."""
+        if not prefix:
+            return self.tree.root_id
+        return self._nodes()[(extra_key, tuple(prefix))].node_id
+
+    def _device_part(self, prefix: list[int], extra_key: str | None) -> list[int]:
+        """The leading part of a cached ``prefix`` that is on device (a root-anchored run)."""
+        return prefix[: self.model.device_len(prefix, extra_key)]
+
     def _match(self, blocks: list[int], tail_len: int, extra_index: int):
-        """Matches in both; returns (result, extra_key, device prefix, whole matched prefix)."""
+        """Matches in both; returns (result, extra_key, device prefix, validated prefix, prefix
+        the Full walk matched)."""
         extra_key = self.extra_keys[extra_index % len(self.extra_keys)]
         key = self._key(blocks, tail_len)
         result = self.tree.match_prefix(key, extra_key)
-        model_len, model_slots, model_host_len = self.model.match_prefix(key, extra_key)
+        out = self.model.match_prefix(key, extra_key)
         assert result.device_indices.dtype == torch.int64
-        assert result.device_indices.tolist() == model_slots
-        assert result.device_prefix_len == model_len
-        assert result.host_hit_length == model_host_len
+        assert result.device_indices.tolist() == out.device_slots
+        assert result.device_prefix_len == out.device_len
+        assert result.host_hit_length == out.host_len
+        assert result.mamba_branching_seqlen == out.mamba_branching_seqlen
         assert result.last_host_node == result.best_match_node
-        if model_len == 0:
-            assert result.last_device_node == self.tree.root_id
-        else:
-            info = self.tree.node_info(result.last_device_node)
-            assert info.has_device_value
-            assert info.extra_key == extra_key
-        if model_host_len == 0:
-            assert result.best_match_node == result.last_device_node
-        else:
-            info = self.tree.node_info(result.best_match_node)
-            assert not info.has_device_value and info.has_host_value
-        return result, extra_key, key[:model_len], key[: model_len + model_host_len]
+        prefix, validated = key[: out.device_len], key[: out.device_len + out.host_len]
+        assert result.last_device_node == self._node_at(extra_key, prefix)
+        assert result.best_match_node == self._node_at(extra_key, validated)
+        if not self.mamba:
+            assert out.full_len == len(validated)  # every matched node validates
+        return result, extra_key, prefix, validated, key[: out.full_len]
 
     blocks_st = st.lists(st.integers(0, NUM_BLOCKS_IN_POOL - 1), min_size=1, max_size=MAX_BLOCKS)
     tail_st = st.integers(0, 63)
     extra_st = st.integers(0, 2)
 
+    def _insert(self, blocks: list[int], tail_len: int, extra_index: int, with_state: bool) -> None:
+        extra_key = self.extra_keys[extra_index % len(self.extra_keys)]
+        self._insert_key(self._key(blocks, tail_len), extra_key, with_state)
+
+    def _insert_key(self, key: list[int], extra_key: str | None, with_state: bool) -> None:
+        """Inserts ``key`` with fresh slots (and a fresh state) in both; compares the results."""
+        value = self._fresh(len(key))
+        state = None
+        if with_state:
+            state, self.next_state = self.next_state, self.next_state + 1
+        result = self.tree.insert(
+            key,
+            torch.tensor(value, dtype=torch.int64),
+            extra_key,
+            mamba_value=-1 if state is None else state,
+        )
+        out = self.model.insert(key, value, extra_key, mamba_value=state)
+        assert (result.prefix_len, result.adopted_len, result.cached_len) == out[:3]
+        assert (result.mamba_exist, result.mamba_taken) == (out.mamba_exist, out.mamba_taken)
+        assert result.last_node == self._node_at(extra_key, key[: result.cached_len])
+
     @rule(blocks=blocks_st, tail_len=tail_st, extra_index=extra_st)
     def insert(self, blocks: list[int], tail_len: int, extra_index: int) -> None:
-        extra_key = self.extra_keys[extra_index % len(self.extra_keys)]
-        key = self._key(blocks, tail_len)
-        value = self._fresh(len(key))
-        result = self.tree.insert(key, torch.tensor(value, dtype=torch.int64), extra_key)
-        expected = self.model.insert(key, value, extra_key)
-        assert (result.prefix_len, result.adopted_len, result.cached_len) == expected
-        if result.cached_len >= self.page_size:  # 0 when it stopped above an in-flight load
-            assert self.tree.node_info(result.last_node).extra_key == extra_key
+        self._insert(blocks, tail_len, extra_index, with_state=False)
 
     @rule(blocks=blocks_st, tail_len=tail_st, extra_index=extra_st)
     def match(self, blocks: list[int], tail_len: int, extra_index: int) -> None:
         self._match(blocks, tail_len, extra_index)
 
-    @rule(blocks=blocks_st, tail_len=tail_st, extra_index=extra_st)
-    def match_and_lock(self, blocks: list[int], tail_len: int, extra_index: int) -> None:
-        result, extra_key, prefix, _ = self._match(blocks, tail_len, extra_index)
-        # Locking the anchor skips its evicted bottom: the receipt names the last device node.
-        receipt = self.tree.inc_lock_ref(result.best_match_node)
-        assert receipt.node_id == result.last_device_node
-        assert receipt.delta == self.model.lock(prefix, extra_key)
-        if prefix:
-            self.locks.append((receipt.node_id, extra_key, prefix))
+    def _lock(self, node_id: int, extra_key: str | None, prefix: list[int]) -> LockReceipt:
+        """Locks node ``node_id``, which ends ``prefix``, in both; the receipt names the node
+        ending the device part of ``prefix`` (locking skips the evicted bottom)."""
+        receipt = self.tree.inc_lock_ref(node_id)
+        device_prefix = self._device_part(prefix, extra_key)
+        assert receipt.node_id == self._node_at(extra_key, device_prefix)
+        out = self.model.lock(device_prefix, extra_key)
+        assert receipt.delta == out.delta
+        assert receipt.mamba_node_id == (receipt.node_id if out.mamba_locked else -1)
+        return receipt
+
+    @rule(blocks=blocks_st, tail_len=tail_st, extra_index=extra_st, deep=st.booleans())
+    def match_and_lock(
+        self, blocks: list[int], tail_len: int, extra_index: int, deep: bool
+    ) -> None:
+        # The cache locks the match's anchor; deep: the end of the Full walk (a request's
+        # last_node may be a Mamba tombstone, which locks no state).
+        result, extra_key, _, validated, full = self._match(blocks, tail_len, extra_index)
+        prefix = full if deep else validated
+        receipt = self._lock(self._node_at(extra_key, prefix), extra_key, prefix)
+        if receipt.node_id != self.tree.root_id:
+            self.locks.append((receipt, extra_key, self._device_part(prefix, extra_key)))
 
     @precondition(lambda self: self.locks)
     @rule(index=st.integers(0, 1 << 16))
     def unlock(self, index: int) -> None:
-        node_id, extra_key, prefix = self.locks.pop(index % len(self.locks))
-        self._unlock(node_id, extra_key, prefix)
+        receipt, extra_key, prefix = self.locks.pop(index % len(self.locks))
+        self._unlock(receipt, extra_key, prefix)
 
-    def _unlock(self, node_id: int, extra_key: str | None, prefix: list[int]) -> None:
+    def _unlock(self, receipt: LockReceipt, extra_key: str | None, prefix: list[int]) -> None:
         """Releases a lock in both; load-failed nodes it frees are demoted, their slots handed
         back."""
-        assert self.tree.dec_lock_ref(node_id) == self.model.unlock(prefix, extra_key)
+        delta = self.tree.dec_lock_ref(receipt.node_id, receipt.mamba_node_id)
+        assert delta == self.model.unlock(prefix, extra_key, receipt.mamba_node_id != -1)
         freed = self.tree.take_failed_load_slots().tolist()
         assert sorted(freed) == sorted(self.model.take_failed_load_slots())
 
-    @rule(blocks=blocks_st, tail_len=tail_st, extra_index=extra_st)
-    def match_and_host_lock(self, blocks: list[int], tail_len: int, extra_index: int) -> None:
-        result, extra_key, _, matched = self._match(blocks, tail_len, extra_index)
-        if not matched:
+    @rule(blocks=blocks_st, tail_len=tail_st, extra_index=extra_st, deep=st.booleans())
+    def match_and_host_lock(
+        self, blocks: list[int], tail_len: int, extra_index: int, deep: bool
+    ) -> None:
+        result, extra_key, _, validated, full = self._match(blocks, tail_len, extra_index)
+        prefix = full if deep else validated
+        if not prefix:
             return
-        delta = self.tree.inc_host_lock_ref(result.best_match_node)
-        assert delta == self.model.host_lock(matched, extra_key)
-        self.host_locks.append((result.best_match_node, extra_key, matched))
+        node_id = self._node_at(extra_key, prefix)
+        assert self.tree.inc_host_lock_ref(node_id) == self.model.host_lock(prefix, extra_key)
+        self.host_locks.append((node_id, extra_key, prefix))
 
     @precondition(lambda self: self.host_locks)
     @rule(index=st.integers(0, 1 << 16))
@@ -175,12 +232,15 @@ class TreeVsModel(RuleBasedStateMachine):
         tail_len=tail_st,
         extra_index=extra_st,
         min_hit_count=st.integers(1, 3),
+        deep=st.booleans(),
     )
     def write_through(
-        self, blocks: list[int], tail_len: int, extra_index: int, min_hit_count: int
+        self, blocks: list[int], tail_len: int, extra_index: int, min_hit_count: int, deep: bool
     ) -> None:
-        result, extra_key, prefix, _ = self._match(blocks, tail_len, extra_index)
-        plan = self.tree.backup_plan(result.last_device_node, min_hit_count)
+        result, extra_key, prefix, _, full = self._match(blocks, tail_len, extra_index)
+        if deep:  # the device part of the Full walk (Mamba trees: tombstones below the match)
+            prefix = self._device_part(full, extra_key)
+        plan = self.tree.backup_plan(self._node_at(extra_key, prefix), min_hit_count)
         model_plan = self.model.backup_plan(prefix, min_hit_count, extra_key)
         expected = [s for k in model_plan for s in self.model.pages[k].device]
         assert plan.indices.tolist() == expected
@@ -189,40 +249,46 @@ class TreeVsModel(RuleBasedStateMachine):
         start = 0
         for node_id, length in zip(plan.node_ids, plan.lengths, strict=True):
             pages = model_plan[start // self.page_size : (start + length) // self.page_size]
+            node_prefix = list(pages[-1][1])
+            assert node_id == self._node_at(extra_key, node_prefix)
             self.tree.commit_backup(node_id, torch.tensor(host[start : start + length]))
             self.model.commit_backup(pages, host[start : start + length])
             start += length
             # The cache locks the node until the copy's ack (a path lock up to the root).
-            node_prefix = list(pages[-1][1])
-            assert self.tree.inc_lock_ref(node_id).delta == self.model.lock(node_prefix, extra_key)
-            self.backups.append((node_id, extra_key, pages, node_prefix))
+            receipt = self._lock(node_id, extra_key, node_prefix)
+            self.backups.append((node_id, extra_key, pages, node_prefix, receipt))
 
     @precondition(lambda self: self.backups)
     @rule(index=st.integers(0, 1 << 16), fail=st.booleans())
     def backup_ack(self, index: int, fail: bool) -> None:
-        node_id, extra_key, pages, prefix = self.backups.pop(index % len(self.backups))
+        node_id, extra_key, pages, prefix, receipt = self.backups.pop(index % len(self.backups))
         assert self.tree.node_info(node_id).backup_pending
         if fail:
             freed = self.tree.abort_backup(node_id)
             assert sorted(freed.tolist()) == sorted(self.model.abort_backup(pages))
         else:
             self.tree.finish_backup(node_id)
-        self._unlock(node_id, extra_key, prefix)
+            self.model.finish_backup(pages)
+        self._unlock(receipt, extra_key, prefix)
 
     @rule(blocks=blocks_st, tail_len=tail_st, extra_index=extra_st, request_lock=st.booleans())
     def load_back(
         self, blocks: list[int], tail_len: int, extra_index: int, request_lock: bool
     ) -> None:
-        result, extra_key, _, matched = self._match(blocks, tail_len, extra_index)
-        anchor = result.best_match_node
+        # The anchor is the end of the Full walk: best_match_node, except in a Mamba tree, where
+        # host-only nodes never validate (no host states), so the cache never loads; the tree
+        # loads them all the same, which puts load-pending and load-failed nodes in the way of
+        # the tombstone cascade.
+        result, extra_key, _, _, matched = self._match(blocks, tail_len, extra_index)
         if not matched:
             return
+        anchor = self._node_at(extra_key, matched)
         # As the cache does it: host-lock the anchor from plan to commit.
         assert self.tree.inc_host_lock_ref(anchor) == self.model.host_lock(matched, extra_key)
         plan = self.tree.load_back_plan(anchor)
         model_plan = self.model.load_back_plan(matched, extra_key)
         assert plan.indices.tolist() == [s for k in model_plan for s in self.model.pages[k].host]
-        assert plan.num_tokens == result.host_hit_length
+        assert plan.num_tokens == len(model_plan) * self.page_size
         device = self._fresh(plan.num_tokens)
         self.tree.commit_load_back(anchor, torch.tensor(device, dtype=torch.int64))
         self.model.commit_load_back(matched, device, extra_key)
@@ -231,13 +297,11 @@ class TreeVsModel(RuleBasedStateMachine):
             assert self.tree.dec_host_lock_ref(anchor) == self.model.host_unlock(matched, extra_key)
             return
         # In flight until its ack: the anchor stays locked and host-locked.
-        receipt = self.tree.inc_lock_ref(anchor)
+        receipt = self._lock(anchor, extra_key, matched)
         assert receipt.node_id == anchor
-        assert receipt.delta == self.model.lock(matched, extra_key)
-        self.loads.append((anchor, extra_key, model_plan, matched))
+        self.loads.append((anchor, extra_key, model_plan, matched, receipt))
         if request_lock:  # the request that asked for the load uses it (and outlives its ack)
-            assert self.tree.inc_lock_ref(anchor).delta == self.model.lock(matched, extra_key)
-            self.locks.append((anchor, extra_key, matched))
+            self.locks.append((self._lock(anchor, extra_key, matched), extra_key, matched))
 
     @precondition(lambda self: self.loads)
     @rule(fail=st.booleans())
@@ -245,7 +309,7 @@ class TreeVsModel(RuleBasedStateMachine):
         # Oldest first, as the controller acknowledges loads; the outcome is recorded while the
         # load's lock is held, then the lock is released (demoting a failed load's nodes unless
         # requests still lock them: then their unlock does).
-        anchor, extra_key, pages, prefix = self.loads.pop(0)
+        anchor, extra_key, pages, prefix, receipt = self.loads.pop(0)
         assert self.tree.node_info(anchor).load_pending
         if fail:
             assert self.tree.abort_load_back(anchor) == self.model.abort_load_back(pages)
@@ -254,31 +318,35 @@ class TreeVsModel(RuleBasedStateMachine):
             self.tree.finish_load_back(anchor)
             self.model.finish_load_back(pages)
         assert not self.tree.node_info(anchor).load_pending
-        self._unlock(anchor, extra_key, prefix)
+        self._unlock(receipt, extra_key, prefix)
         assert self.tree.dec_host_lock_ref(anchor) == self.model.host_unlock(prefix, extra_key)
+
+    def _check_evicted(self, result, out) -> None:
+        assert result.device_indices.dtype == torch.int64
+        assert sorted(result.device_indices.tolist()) == sorted(out.device_freed)
+        assert sorted(result.host_indices.tolist()) == sorted(out.host_freed)
+        assert result.mamba_indices.tolist() == out.mamba_freed  # victims in LRU order
+        assert result.demoted_tokens == out.demoted_tokens
+        assert result.dropped_tokens == out.dropped_tokens
 
     @rule(num_pages=st.integers(0, 8), extra_tokens=st.integers(0, 63), write_back=st.booleans())
     def evict(self, num_pages: int, extra_tokens: int, write_back: bool) -> None:
         num_tokens = num_pages * self.page_size + extra_tokens % self.page_size
         result = self.tree.evict(num_tokens, write_back=write_back)
         out = self.model.evict(num_tokens, write_back=write_back)
-        assert result.device_indices.dtype == torch.int64
-        assert sorted(result.device_indices.tolist()) == sorted(out.device_freed)
-        assert sorted(result.host_indices.tolist()) == sorted(out.host_freed)
-        assert result.demoted_tokens == out.demoted_tokens
-        assert result.dropped_tokens == out.dropped_tokens
-        assert (result.needs_backup != -1) == (out.needs_backup is not None)
+        self._check_evicted(result, out)
         if out.needs_backup is None:
+            assert result.needs_backup == -1
             return
-        # Back the reported node up (a write-back): its pages end at the model's victim page.
-        num_tokens = self.tree.node_info(result.needs_backup).num_tokens
+        # Back the reported node up (a write-back): the model's victim's node, split off.
         extra_key, tokens = out.needs_backup
-        pages = self.model.backup_plan(list(tokens), 1, extra_key)[-num_tokens // self.page_size :]
-        assert pages[-1] == out.needs_backup and len(pages) * self.page_size == num_tokens
-        host = self._fresh(num_tokens, host=True)
+        assert result.needs_backup == self._node_at(extra_key, list(tokens))
+        pages = self.model.node_pages(out.needs_backup)
+        host = self._fresh(len(pages) * self.page_size, host=True)
         self.tree.commit_backup(result.needs_backup, torch.tensor(host))
         self.model.commit_backup(pages, host)
         self.tree.finish_backup(result.needs_backup)  # write_back backs up synchronously
+        self.model.finish_backup(pages)
 
     @rule()
     def write_back_everything(self) -> None:
@@ -300,6 +368,9 @@ class TreeVsModel(RuleBasedStateMachine):
     @rule()
     def reset(self) -> None:
         assert sorted(self.tree.all_host_indices().tolist()) == sorted(self.model.all_host_slots())
+        assert sorted(self.tree.all_mamba_indices().tolist()) == sorted(
+            self.model.all_mamba_slots()
+        )
         assert sorted(self.tree.reset().tolist()) == sorted(self.model.reset())
         assert self.tree.num_nodes() == 0  # the root is not counted
         assert self.tree.host_total_size() == 0
@@ -313,6 +384,8 @@ class TreeVsModel(RuleBasedStateMachine):
         assert self.tree.host_total_size() == self.model.host_total_size()
         assert self.tree.host_evictable_size() == self.model.host_evictable_size()
         assert self.tree.load_failed_size() == self.model.load_failed_size()
+        assert self.tree.mamba_evictable_size() == self.model.mamba_evictable_size()
+        assert self.tree.mamba_protected_size() == self.model.mamba_protected_size()
         assert self.model.failed_load_slots == []  # every step takes what it demoted
         assert self.tree.take_failed_load_slots().numel() == 0
         slots = self.tree.all_device_indices().tolist()
@@ -320,13 +393,46 @@ class TreeVsModel(RuleBasedStateMachine):
         assert sorted(slots) == sorted(self.model.all_slots())
         host_slots = self.tree.all_host_indices().tolist()
         assert sorted(host_slots) == sorted(self.model.all_host_slots())
-        for node_id, extra_key, prefix in self.locks:
-            assert self.tree.contains_node(node_id)
-            assert self.tree.node_info(node_id).lock_ref == self.model.lock_count(prefix, extra_key)
-        for node_id, extra_key, prefix in self.host_locks:
-            assert self.tree.contains_node(node_id)
-            info = self.tree.node_info(node_id)
-            assert info.host_ref_counter == self.model.page(prefix, extra_key).host_lock_count
+        mamba_slots = self.tree.all_mamba_indices().tolist()
+        assert sorted(mamba_slots) == sorted(self.model.all_mamba_slots())
+        self._same_nodes()
+
+    def _same_nodes(self) -> None:
+        """The tree's nodes are the model's: one per page in ``ends``, with that node's pages,
+        children, tiers, locks, hits, in-flight marks and state."""
+        nodes = self._nodes()
+        assert set(nodes) == self.model.ends
+        num_children = Counter(self.model.parent(k) for k in self.model.pages)
+        for end, info in nodes.items():
+            pages = self.model.node_pages(end)
+            assert info.num_tokens == len(pages) * self.page_size, end
+            assert info.num_children == num_children[end], end
+            for page_key in pages:
+                page = self.model.pages[page_key]
+                assert (
+                    page.device is not None,
+                    page.host is not None,
+                    page.lock_count,
+                    page.host_lock_count,
+                    page.hit_count,
+                    page.backup_pending,
+                    page.load_pending,
+                    page.load_failed,
+                ) == (
+                    info.has_device_value,
+                    info.has_host_value,
+                    info.lock_ref,
+                    info.host_ref_counter,
+                    info.hit_count,
+                    info.backup_pending,
+                    info.load_pending,
+                    info.load_failed,
+                ), page_key
+                state = page.mamba if page.mamba is not None else -1
+                if page_key == end:
+                    assert (state, page.mamba_lock_count) == (info.mamba_value, info.mamba_lock_ref)
+                else:  # a state sits at a node's end
+                    assert (state, page.mamba_lock_count) == (-1, 0), page_key
 
 
 def make_machine(page_size: int, with_extra_keys: bool) -> type[TreeVsModel]:

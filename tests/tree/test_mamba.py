@@ -290,3 +290,27 @@ def test_host_state_arguments_are_checked():
     with pytest.raises(IndexOutOfRangeError, match="host_state 8 is out of range"):
         bounded.commit_backup(other, torch.arange(4), host_state=8)
     bounded.check_invariants()
+
+def test_a_demoted_leaf_deleted_by_the_cascade_counts_as_dropped_not_demoted():
+    # A backed-up leaf loses its state when demoted: a childless host-only tombstone, which the
+    # cascade deletes with its host copy. Its tokens did not stay in the tree as host-only, so
+    # they are dropped (KV gone), not demoted (the metrics' "L1 evictions that kept a host copy").
+    tree = mamba_tree(page_size=2)
+    leaf = insert(tree, [1, 1, 2, 2], state=1, first_slot=0).last_node
+    tree.commit_backup(leaf, torch.arange(10, 14))
+    tree.finish_backup(leaf)
+    r = tree.evict(2, write_back=False)  # one page asked: the leaf is split, its tail demoted
+    assert slots(r.mamba_indices) == [1]
+    assert sorted(slots(r.host_indices)) == [10, 11, 12, 13] and tree.num_nodes() == 0
+    assert (r.demoted_tokens, r.dropped_tokens) == (0, 4)
+    tree.check_invariants()
+    # A demoted leaf the cascade cannot delete (host-locked) stays host-only: demoted.
+    leaf = insert(tree, [3, 3, 4, 4], state=2, first_slot=20).last_node
+    tree.commit_backup(leaf, torch.arange(30, 34))
+    tree.finish_backup(leaf)
+    tree.inc_host_lock_ref(leaf)
+    r = tree.evict(4, write_back=False)
+    assert (r.demoted_tokens, r.dropped_tokens) == (4, 0) and len(r.host_indices) == 0
+    assert tree.node_info(leaf).has_host_value and not tree.node_info(leaf).has_device_value
+    tree.dec_host_lock_ref(leaf)
+    tree.check_invariants()

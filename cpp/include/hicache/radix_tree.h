@@ -103,7 +103,9 @@ struct EvictResult {
   std::vector<SlotIndex> device_freed;
   std::vector<SlotIndex> host_freed;  // host slots of host-only nodes dropped with an unbacked leaf
   int64_t demoted_tokens = 0;         // backuped tokens that stayed in the tree as host-only
-  int64_t dropped_tokens = 0;         // unbacked device tokens removed from the tree
+  // Device tokens removed from the tree: unbacked ones, and (Mamba trees) those of the tombstone
+  // cascade, which takes any host copy too (a demoted victim it deletes counts here).
+  int64_t dropped_tokens = 0;
   // write_back only: the LRU device leaf is not backed up; back it up (commit_backup), then evict
   // again. Already trimmed to the pages this call still had to free. kNoNode otherwise.
   NodeId needs_backup = kNoNode;
