@@ -291,6 +291,7 @@ def test_host_state_arguments_are_checked():
         bounded.commit_backup(other, torch.arange(4), host_state=8)
     bounded.check_invariants()
 
+
 def test_a_demoted_leaf_deleted_by_the_cascade_counts_as_dropped_not_demoted():
     # A backed-up leaf loses its state when demoted: a childless host-only tombstone, which the
     # cascade deletes with its host copy. Its tokens did not stay in the tree as host-only, so
