@@ -245,3 +245,30 @@ def test_a_full_host_state_pool_backs_up_kv_only():
     assert cache.mamba_host_pool.available_size() == 0
     cache.check_invariants(torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64))
     cache.close()
+
+
+def test_write_back_backs_a_state_up_before_state_pressure_tombstones_it():
+    cache = make_host_cache("write_back", "page_first")
+    key = torch.arange(8, dtype=torch.int32)
+    written = finish(cache, key, state_seed=1)
+    assert cache.stats.backup_tokens == 0  # write_back: nothing backed up yet
+    # Fill the state pool (4 slots): the LRU state, key's, must be evicted, and is backed up.
+    slots = cache.alloc_mamba(4)
+    assert cache.stats.backup_tokens == 8 and cache.stats.mamba_evicted_states == 1
+    node = cache.tree.node_info(cache.tree.match_prefix(key).best_match_node)
+    assert node.node_id == 0  # the device state is gone: no device match ends there ...
+    cache.free_mamba(slots)
+    cache.evict(32)  # ... but once demoted, key is matched from host and its state reloaded
+    m = cache.match_prefix(key, load_back=True)
+    consumer = cache.ready_to_load_host_cache()
+    for layer in range(cache.device_pool.num_layers):
+        cache.wait_until_layer_ready(layer, consumer)
+    m = cache.match_prefix(key)
+    working = cache.fork_mamba(m.last_device_node)
+    got = cache.mamba_pool.read(torch.tensor([working]))
+    pairs = zip(got, written, strict=True)
+    assert all(torch.equal(g.view(torch.uint8), w.view(torch.uint8)) for g, w in pairs)
+    cache.free_mamba(torch.tensor([working]))
+    cache.flush()
+    cache.check_invariants(torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64))
+    cache.close()

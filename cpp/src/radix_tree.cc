@@ -799,7 +799,7 @@ EvictResult RadixTree::evict(int64_t num_tokens, bool write_back) {
   return result;
 }
 
-EvictResult RadixTree::evict_mamba(int64_t num_states) {
+EvictResult RadixTree::evict_mamba(int64_t num_states, bool write_back) {
   if (num_states < 0) {
     throw std::invalid_argument("evict_mamba: num_states must be >= 0, got " +
                                 std::to_string(num_states));
@@ -807,6 +807,12 @@ EvictResult RadixTree::evict_mamba(int64_t num_states) {
   EvictResult result;
   for (int64_t left = num_states; left > 0 && !mamba_lru_.empty(); --left) {
     Node* victim = mamba_lru_.back();
+    if (write_back && !victim->backuped()) {
+      // Back up before tombstoning (SGLang PR #28468): under write_back nothing else would save
+      // this node's state (or, for a leaf the cascade would delete, its KV).
+      result.needs_backup = victim->id;
+      break;
+    }
     free_mamba(victim, result.mamba_freed);
     delete_tombstones(victim, result, /*device_ok=*/true);
   }

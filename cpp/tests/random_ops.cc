@@ -157,7 +157,17 @@ int main(int argc, char** argv) {
           if (!loads.empty()) ack_oldest_load(uniform(0, 1) == 0);
           break;
         case 8:
-          if (mamba) tree.evict_mamba(uniform(0, 3));
+          if (mamba) {
+            const auto r = tree.evict_mamba(uniform(0, 3), uniform(0, 1) == 0);
+            if (r.needs_backup != hicache::kNoNode) {  // write_back: back it up, state included
+              tree.check_invariants();
+              const auto plan = tree.backup_plan(r.needs_backup, 0);
+              const auto host = fresh(next_host_slot, static_cast<size_t>(plan.lengths.back()));
+              const SlotIndex host_state = plan.states.back() >= 0 ? next_mamba_host_slot++ : -1;
+              tree.commit_backup(r.needs_backup, host.data(), host.size(), host_state);
+              tree.finish_backup(r.needs_backup);
+            }
+          }
           break;
         default: {
           const bool write_back = uniform(0, 1) == 0;

@@ -94,7 +94,8 @@ cdef extern from "hicache/radix_tree.h" namespace "hicache" nogil:
         int64_t dec_host_lock_ref(NodeId node_id) except +translate_cpp_exception
         CEvictResult evict(int64_t num_tokens, cbool write_back) except +translate_cpp_exception
         vector[SlotIndex] evict_host(int64_t num_tokens) except +translate_cpp_exception
-        CEvictResult evict_mamba(int64_t num_states) except +translate_cpp_exception
+        CEvictResult evict_mamba(int64_t num_states,
+                                 cbool write_back) except +translate_cpp_exception
         CTransferPlan backup_plan(NodeId node_id,
                                   uint64_t min_hit_count) except +translate_cpp_exception
         void commit_backup(NodeId node_id, const SlotIndex* host, size_t length,

@@ -424,21 +424,24 @@ cdef class RadixTree:
         cdef CEvictResult r = self._tree.get().evict(num_tokens, write_back)
         return _evict_result(r)
 
-    def evict_mamba(self, int64_t num_states):
+    def evict_mamba(self, int64_t num_states, bint write_back=False):
         """Mamba trees: frees ``num_states`` device Mamba states, least recently used first.
 
         Never a locked state. The victim becomes a Mamba tombstone; a childless one is then
         deleted with its KV by the tombstone cascade (which stops at locked, host-locked or
-        in-flight nodes), so the result may hold device and host slots too.
+        in-flight nodes), so the result may hold device and host slots too. Under
+        ``write_back`` a victim without a host copy is not tombstoned: the call stops and names
+        it in ``needs_backup``; back it up (its state with it) and call again, and its state
+        then survives on host (SGLang PR #28468).
 
         Returns:
-            EvictResult: ``mamba_indices`` (freed state slots) and the device and host slots the
-            cascade freed (with ``dropped_tokens``).
+            EvictResult: ``mamba_indices`` (freed state slots), the device and host slots the
+            cascade freed (with ``dropped_tokens``), and ``needs_backup`` (-1 for none).
 
         Raises:
             InvalidArgumentError: ``num_states < 0``.
         """
-        cdef CEvictResult r = self._tree.get().evict_mamba(num_states)
+        cdef CEvictResult r = self._tree.get().evict_mamba(num_states, write_back)
         return _evict_result(r)
 
     def evict_host(self, int64_t num_tokens):

@@ -739,8 +739,28 @@ class HiCache:
                         f"{self.tree.mamba_evictable_size()} evictable "
                         f"({self.tree.mamba_protected_size()} locked by running requests)"
                     )
-                self._free_evicted(self.tree.evict_mamba(missing))
+                self._evict_states(missing)
             return pool.alloc(num_states)
+
+    def _evict_states(self, num_states: int) -> None:
+        """Frees ``num_states`` cached states; under write_back, backs each victim up first.
+
+        A victim without a host copy would lose its state for good (and, for a leaf, its KV):
+        it is backed up synchronously, state included, then tombstoned (SGLang PR #28468). When
+        the host cannot take it, it is tombstoned anyway.
+        """
+        remaining = num_states
+        while remaining > 0:
+            result = self.tree.evict_mamba(remaining, write_back=self._write_back)
+            remaining -= int(result.mamba_indices.numel())
+            self._free_evicted(result)
+            if result.needs_backup < 0:
+                return
+            if not self._backup_now(result.needs_backup):
+                # No host room: tombstone it without a backup (it is still the LRU victim).
+                forced = self.tree.evict_mamba(1, write_back=False)
+                remaining -= int(forced.mamba_indices.numel())
+                self._free_evicted(forced)
 
     def free_mamba(self, indices: torch.Tensor) -> None:
         """Returns request-owned Mamba state slots to the pool.

@@ -315,3 +315,21 @@ def test_a_demoted_leaf_deleted_by_the_cascade_counts_as_dropped_not_demoted():
     assert tree.node_info(leaf).has_host_value and not tree.node_info(leaf).has_device_value
     tree.dec_host_lock_ref(leaf)
     tree.check_invariants()
+
+
+def test_write_back_state_eviction_asks_for_a_backup_first():
+    """SGLang PR #28468: under write_back, a state is backed up before it is tombstoned."""
+    tree = mamba_tree(page_size=4)
+    leaf = insert(tree, list(range(8)), state=3, first_slot=0).last_node
+    r = tree.evict_mamba(1, write_back=True)
+    assert r.needs_backup == leaf and len(r.mamba_indices) == 0  # nothing lost yet
+    plan = tree.backup_plan(leaf, 0)
+    tree.commit_backup(leaf, torch.arange(8, 16), host_state=plan.states[-1] + 10)
+    tree.finish_backup(leaf)
+    r = tree.evict_mamba(1, write_back=True)
+    assert slots(r.mamba_indices) == [3] and r.needs_backup == -1
+    info = tree.node_info(leaf)  # a device tombstone whose state survives on host
+    assert info.has_device_value and not info.has_mamba_value and info.has_mamba_host_value
+    tree.evict(8, write_back=True)  # demoted: matchable from host with its state
+    assert tree.match_prefix(list(range(8))).best_match_node == leaf
+    tree.check_invariants()

@@ -203,8 +203,10 @@ class RadixTree {
 
   // Mamba trees: frees num_states device states, least recently used first, never a locked one.
   // The victim becomes a tombstone; a childless one is then deleted by the tombstone cascade
-  // (its Full slots are in the result too).
-  EvictResult evict_mamba(int64_t num_states);
+  // (its Full slots are in the result too). write_back: a victim without a host copy is not
+  // tombstoned; the call stops and names it in needs_backup (back it up, state included, then
+  // evict again; SGLang's InternalStateBackup, PR #28468).
+  EvictResult evict_mamba(int64_t num_states, bool write_back = false);
 
   // Device nodes on the path root..id without a host value and with hit_count >= min_hit_count,
   // root-first, with their device slots: what write-through must back up.
