@@ -7,6 +7,13 @@ are Python.
 from hicache._tree import RadixTree
 from hicache.cache import HiCache, Req
 from hicache.controller import CacheController, CacheOperation
+from hicache.events import (
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    KVEventPublisher,
+    Medium,
+)
 from hicache.errors import (
     HiCacheError,
     IndexOutOfRangeError,
@@ -23,10 +30,14 @@ from hicache.results import (
     NodeInfo,
     TransferPlan,
 )
+from hicache.transfer import KVTransfer, available_backends
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AllBlocksCleared",
+    "BlockRemoved",
+    "BlockStored",
     "CacheController",
     "CacheOperation",
     "EvictResult",
@@ -36,8 +47,11 @@ __all__ = [
     "InsertResult",
     "InvalidArgumentError",
     "InvariantError",
+    "KVEventPublisher",
+    "KVTransfer",
     "LockReceipt",
     "MatchResult",
+    "Medium",
     "NodeInfo",
     "PoolExhaustedError",
     "RadixTree",
@@ -45,4 +59,5 @@ __all__ = [
     "TransferError",
     "TransferPlan",
     "__version__",
+    "available_backends",
 ]

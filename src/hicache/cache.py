@@ -254,7 +254,10 @@ class HiCache:
 
         Returns:
             MatchResult: ``device_indices`` is an int64 CPU tensor of the tree's device slots;
-            ``host_hit_length`` counts the host-only tokens below ``last_device_node``.
+            ``host_hit_length`` counts the host-only tokens below ``last_device_node``. With a
+            Mamba pool the match ends at the deepest node holding a usable state (see
+            :class:`~hicache.RadixTree`) and ``mamba_branching_seqlen`` reports the Full tokens
+            matched beyond it; continue from ``last_device_node`` with :meth:`fork_mamba`.
         """
         with self._lock, profiling.nvtx_range(profiling.MATCH_PREFIX):
             result = self.tree.match_prefix(key, extra_key)
