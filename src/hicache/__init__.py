@@ -7,13 +7,6 @@ are Python.
 from hicache._tree import RadixTree
 from hicache.cache import HiCache, Req
 from hicache.controller import CacheController, CacheOperation
-from hicache.events import (
-    AllBlocksCleared,
-    BlockRemoved,
-    BlockStored,
-    KVEventPublisher,
-    Medium,
-)
 from hicache.errors import (
     HiCacheError,
     IndexOutOfRangeError,
@@ -21,6 +14,13 @@ from hicache.errors import (
     InvariantError,
     PoolExhaustedError,
     TransferError,
+)
+from hicache.events import (
+    AllBlocksCleared,
+    BlockRemoved,
+    BlockStored,
+    KVEventPublisher,
+    Medium,
 )
 from hicache.results import (
     EvictResult,
