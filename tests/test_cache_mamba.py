@@ -272,3 +272,19 @@ def test_write_back_backs_a_state_up_before_state_pressure_tombstones_it():
     cache.flush()
     cache.check_invariants(torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64))
     cache.close()
+
+
+def test_a_checkpoint_on_a_backed_up_node_reaches_the_host_tier():
+    cache = make_host_cache("write_through", "page_first")
+    finish(cache, torch.arange(16, dtype=torch.int32), state_seed=1)  # KV and state at 16 backed up
+    # A request branching at 8 publishes a state there: that node's KV is on host already.
+    written = finish(cache, torch.arange(8, dtype=torch.int32), state_seed=2)
+    node = cache.tree.node_info(cache.match_prefix(torch.arange(8)).last_device_node)
+    assert node.num_tokens == 8 and node.has_mamba_value and node.has_mamba_host_value
+    host = cache.mamba_host_pool.read(torch.tensor([node.mamba_host_value]))
+    pairs = zip(host, written, strict=True)
+    assert all(
+        torch.equal(h.flatten().view(torch.uint8), w.flatten().view(torch.uint8)) for h, w in pairs
+    )
+    cache.check_invariants(torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64))
+    cache.close()

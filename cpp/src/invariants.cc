@@ -246,6 +246,10 @@ void RadixTree::check_invariants() const {
       if (mamba.lock_ref != 0) fail(n->id, "a Mamba-locked tombstone");
       if (MambaLru::contains(n)) fail(n->id, "a Mamba tombstone in the Mamba LRU");
     }
+    if (n->state_backup_pending != kNoNode &&
+        (!mamba.has_host_value || !mamba.has_value || full.lock_ref == 0)) {
+      fail(n->id, "state-backup-pending but not a locked node with device and host states");
+    }
     // A host state is the backup of a device state: it lives with the node's host KV.
     if (mamba.has_host_value) {
       if (!mamba_) fail(n->id, "holds a host Mamba state in a tree without the Mamba component");

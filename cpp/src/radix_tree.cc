@@ -436,6 +436,7 @@ void RadixTree::delete_tombstones(Node* node, EvictResult& result, bool device_o
     const ComponentData& full = node->full();
     if (full.lock_ref > 0 || full.host_lock_ref > 0 || node->mamba().lock_ref > 0 ||
         node->backup_pending != kNoNode || node->load_pending != kNoNode || node->load_failed ||
+        node->state_backup_pending != kNoNode ||
         (!device_ok && full.has_value)) {
       return;
     }
@@ -922,6 +923,61 @@ std::vector<Node*> RadixTree::pending_nodes(NodeId ack_id, const char* caller) c
   return chain;
 }
 
+TransferPlan RadixTree::state_backup_plan(NodeId id) const {
+  std::vector<const Node*> path;
+  for (const Node* n = node_by_id(id, "state_backup_plan"); !n->is_root(); n = n->parent) {
+    if (n->has_mamba_state() && !n->has_mamba_host_state() && n->backuped() &&
+        n->backup_pending == kNoNode) {
+      path.push_back(n);
+    }
+  }
+  TransferPlan plan;
+  for (auto it = path.rbegin(); it != path.rend(); ++it) {
+    plan.nodes.push_back((*it)->id);
+    plan.lengths.push_back(0);
+    plan.states.push_back((*it)->mamba().value[0]);
+  }
+  return plan;
+}
+
+void RadixTree::commit_state_backup(NodeId id, SlotIndex host_state) {
+  Node* node = node_by_id(id, "commit_state_backup");
+  if (!node->has_mamba_state() || node->has_mamba_host_state() || !node->backuped() ||
+      node->backup_pending != kNoNode) {
+    throw std::invalid_argument(describe("commit_state_backup", id,
+                                         "is not a backed-up node whose device state lacks a "
+                                         "host copy (see state_backup_plan)"));
+  }
+  if (host_state < 0 || (num_mamba_host_slots_ > 0 && host_state >= num_mamba_host_slots_)) {
+    throw std::out_of_range(describe("commit_state_backup", id,
+                                     "host_state " + std::to_string(host_state) +
+                                         " is out of range for a Mamba host pool of " +
+                                         std::to_string(num_mamba_host_slots_) + " slots"));
+  }
+  node->mamba().host_value.assign(1, host_state);
+  node->mamba().has_host_value = true;
+  node->state_backup_pending = id;
+}
+
+void RadixTree::finish_state_backup(NodeId ack_id) {
+  Node* node = node_by_id(ack_id, "finish_state_backup");
+  if (node->state_backup_pending != ack_id) {
+    throw std::invalid_argument(describe("finish_state_backup", ack_id,
+                                         "has no state backup in flight"));
+  }
+  node->state_backup_pending = kNoNode;
+}
+
+void RadixTree::abort_state_backup(NodeId ack_id) {
+  Node* node = node_by_id(ack_id, "abort_state_backup");
+  if (node->state_backup_pending != ack_id) {
+    throw std::invalid_argument(describe("abort_state_backup", ack_id,
+                                         "has no state backup in flight"));
+  }
+  node->state_backup_pending = kNoNode;
+  free_mamba_host(node);
+}
+
 void RadixTree::finish_backup(NodeId ack_id) {
   for (Node* n : pending_nodes<&Node::backup_pending>(ack_id, "finish_backup")) {
     n->backup_pending = kNoNode;
@@ -1196,6 +1252,7 @@ std::string RadixTree::pretty_print() const {
     if (n->backup_pending != kNoNode) os << " backup_pending=" << n->backup_pending;
     if (n->load_pending != kNoNode) os << " load_pending=" << n->load_pending;
     if (n->load_failed) os << " load_failed";
+    if (n->state_backup_pending != kNoNode) os << " state_backup_pending";
     if (n->has_mamba_state()) {
       os << " mamba=" << n->mamba().value[0] << " mamba_lock_ref=" << n->mamba().lock_ref;
     }

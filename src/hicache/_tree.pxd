@@ -101,6 +101,11 @@ cdef extern from "hicache/radix_tree.h" namespace "hicache" nogil:
         void commit_backup(NodeId node_id, const SlotIndex* host, size_t length,
                            SlotIndex host_state) except +translate_cpp_exception
         void finish_backup(NodeId ack_id) except +translate_cpp_exception
+        CTransferPlan state_backup_plan(NodeId node_id) except +translate_cpp_exception
+        void commit_state_backup(NodeId node_id,
+                                 SlotIndex host_state) except +translate_cpp_exception
+        void finish_state_backup(NodeId ack_id) except +translate_cpp_exception
+        void abort_state_backup(NodeId ack_id) except +translate_cpp_exception
         vector[SlotIndex] abort_backup(NodeId ack_id) except +translate_cpp_exception
         CTransferPlan load_back_plan(NodeId anchor) except +translate_cpp_exception
         void finish_load_back(NodeId ack_id) except +translate_cpp_exception

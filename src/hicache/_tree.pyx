@@ -497,6 +497,51 @@ cdef class RadixTree:
         self._as_slots(host_indices, &slots, &m)
         self._tree.get().commit_backup(node_id, slots, m, host_state)
 
+    def state_backup_plan(self, int64_t node_id):
+        """Mamba trees: the incremental state backups the path root..``node_id`` needs.
+
+        SGLang's ``needs_incremental_backup``: nodes whose KV is backed up (no backup in flight)
+        but whose device state has no host copy, because it was published after the KV's backup.
+
+        Returns:
+            TransferPlan: node ids root-first, ``lengths`` all 0, no ``indices``, and ``states``
+            their device state slots.
+
+        Raises:
+            IndexOutOfRangeError: unknown node id.
+        """
+        cdef CTransferPlan p = self._tree.get().state_backup_plan(node_id)
+        return _plan(p)
+
+    def commit_state_backup(self, int64_t node_id, int64_t host_state):
+        """Records that node ``node_id``'s state is backed up in host state slot ``host_state``.
+
+        Pending under ack id ``node_id`` until :meth:`finish_state_backup` or
+        :meth:`abort_state_backup`; the caller keeps the node locked until then.
+
+        Raises:
+            InvalidArgumentError: not a node :meth:`state_backup_plan` names.
+            IndexOutOfRangeError: unknown node id, or ``host_state`` out of range.
+        """
+        self._tree.get().commit_state_backup(node_id, host_state)
+
+    def finish_state_backup(self, int64_t ack_id):
+        """The state backup ``ack_id`` finished.
+
+        Raises:
+            InvalidArgumentError: none in flight under ``ack_id``.
+        """
+        self._tree.get().finish_state_backup(ack_id)
+
+    def abort_state_backup(self, int64_t ack_id):
+        """The state backup ``ack_id`` failed: the host state slot goes to the outbox
+        (:meth:`take_freed_mamba_host_slots`).
+
+        Raises:
+            InvalidArgumentError: none in flight under ``ack_id``.
+        """
+        self._tree.get().abort_state_backup(ack_id)
+
     def finish_backup(self, int64_t ack_id):
         """The copy of backup ``ack_id`` (the node id given to :meth:`commit_backup`) finished.
 

@@ -227,6 +227,7 @@ class HiCache:
         # transfer's lock receipt. Loads also hold a host lock on the ack id.
         self._ongoing_writes: dict[int, LockReceipt | None] = {}
         self._ongoing_loads: dict[int, LockReceipt] = {}
+        self._state_writes: set[int] = set()  # ack ids of the writes that back up a state alone
         # KV events: None unless enabled. With events, the (source, destination) slots of each
         # in-flight transfer by ack id, so that its ack can report what was copied where.
         self.kv_events = KVEventPublisher(page_size) if enable_kv_events else None
@@ -302,6 +303,7 @@ class HiCache:
                 )
             self._publish_checkpoints(key, value, extra_key, checkpoints)
             self._write_through(result.last_node)
+            self._write_through_states(result.last_node)
             return result
 
     def inc_lock_ref(self, node_id: int) -> LockReceipt:
@@ -546,7 +548,14 @@ class HiCache:
     def _finish_write(self, ack_id: int, ok: bool) -> None:
         receipt = self._ongoing_writes.pop(ack_id)
         self._report_copy("write", ack_id, ok)
-        if ok:
+        if ack_id in self._state_writes:  # a state alone (an incremental backup)
+            self._state_writes.remove(ack_id)
+            if ok:
+                self.tree.finish_state_backup(ack_id)
+            else:
+                self.tree.abort_state_backup(ack_id)
+                self._free_host(_empty_slots(), count=False)  # takes the freed host state
+        elif ok:
             self.tree.finish_backup(ack_id)
         else:
             freed = self.tree.abort_backup(ack_id)
@@ -624,6 +633,24 @@ class HiCache:
             self._controller().write(plan.indices[start:end], host[start:end], node_id_i, transfers)
             self.stats.backup_tokens += length
             start = end
+
+    def _write_through_states(self, node_id: int) -> None:
+        """Queues the incremental backups of states published on already backed-up nodes.
+
+        SGLang's ``needs_incremental_backup``: a checkpoint published on a node whose KV is on
+        host already would otherwise never reach the host tier. Write-through policies only.
+        """
+        if self._write_threshold is None or self.mamba_host_pool is None:
+            return
+        plan = self.tree.state_backup_plan(node_id)
+        for node, state in zip(plan.node_ids, plan.states, strict=True):
+            host_state, transfers = self._state_backup(state)
+            if host_state < 0:
+                continue
+            self.tree.commit_state_backup(node, host_state)
+            self._ongoing_writes[node] = self.tree.inc_lock_ref(node)
+            self._state_writes.add(node)
+            self._controller().write(_empty_slots(), _empty_slots(), node, transfers)
 
     def _state_backup(self, state: int) -> tuple[int, tuple[PoolTransfer, ...]]:
         """A host slot and the pool transfer for the backup of device state ``state`` (or -1).

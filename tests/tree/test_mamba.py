@@ -333,3 +333,36 @@ def test_write_back_state_eviction_asks_for_a_backup_first():
     tree.evict(8, write_back=True)  # demoted: matchable from host with its state
     assert tree.match_prefix(list(range(8))).best_match_node == leaf
     tree.check_invariants()
+
+
+def test_a_state_published_after_its_nodes_backup_gets_an_incremental_backup():
+    tree = mamba_tree(page_size=4)
+    leaf = insert(tree, list(range(8)), first_slot=0).last_node  # no state yet
+    tree.commit_backup(leaf, torch.arange(8, 16))
+    tree.finish_backup(leaf)
+    assert tree.state_backup_plan(leaf).node_ids == []
+    insert(tree, list(range(8)), state=4, first_slot=0)  # the state comes after the backup
+    plan = tree.state_backup_plan(leaf)
+    assert (plan.node_ids, plan.lengths, plan.states) == ([leaf], [0], (4,))
+    unbacked = insert(tree, [9, 9, 9, 9], state=5, first_slot=40).last_node
+    before = full_snapshot(tree)
+    with pytest.raises(InvalidArgumentError, match="see state_backup_plan"):
+        tree.commit_state_backup(unbacked, 1)  # its KV is not on host: a full backup's job
+    assert full_snapshot(tree) == before
+    tree.commit_state_backup(leaf, 6)
+    receipt = tree.inc_lock_ref(leaf)
+    tree.check_invariants()
+    assert tree.state_backup_plan(leaf).node_ids == []  # in flight: not planned twice
+    # The cascade never deletes a node whose state is being copied.
+    tree.abort_state_backup(leaf)
+    assert slots(tree.take_freed_mamba_host_slots()) == [6]
+    assert not tree.node_info(leaf).has_mamba_host_value
+    tree.commit_state_backup(leaf, 7)
+    tree.finish_state_backup(leaf)
+    tree.dec_lock_ref(receipt.node_id, receipt.mamba_node_id)
+    assert tree.node_info(leaf).mamba_host_value == 7
+    with pytest.raises(InvalidArgumentError, match="no state backup in flight"):
+        tree.finish_state_backup(leaf)
+    tree.check_invariants()
+    tree.evict(100, write_back=False)  # demoted with its host state: still matchable from host
+    assert tree.match_prefix(list(range(8))).best_match_node == leaf

@@ -159,6 +159,22 @@ class MambaTreeMachine(RuleBasedStateMachine):
             self.tree.dec_lock_ref(receipt.node_id, receipt.mamba_node_id)
 
     @rule(pages=pages_st, fail=st.booleans())
+    def state_backup(self, pages: list[int], fail: bool) -> None:
+        """Incremental backups of states published after their node's KV backup."""
+        node = self.tree.match_prefix(self._key(pages)).last_device_node
+        plan = self.tree.state_backup_plan(node)
+        for node_id in plan.node_ids:
+            host_state = int(self._fresh(1, "next_host_state")[0])
+            self.tree.commit_state_backup(node_id, host_state)
+            self.host_states.add(host_state)
+            receipt = self.tree.inc_lock_ref(node_id)
+            if fail:
+                self.tree.abort_state_backup(node_id)  # the outbox hands the slot back
+            else:
+                self.tree.finish_state_backup(node_id)
+            self.tree.dec_lock_ref(receipt.node_id, receipt.mamba_node_id)
+
+    @rule(pages=pages_st, fail=st.booleans())
     def load_back(self, pages: list[int], fail: bool) -> None:
         anchor = self.tree.match_prefix(self._key(pages)).best_match_node
         plan = self.tree.load_back_plan(anchor)

@@ -46,6 +46,9 @@ struct Node {
   // the new upper node, so an ack or abort reaches every fragment of the node it was issued for.
   NodeId backup_pending = kNoNode;
   NodeId load_pending = kNoNode;
+  // Mamba: the ack id of an in-flight backup of the node's state alone (a state published after
+  // the node's KV was backed up), kNoNode when none. Not copied by a split: the state stays below.
+  NodeId state_backup_pending = kNoNode;
   // A load-back copying this node or an ancestor failed while the node was locked: its device
   // slots hold garbage. Never served (match_prefix stops above it, insert stops at it, nothing is
   // loaded below it); demoted to host-only, its host copy intact, when its last lock is released.

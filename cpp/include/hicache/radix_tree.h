@@ -218,6 +218,16 @@ class RadixTree {
   void commit_backup(NodeId id, const SlotIndex* host, size_t len, SlotIndex host_state = -1);
   // The copy of backup `ack_id` finished: clears the pending mark on its node and fragments.
   void finish_backup(NodeId ack_id);
+  // Mamba trees, incremental backups (SGLang's needs_incremental_backup): the nodes on the path
+  // root..id whose KV is backed up (no backup in flight) but whose device state has no host copy
+  // (published after the KV's backup), root-first, with those states (lengths 0, no indices).
+  TransferPlan state_backup_plan(NodeId id) const;
+  // Gives such a node the host slot of its state's backup, pending under ack id `id` until
+  // finish_state_backup or abort_state_backup; the caller keeps the node locked until then.
+  void commit_state_backup(NodeId id, SlotIndex host_state);
+  void finish_state_backup(NodeId ack_id);
+  // The copy failed: the host state goes to take_freed_mamba_host_slots.
+  void abort_state_backup(NodeId ack_id);
   // The copy of backup `ack_id` failed: its node and fragments lose their host value again (the
   // host bytes are garbage and must never be served). Returns the host slots to free (a host
   // state goes to take_freed_mamba_host_slots).
