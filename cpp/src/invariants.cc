@@ -218,6 +218,11 @@ void RadixTree::check_invariants() const {
     // covered by a Full lock on the same node; the Mamba LRU holds exactly the unlocked states.
     const ComponentData& mamba = n->mamba();
     if (mamba.lock_ref < 0) fail(n->id, "negative Mamba lock_ref " + std::to_string(mamba.lock_ref));
+    if (n->plain_receipts < 0 || n->plain_receipts + mamba.lock_ref > full.lock_ref) {
+      fail(n->id, "receipts taken here (" + std::to_string(n->plain_receipts) + " plain, " +
+                      std::to_string(mamba.lock_ref) + " with a Mamba lock) exceed its Full "
+                      "lock_ref " + std::to_string(full.lock_ref));
+    }
     if (mamba.lock_ref > full.lock_ref) {
       fail(n->id, "Mamba lock_ref " + std::to_string(mamba.lock_ref) + " > Full lock_ref " +
                       std::to_string(full.lock_ref));

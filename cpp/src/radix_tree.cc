@@ -621,6 +621,8 @@ LockReceipt RadixTree::inc_lock_ref(NodeId id) {
       ++mamba_protected_size_;
     }
     receipt.mamba_node_id = node->id;
+  } else if (!node->is_root()) {
+    ++node->plain_receipts;
   }
   for (Node* n = node; !n->is_root(); n = n->parent) {
     ComponentData& full = n->full();
@@ -654,11 +656,12 @@ int64_t RadixTree::dec_lock_ref(NodeId id, NodeId mamba_node_id) {
   if (node->full().lock_ref <= 0) {
     throw std::invalid_argument(describe("dec_lock_ref", id, "is not locked (lock_ref 0)"));
   }
-  if (mamba_node_id == kNoNode && node->mamba().lock_ref > 0 &&
-      node->mamba().lock_ref >= node->full().lock_ref) {
+  if (mamba_node_id == kNoNode && node->plain_receipts == 0) {
     throw std::invalid_argument(describe("dec_lock_ref", id,
-                                         "every Full lock on it comes with a Mamba lock: pass "
-                                         "the receipt's mamba_node_id"));
+                                         node->mamba().lock_ref > 0
+                                             ? "every lock taken here holds its Mamba state: pass "
+                                               "the receipt's mamba_node_id"
+                                             : "no lock was taken here (not a receipt's node_id)"));
   }
   if (load_failed_size_ > 0) {  // validate first: a throwing call changes nothing
     for (const Node* n = node; !n->is_root(); n = n->parent) {
@@ -670,6 +673,7 @@ int64_t RadixTree::dec_lock_ref(NodeId id, NodeId mamba_node_id) {
       }
     }
   }
+  if (mamba_node_id == kNoNode) --node->plain_receipts;
   if (mamba_node_id != kNoNode && --node->mamba().lock_ref == 0) {  // components before Full
     node->last_access = ++tick_;
     mamba_lru_.push_front(node);

@@ -366,3 +366,26 @@ def test_a_state_published_after_its_nodes_backup_gets_an_incremental_backup():
     tree.check_invariants()
     tree.evict(100, write_back=False)  # demoted with its host state: still matchable from host
     assert tree.match_prefix(list(range(8))).best_match_node == leaf
+
+
+def test_a_receipt_given_back_without_its_mamba_part_is_rejected_under_other_locks():
+    tree = mamba_tree()
+    parent = insert(tree, [1, 2], state=1, first_slot=0).last_node
+    child = insert(tree, [1, 2, 3, 4], state=2, first_slot=0).last_node
+    a = tree.inc_lock_ref(parent)  # holds the parent's state
+    b = tree.inc_lock_ref(child)  # its path lock covers the parent too
+    assert tree.node_info(parent).lock_ref == 2 and a.mamba_node_id == parent
+    before = full_snapshot(tree)
+    with pytest.raises(InvalidArgumentError, match="every lock taken here holds its Mamba state"):
+        tree.dec_lock_ref(a.node_id)  # the Mamba part forgotten: the state would stay locked
+    upper = insert(tree, [7, 7], first_slot=40).last_node  # no states below here
+    lower = insert(tree, [7, 7, 8, 8], first_slot=40).last_node
+    c = tree.inc_lock_ref(lower)  # the receipt names `lower`; `upper` is locked via the path only
+    before = full_snapshot(tree)
+    with pytest.raises(InvalidArgumentError, match="not a receipt's node_id"):
+        tree.dec_lock_ref(upper)
+    assert full_snapshot(tree) == before
+    tree.dec_lock_ref(c.node_id, c.mamba_node_id)
+    tree.dec_lock_ref(b.node_id, b.mamba_node_id)
+    tree.dec_lock_ref(a.node_id, a.mamba_node_id)
+    tree.check_invariants()

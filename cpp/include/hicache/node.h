@@ -49,6 +49,10 @@ struct Node {
   // Mamba: the ack id of an in-flight backup of the node's state alone (a state published after
   // the node's KV was backed up), kNoNode when none. Not copied by a split: the state stays below.
   NodeId state_backup_pending = kNoNode;
+  // Full locks whose receipt names this node and that hold no Mamba lock. With mamba lock_ref
+  // (the locks whose receipt names it and that do), dec_lock_ref can tell a receipt given back
+  // without its Mamba part. Stays with the node (the receipt's id) on a split.
+  int32_t plain_receipts = 0;
   // A load-back copying this node or an ancestor failed while the node was locked: its device
   // slots hold garbage. Never served (match_prefix stops above it, insert stops at it, nothing is
   // loaded below it); demoted to host-only, its host copy intact, when its last lock is released.
