@@ -71,3 +71,15 @@ def test_whole_trace_keeps_95_percent_of_full_hits():
     plain = run_replay(requests, ReplayConfig(device="cpu", verify=False, timeline_points=0))
     assert mamba.mamba_states == 2679  # SGLang's default budget at 10%
     assert mamba.hit_blocks >= 0.95 * plain.hit_blocks  # 76,620 vs 80,466 measured
+
+
+@pytest.mark.parametrize("trace", ["conversation", "synthetic"])
+def test_the_hit_rule_matches_the_reference_model(trace):
+    """README's mamba-hybrid hit rule, replayed on the pure-Python model, on both traces."""
+    from tests.reference.mamba_replay_reference import mamba_hit_blocks
+
+    requests = _trace(trace, 300)
+    config = _config(block_tokens=2, page_size=2, device_ratio=0.1, max_mamba_cache_size=40)
+    report = run_replay(requests, config)
+    expected = mamba_hit_blocks(requests, report.capacity_blocks, 40, 2)
+    assert report.hit_blocks == expected > 0
