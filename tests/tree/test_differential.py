@@ -442,6 +442,6 @@ def make_machine(page_size: int, with_extra_keys: bool) -> type[TreeVsModel]:
 
 
 @pytest.mark.parametrize("with_extra_keys", [False, True], ids=["no_extra_key", "extra_key"])
-@pytest.mark.parametrize("page_size", [1, 16, 64])
+@pytest.mark.parametrize("page_size", [1, 4, 16, 64, 128])  # SGLang's full-only page matrix
 def test_tree_matches_reference(page_size: int, with_extra_keys: bool) -> None:
     make_machine(page_size, with_extra_keys).TestCase().runTest()
