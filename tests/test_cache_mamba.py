@@ -154,6 +154,17 @@ def make_host_cache(policy: str, layout: str, host_states: int = 8) -> HiCache:
     )
 
 
+def fork_after_load(cache: HiCache, node_id: int, consumer: int, written) -> None:
+    """Waits for a load's layers, forks the node's state and checks it is ``written``, bit-exact."""
+    for layer in range(cache.device_pool.num_layers):
+        cache.wait_until_layer_ready(layer, consumer)
+    working = cache.fork_mamba(node_id)
+    got = cache.mamba_pool.read(torch.tensor([working]))
+    pairs = zip(got, written, strict=True)
+    assert all(torch.equal(g.view(torch.uint8), w.view(torch.uint8)) for g, w in pairs)
+    cache.free_mamba(torch.tensor([working]))
+
+
 def random_state(cache: HiCache, slot: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     conv, temporal = cache.mamba_pool.read(torch.tensor([slot]))
@@ -205,14 +216,7 @@ def test_a_state_comes_back_from_host_bit_identical(policy, layout):
     assert m.device_prefix_len == 16 and cache.stats.load_back_tokens == 16
     with pytest.raises(InvalidArgumentError, match="not started"):
         cache.fork_mamba(m.last_device_node)  # its state is still on host
-    consumer = cache.ready_to_load_host_cache()
-    for layer in range(cache.device_pool.num_layers):
-        cache.wait_until_layer_ready(layer, consumer)
-    working = cache.fork_mamba(m.last_device_node)
-    got = cache.mamba_pool.read(torch.tensor([working]))
-    pairs = zip(got, written, strict=True)
-    assert all(torch.equal(g.view(torch.uint8), w.view(torch.uint8)) for g, w in pairs)
-    cache.free_mamba(torch.tensor([working]))
+    fork_after_load(cache, m.last_device_node, cache.ready_to_load_host_cache(), written)
     cache.flush()
     cache.check_invariants(torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64))
     cache.close()
@@ -259,16 +263,9 @@ def test_write_back_backs_a_state_up_before_state_pressure_tombstones_it():
     assert node.node_id == 0  # the device state is gone: no device match ends there ...
     cache.free_mamba(slots)
     cache.evict(32)  # ... but once demoted, key is matched from host and its state reloaded
-    m = cache.match_prefix(key, load_back=True)
+    cache.match_prefix(key, load_back=True)
     consumer = cache.ready_to_load_host_cache()
-    for layer in range(cache.device_pool.num_layers):
-        cache.wait_until_layer_ready(layer, consumer)
-    m = cache.match_prefix(key)
-    working = cache.fork_mamba(m.last_device_node)
-    got = cache.mamba_pool.read(torch.tensor([working]))
-    pairs = zip(got, written, strict=True)
-    assert all(torch.equal(g.view(torch.uint8), w.view(torch.uint8)) for g, w in pairs)
-    cache.free_mamba(torch.tensor([working]))
+    fork_after_load(cache, cache.match_prefix(key).last_device_node, consumer, written)
     cache.flush()
     cache.check_invariants(torch.empty(0, dtype=torch.int64), torch.empty(0, dtype=torch.int64))
     cache.close()

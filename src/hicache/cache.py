@@ -554,7 +554,7 @@ class HiCache:
                 self.tree.finish_state_backup(ack_id)
             else:
                 self.tree.abort_state_backup(ack_id)
-                self._free_host(_empty_slots(), count=False)  # takes the freed host state
+                self._free_host_states()
         elif ok:
             self.tree.finish_backup(ack_id)
         else:
@@ -901,11 +901,15 @@ class HiCache:
         self.stats.dropped_tokens += result.dropped_tokens
         return n
 
-    def _free_host(self, indices: torch.Tensor, count: bool = True) -> None:
-        if self.mamba_host_pool is not None:  # host states freed with their nodes' host KV
+    def _free_host_states(self) -> None:
+        """Frees the host states the tree freed with their nodes' host KV (its outbox)."""
+        if self.mamba_host_pool is not None:
             states = self.tree.take_freed_mamba_host_slots()
             if states.numel():
                 self.mamba_host_pool.free(states)
+
+    def _free_host(self, indices: torch.Tensor, count: bool = True) -> None:
+        self._free_host_states()
         if indices.numel():
             self._host_allocator().free(indices)
             if self.kv_events is not None:
@@ -1073,7 +1077,7 @@ class HiCache:
     def _check_checkpoints(self, req: Req, aligned: int) -> None:
         if not req.mamba_checkpoints:
             return
-        self._mamba()
+        num_states = self._mamba().num_slots
         previous = 0
         seen: set[int] = set()
         for num_tokens, slot in req.mamba_checkpoints:
@@ -1082,7 +1086,7 @@ class HiCache:
                     f"req.mamba_checkpoints: {num_tokens} tokens is not a page-aligned prefix "
                     f"after {previous} and within the {aligned} aligned tokens"
                 )
-            if not 0 <= slot < self._mamba().num_slots:
+            if not 0 <= slot < num_states:
                 raise InvalidArgumentError(f"req.mamba_checkpoints: state slot {slot} out of range")
             if slot in seen:
                 # Two nodes would own one state: evicting either frees it under the other.
@@ -1122,8 +1126,7 @@ class HiCache:
         with self._lock:
             self.flush()
             self._free_failed_load_slots()  # empty the tree's outboxes first
-            if self.host_pool is not None:
-                self._free_host(_empty_slots(), count=False)
+            self._free_host_states()
             host = self.tree.all_host_indices()
             states = self.tree.all_mamba_indices()
             host_states = self.tree.all_mamba_host_indices()

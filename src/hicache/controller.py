@@ -391,7 +391,14 @@ class CacheController:
                     f"{fn}: pool_transfers: expected PoolTransfers of {sorted(self.extra_pools)}, "
                     f"got {t!r}"
                 )
-            pool.prepare(t.device_indices, t.host_indices, f"{fn}: pool {t.name!r}")  # checks
+            check_transfer_indices(
+                t.device_indices,
+                t.host_indices,
+                pool.device_pool.num_slots,
+                pool.num_slots,
+                f"{fn}: pool {t.name!r}",
+                device_on_cpu=True,
+            )
         if len(set(names)) != len(names):
             raise InvalidArgumentError(f"{fn}: pool_transfers: one per pool, got {names}")
 
