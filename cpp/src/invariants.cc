@@ -56,6 +56,9 @@ void RadixTree::check_invariants() const {
     fail(root->id, "the root must hold the (empty) device value and never be locked");
   }
 
+  if (root->has_swa() || root->has_swa_host() || root->swa().lock_ref != 0) {
+    fail(root->id, "the root must hold no SWA KV and no SWA lock");
+  }
   if (root->has_mamba_state() || root->mamba().lock_ref != 0) {
     fail(root->id, "the root must hold no Mamba state (its empty prefix needs none)");
   }
@@ -64,6 +67,11 @@ void RadixTree::check_invariants() const {
   std::unordered_set<SlotIndex> host_slots;
   std::unordered_set<SlotIndex> mamba_slots;
   std::unordered_set<SlotIndex> mamba_host_slots;
+  std::unordered_set<SlotIndex> swa_host_slots;
+  int64_t swa_evictable = 0;
+  int64_t swa_protected = 0;
+  int64_t swa_host = 0;
+  size_t swa_lru_members = 0;
   int64_t mamba_evictable = 0;
   int64_t mamba_protected = 0;
   size_t mamba_lru_members = 0;
@@ -270,6 +278,53 @@ void RadixTree::check_invariants() const {
     } else if (!mamba.host_value.empty()) {
       fail(n->id, "no host Mamba state but a host Mamba slot");
     }
+
+    // SWA: live device SWA KV needs the node's device KV (its SWA slots are found through the
+    // Full slots); a host copy needs its host KV; segment locks lie inside the Full path lock;
+    // the SWA LRU holds exactly the unlocked live nodes. Locked tombstones are legal.
+    const ComponentData& swa = n->swa();
+    if (swa.lock_ref < 0) fail(n->id, "negative SWA lock_ref " + std::to_string(swa.lock_ref));
+    if (swa.lock_ref > full.lock_ref) {
+      fail(n->id, "SWA lock_ref " + std::to_string(swa.lock_ref) + " > Full lock_ref " +
+                      std::to_string(full.lock_ref));
+    }
+    if (!swa.value.empty()) fail(n->id, "device SWA KV is a flag: its value must stay empty");
+    if (swa.has_value) {
+      if (swa_window_ == 0) fail(n->id, "holds SWA KV in a tree without the SWA component");
+      if (!full.has_value) fail(n->id, "holds device SWA KV but no device KV");
+      if (swa.lock_ref > 0) {
+        swa_protected += n->num_tokens();
+        if (SwaLru::contains(n)) fail(n->id, "SWA-locked but in the SWA LRU");
+      } else {
+        swa_evictable += n->num_tokens();
+        ++swa_lru_members;
+        if (!SwaLru::contains(n)) fail(n->id, "unlocked SWA KV missing from the SWA LRU");
+      }
+    } else if (SwaLru::contains(n)) {
+      fail(n->id, "an SWA tombstone in the SWA LRU");
+    }
+    if (swa.has_host_value) {
+      if (swa_window_ == 0) fail(n->id, "holds host SWA KV in a tree without the SWA component");
+      if (!full.has_host_value) fail(n->id, "holds host SWA KV but no host KV");
+      check_tier(n, swa.host_value, num_swa_host_slots_, swa_host_slots, "host SWA");
+      swa_host += n->num_tokens();
+    } else if (!swa.host_value.empty()) {
+      fail(n->id, "no host SWA copy but host SWA slots");
+    }
+  }
+  for (const SlotIndex v : freed_swa_host_) {
+    if (!swa_host_slots.insert(v).second) {
+      fail(kRootId, "freed host SWA slot " + std::to_string(v) + " also held");
+    }
+  }
+  check_lru_order(swa_lru_, swa_lru_members, "SWA", /*parents_first=*/false);
+  if (swa_evictable != swa_evictable_size_ || swa_protected != swa_protected_size_ ||
+      swa_host != swa_host_size_) {
+    fail(kRootId, "SWA ledger evictable=" + std::to_string(swa_evictable_size_) +
+                      " protected=" + std::to_string(swa_protected_size_) +
+                      " host=" + std::to_string(swa_host_size_) + " but recomputed " +
+                      std::to_string(swa_evictable) + " / " + std::to_string(swa_protected) +
+                      " / " + std::to_string(swa_host));
   }
 
   if (load_failed != load_failed_size_) {

@@ -56,13 +56,16 @@ std::string describe(const char* caller, NodeId id, const std::string& what) {
 }  // namespace
 
 RadixTree::RadixTree(int64_t page_size, int64_t num_device_slots, int64_t num_host_slots,
-                     bool mamba, int64_t num_mamba_slots, int64_t num_mamba_host_slots)
+                     bool mamba, int64_t num_mamba_slots, int64_t num_mamba_host_slots,
+                     int64_t sliding_window_size, int64_t num_swa_host_slots)
     : page_size_(page_size),
       num_device_slots_(num_device_slots),
       num_host_slots_(num_host_slots),
       mamba_(mamba),
       num_mamba_slots_(num_mamba_slots),
       num_mamba_host_slots_(num_mamba_host_slots),
+      swa_window_(sliding_window_size),
+      num_swa_host_slots_(num_swa_host_slots),
       root_(new Node()) {
   if (page_size < 1) {
     throw std::invalid_argument("RadixTree: page_size must be >= 1, got " +
@@ -77,6 +80,12 @@ RadixTree::RadixTree(int64_t page_size, int64_t num_device_slots, int64_t num_ho
     throw std::invalid_argument("RadixTree: num_device_slots and num_host_slots must be >= 0 "
                                 "(0 = unchecked), got " + std::to_string(num_device_slots) + " and " +
                                 std::to_string(num_host_slots));
+  }
+  if (sliding_window_size < 0 || num_swa_host_slots < 0) {
+    throw std::invalid_argument(
+        "RadixTree: sliding_window_size and num_swa_host_slots must be >= 0 (0 = no SWA component / "
+        "unchecked), got " + std::to_string(sliding_window_size) + " and " +
+        std::to_string(num_swa_host_slots));
   }
   root_->id = kRootId;
   root_->full().has_value = true;  // the root holds the empty prefix on every tier
@@ -203,6 +212,12 @@ Node* RadixTree::split(Node* node, size_t prefix_len) {
     upper_data.has_host_value = lower_data.has_host_value;
     upper_data.lock_ref = lower_data.lock_ref;
     upper_data.host_lock_ref = lower_data.host_lock_ref;
+    if (c == static_cast<int>(Component::kSwa) && lower_data.has_host_value) {
+      upper_data.host_value.assign(lower_data.host_value.begin(),
+                                   lower_data.host_value.begin() + prefix_len);
+      lower_data.host_value.erase(lower_data.host_value.begin(),
+                                  lower_data.host_value.begin() + prefix_len);
+    }
     if (c == static_cast<int>(Component::kFull)) {
       if (lower_data.has_value) {
         upper_data.value.assign(lower_data.value.begin(), lower_data.value.begin() + prefix_len);
@@ -229,6 +244,7 @@ Node* RadixTree::split(Node* node, size_t prefix_len) {
   index_child(upper, node);
   if (DeviceLru::contains(node)) device_lru_.insert_before(node, upper);
   if (HostLru::contains(node)) host_lru_.insert_before(node, upper);
+  if (SwaLru::contains(node)) swa_lru_.insert_before(node, upper);
   nodes_.emplace(upper->id, std::move(owned));
   return upper;
 }
@@ -236,18 +252,26 @@ Node* RadixTree::split(Node* node, size_t prefix_len) {
 // Touches node and its ancestors, deepest first, so that every ancestor ends up more recent than
 // its descendants: the LRU's back is then always a leaf (no eviction scan needed).
 void RadixTree::touch_path(Node* node) {
-  for (Node* n = node; n != nullptr; n = n->parent) {
-    n->last_access = ++tick_;
-    if (DeviceLru::contains(n)) device_lru_.move_to_front(n);
-    if (HostLru::contains(n)) host_lru_.move_to_front(n);
-    if (MambaLru::contains(n)) mamba_lru_.move_to_front(n);
-  }
+  for (Node* n = node; n != nullptr; n = n->parent) touch(n);
+}
+
+// Makes node the most recently used in every LRU list holding it (they stay in access order).
+void RadixTree::touch(Node* n) {
+  n->last_access = ++tick_;
+  if (DeviceLru::contains(n)) device_lru_.move_to_front(n);
+  if (HostLru::contains(n)) host_lru_.move_to_front(n);
+  if (MambaLru::contains(n)) mamba_lru_.move_to_front(n);
+  if (SwaLru::contains(n)) swa_lru_.move_to_front(n);
 }
 
 void RadixTree::destroy_leaf(Node* node) {
   if (node->has_mamba_state() || node->has_mamba_host_state()) {
     throw std::logic_error(describe("destroy_leaf", node->id, "still holds a Mamba state"));
   }
+  if (node->has_swa_host()) {
+    throw std::logic_error(describe("destroy_leaf", node->id, "still holds host SWA slots"));
+  }
+  drop_swa(node);  // its Full slots (the caller's to free) take their SWA side with them
   if (DeviceLru::contains(node)) device_lru_.erase(node);
   if (HostLru::contains(node)) host_lru_.erase(node);
   Node* parent = node->parent;
@@ -294,7 +318,8 @@ void RadixTree::check_slots(const char* caller, const SlotIndex* slots, size_t l
 // (SGLang's _demote) and, unless host-locked, becomes the most recent host-LRU entry. Its host-only
 // children are older in the host LRU, so the host LRU's back stays a leaf.
 void RadixTree::demote(Node* node, EvictResult& result) {
-  free_mamba(node, result.mamba_freed);  // no host states yet: it leaves with the device KV
+  free_mamba(node, result.mamba_freed);  // the host state (if any) stays with the host KV
+  drop_swa(node);  // freed with the Full slots; the host copy (if any) stays
   ComponentData& full = node->full();
   result.device_freed.insert(result.device_freed.end(), full.value.begin(), full.value.end());
   full.value.clear();
@@ -321,6 +346,7 @@ void RadixTree::demote_failed(Node* node) {
     }
   }
   free_mamba(node, failed_load_states_);  // a load's anchor got its state with the failed copy
+  drop_swa(node);  // garbage too; its SWA side goes with the failed-load Full slots
   ComponentData& full = node->full();
   if (DeviceLru::contains(node)) {  // unlocked before the load failed
     device_lru_.erase(node);
@@ -371,6 +397,7 @@ bool RadixTree::drop_unbacked(Node* node, EvictResult& result) {
   for (auto it = subtree.rbegin(); it != subtree.rend(); ++it) {
     Node* n = *it;
     free_mamba_host(n);
+    free_swa_host(n);
     if (n->backuped()) {
       const auto& host = n->full().host_value;
       result.host_freed.insert(result.host_freed.end(), host.begin(), host.end());
@@ -388,10 +415,51 @@ void RadixTree::trim_tail(Node* node, size_t keep) {
   if (node->has_mamba_state() || node->has_mamba_host_state()) {  // states of the dropped end
     throw std::logic_error(describe("trim_tail", node->id, "still holds a Mamba state"));
   }
+  const int64_t trimmed = node->num_tokens() - static_cast<int64_t>(keep);
+  if (node->has_swa()) {  // the tail's SWA side goes with its Full slots
+    (node->swa().lock_ref > 0 ? swa_protected_size_ : swa_evictable_size_) -= trimmed;
+  }
+  free_swa_host(node, keep);
   node->key.resize(keep);
   ComponentData& full = node->full();
   if (full.has_value) full.value.resize(keep);
   if (full.has_host_value) full.host_value.resize(keep);
+}
+
+// Marks node's device SWA KV live (its Full slots are SWA-mapped).
+void RadixTree::set_swa(Node* node) {
+  ComponentData& swa = node->swa();
+  swa.has_value = true;
+  if (swa.lock_ref > 0) {
+    swa_protected_size_ += node->num_tokens();
+  } else {
+    swa_lru_.push_front(node);  // callers touch it (or its path) afterwards
+    swa_evictable_size_ += node->num_tokens();
+  }
+}
+
+// Node's device SWA KV is gone (an SWA tombstone on device). The slots are the caller's to free.
+void RadixTree::drop_swa(Node* node) {
+  ComponentData& swa = node->swa();
+  if (!swa.has_value) return;
+  swa.has_value = false;
+  if (SwaLru::contains(node)) {
+    swa_lru_.erase(node);
+    swa_evictable_size_ -= node->num_tokens();
+  } else {
+    swa_protected_size_ -= node->num_tokens();
+  }
+}
+
+// Frees node's host SWA slots from token `keep` on into the take_freed_swa_host_slots outbox.
+void RadixTree::free_swa_host(Node* node, size_t keep) {
+  ComponentData& swa = node->swa();
+  if (!swa.has_host_value) return;
+  freed_swa_host_.insert(freed_swa_host_.end(), swa.host_value.begin() + keep,
+                         swa.host_value.end());
+  swa_host_size_ -= static_cast<int64_t>(swa.host_value.size() - keep);
+  swa.host_value.resize(keep);
+  if (keep == 0) swa.has_host_value = false;
 }
 
 // Frees node's Mamba state (if any) into `freed`: the node becomes a Mamba tombstone. The state
@@ -421,7 +489,8 @@ void RadixTree::free_mamba_host(Node* node) {
 
 // A Mamba tree's node with no state on either tier: no match can end there.
 bool RadixTree::useless_tombstone(const Node* node) const {
-  return mamba_ && !node->has_mamba_state() && !node->has_mamba_host_state();
+  return (mamba_ && !node->has_mamba_state() && !node->has_mamba_host_state()) ||
+         (swa_window_ > 0 && !node->has_swa() && !node->has_swa_host());
 }
 
 // The tombstone cascade of Mamba trees (failure class 5): from `node` upwards, deletes each node
@@ -431,10 +500,11 @@ bool RadixTree::useless_tombstone(const Node* node) const {
 // or load in flight, or is load-failed: an in-flight operation's nodes must stay. device_ok =
 // false also stops at a node with device KV (evict_host returns host slots only).
 void RadixTree::delete_tombstones(Node* node, EvictResult& result, bool device_ok) {
-  if (!mamba_) return;
+  if (!mamba_ && swa_window_ == 0) return;
   while (!node->is_root() && node->num_children == 0 && useless_tombstone(node)) {
     const ComponentData& full = node->full();
     if (full.lock_ref > 0 || full.host_lock_ref > 0 || node->mamba().lock_ref > 0 ||
+        node->swa().lock_ref > 0 ||
         node->backup_pending != kNoNode || node->load_pending != kNoNode || node->load_failed ||
         node->state_backup_pending != kNoNode ||
         (!device_ok && full.has_value)) {
@@ -451,6 +521,9 @@ void RadixTree::delete_tombstones(Node* node, EvictResult& result, bool device_o
       host_total_size_ -= node->num_tokens();
       if (HostLru::contains(node)) host_evictable_size_ -= node->num_tokens();
     }
+    free_mamba(node, result.mamba_freed);
+    free_mamba_host(node);
+    free_swa_host(node);
     Node* parent = node->parent;
     destroy_leaf(node);
     node = parent;
@@ -473,6 +546,9 @@ MatchResult RadixTree::match_prefix(const Token* key, size_t len, std::string_vi
   Node* last_device = node;
   size_t device_len = 0;  // device tokens down to the deepest device node walked so far
   size_t pos = 0;
+  // SWA validator: tokens of the run of SWA-live nodes ending at the walk's node; unbounded from
+  // the root until the first tombstone (no earlier token needs to be attended).
+  int64_t swa_run = INT64_MAX / 2;
   if (ns >= 0) {
     while (pos < len) {
       Node* child = find_child(node, ns, key + pos);
@@ -488,8 +564,18 @@ MatchResult RadixTree::match_prefix(const Token* key, size_t len, std::string_vi
       }
       node = child;
       pos += m;
-      if (!mamba_ ||
-          (child->evicted() ? child->has_mamba_host_state() : child->has_mamba_state())) {
+      bool swa_ok = true;
+      if (swa_window_ > 0) {
+        if (child->evicted() ? child->has_swa_host() : child->has_swa()) {
+          swa_run += static_cast<int64_t>(m);
+          swa_ok = swa_run >= swa_window_;
+        } else {
+          swa_run = 0;
+          swa_ok = false;
+        }
+      }
+      if (swa_ok && (!mamba_ || (child->evicted() ? child->has_mamba_host_state()
+                                                  : child->has_mamba_state()))) {
         best = child;
         if (!child->evicted()) {
           last_device = child;
@@ -503,8 +589,9 @@ MatchResult RadixTree::match_prefix(const Token* key, size_t len, std::string_vi
   int64_t host_len = 0;
   for (const Node* n = best; n != last_device; n = n->parent) host_len += n->num_tokens();
   result.host_hit_length = host_len;
-  if (mamba_ && static_cast<int64_t>(pos) > static_cast<int64_t>(device_len) + host_len) {
-    result.mamba_branching_seqlen = static_cast<int64_t>(pos);
+  if (static_cast<int64_t>(pos) > static_cast<int64_t>(device_len) + host_len) {
+    if (mamba_) result.mamba_branching_seqlen = static_cast<int64_t>(pos);
+    if (swa_window_ > 0) result.swa_branching_seqlen = static_cast<int64_t>(pos);
   }
   touch_path(best);
   result.last_device_node = last_device->id;
@@ -515,7 +602,7 @@ MatchResult RadixTree::match_prefix(const Token* key, size_t len, std::string_vi
 
 InsertResult RadixTree::insert(const Token* key, size_t len, const SlotIndex* value,
                                size_t value_len, std::string_view extra_key,
-                               SlotIndex mamba_value) {
+                               SlotIndex mamba_value, int64_t swa_evicted_seqlen) {
   if (value_len != len) {
     throw std::invalid_argument("insert: key has " + std::to_string(len) + " tokens but value has " +
                                 std::to_string(value_len) + " slots; they must be equal");
@@ -532,6 +619,14 @@ InsertResult RadixTree::insert(const Token* key, size_t len, const SlotIndex* va
                               std::to_string(num_mamba_slots_) + " slots");
     }
   }
+  if (swa_evicted_seqlen < 0 || (swa_window_ == 0 && swa_evicted_seqlen != 0)) {
+    throw std::invalid_argument("insert: swa_evicted_seqlen " + std::to_string(swa_evicted_seqlen) +
+                                (swa_window_ == 0 ? " given to a tree without the SWA component"
+                                                  : " is negative"));
+  }
+  // SWA: the caller freed the SWA side of value[0:frontier]; its own slots above are mapped.
+  const size_t frontier =
+      std::min(aligned, static_cast<size_t>(swa_evicted_seqlen - swa_evicted_seqlen % page_size_));
   const int32_t ns = namespace_id(extra_key, /*create=*/aligned > 0);
 
   InsertResult result;
@@ -549,8 +644,14 @@ InsertResult RadixTree::insert(const Token* key, size_t len, const SlotIndex* va
       stopped = true;
       break;
     }
-    const size_t m = common_pages_len(child, key + pos, aligned - pos);
+    size_t m = common_pages_len(child, key + pos, aligned - pos);
     if (m < child->key.size()) child = split(child, m);
+    if (swa_window_ > 0 && pos < frontier && pos + m > frontier &&
+        (child->evicted() || !child->has_swa())) {
+      // Its SWA changes from the frontier on (adopted or recovered): cut it there.
+      child = split(child, frontier - pos);
+      m = frontier - pos;
+    }
     ++child->hit_count;
     if (child->evicted()) {
       // Host-only node: adopt the caller's fresh device KV instead of loading the host copy back
@@ -566,28 +667,28 @@ InsertResult RadixTree::insert(const Token* key, size_t len, const SlotIndex* va
       device_lru_.push_front(child);  // evicted nodes are never locked; touch_path orders it
       evictable_size_ += child->num_tokens();
       result.adopted_len += static_cast<int64_t>(m);
+      if (swa_window_ > 0 && pos >= frontier) set_swa(child);  // the caller's slots are mapped
     } else {
       result.prefix_len += static_cast<int64_t>(m);
+      const std::vector<SlotIndex>& own = child->full().value;
+      if (swa_window_ > 0 && pos >= frontier && !child->has_swa() && own[0] != value[pos]) {
+        // An SWA tombstone inside the caller's live window: it takes the caller's SWA KV (SGLang's
+        // RecoverSWAWithLockedFull, whether or not its Full KV is locked: it keeps its Full slots).
+        result.swa_remap_dst.insert(result.swa_remap_dst.end(), own.begin(), own.end());
+        result.swa_remap_src.insert(result.swa_remap_src.end(), value + pos, value + pos + m);
+        set_swa(child);
+      }
     }
     node = child;
     pos += m;
   }
   if (!stopped && pos < aligned) {
-    auto owned = std::make_unique<Node>();
-    Node* leaf = owned.get();
-    leaf->id = mint_id();
-    leaf->ns = ns;
-    leaf->key.assign(key + pos, key + aligned);
-    leaf->full().value.assign(value + pos, value + aligned);
-    leaf->full().has_value = true;
-    leaf->hit_count = 1;  // this insert: write_through backs a node up at its first insert
-    leaf->creation_time = tick_ + 1;
-    nodes_.emplace(leaf->id, std::move(owned));
-    link_child(node, leaf);
-    index_child(node, leaf);
-    device_lru_.push_front(leaf);
-    evictable_size_ += leaf->num_tokens();
-    node = leaf;
+    if (swa_window_ > 0 && pos < frontier && frontier < aligned) {  // SWA tombstone, then live
+      node = add_leaf(node, ns, key + pos, value + pos, frontier - pos, /*swa_live=*/false);
+      pos = frontier;
+    }
+    node = add_leaf(node, ns, key + pos, value + pos, aligned - pos,
+                    /*swa_live=*/swa_window_ > 0 && pos >= frontier);
     pos = aligned;
   }
   if (mamba_value != -1 && !stopped && aligned > 0) {
@@ -606,6 +707,27 @@ InsertResult RadixTree::insert(const Token* key, size_t len, const SlotIndex* va
   result.last_node = node->id;
   result.cached_len = static_cast<int64_t>(pos);
   return result;
+}
+
+// A new device node under parent with key[0:len] and device slots value[0:len], unlocked.
+Node* RadixTree::add_leaf(Node* parent, int32_t ns, const Token* key, const SlotIndex* value,
+                          size_t len, bool swa_live) {
+  auto owned = std::make_unique<Node>();
+  Node* leaf = owned.get();
+  leaf->id = mint_id();
+  leaf->ns = ns;
+  leaf->key.assign(key, key + len);
+  leaf->full().value.assign(value, value + len);
+  leaf->full().has_value = true;
+  leaf->hit_count = 1;  // this insert: write_through backs a node up at its first insert
+  leaf->creation_time = tick_ + 1;
+  nodes_.emplace(leaf->id, std::move(owned));
+  link_child(parent, leaf);
+  index_child(parent, leaf);
+  device_lru_.push_front(leaf);
+  evictable_size_ += leaf->num_tokens();
+  if (swa_live) set_swa(leaf);
+  return leaf;
 }
 
 LockReceipt RadixTree::inc_lock_ref(NodeId id) {
@@ -634,11 +756,49 @@ LockReceipt RadixTree::inc_lock_ref(NodeId id) {
   }
   evictable_size_ -= receipt.delta;
   protected_size_ += receipt.delta;
+  // SWA: the window ending at the node (a segment lock; tombstones in it are counted too).
+  for (Node* n = node; swa_window_ > 0 && !n->is_root() && receipt.swa_lock_tokens < swa_window_;
+       n = n->parent) {
+    ComponentData& swa = n->swa();
+    if (swa.lock_ref++ == 0 && swa.has_value) {
+      swa_lru_.erase(n);
+      swa_evictable_size_ -= n->num_tokens();
+      swa_protected_size_ += n->num_tokens();
+    }
+    receipt.swa_lock_tokens += n->num_tokens();
+  }
   return receipt;
 }
 
-int64_t RadixTree::dec_lock_ref(NodeId id, NodeId mamba_node_id) {
+int64_t RadixTree::dec_lock_ref(NodeId id, NodeId mamba_node_id, int64_t swa_lock_tokens) {
   Node* node = node_by_id(id, "dec_lock_ref");
+  if (swa_window_ == 0 ? swa_lock_tokens != 0
+                       : (swa_lock_tokens <= 0) != node->is_root()) {
+    throw std::invalid_argument(describe(
+        "dec_lock_ref", id,
+        "swa_lock_tokens " + std::to_string(swa_lock_tokens) +
+            (swa_window_ == 0 ? " given to a tree without the SWA component"
+                              : " is not the receipt's: a lock here holds an SWA segment")));
+  }
+  Node* swa_top = nullptr;  // the upper end of the receipt's SWA segment
+  if (swa_lock_tokens > 0) {
+    int64_t covered = 0;
+    for (Node* n = node; !n->is_root() && covered < swa_lock_tokens; n = n->parent) {
+      if (n->swa().lock_ref <= 0) {
+        throw std::invalid_argument(describe("dec_lock_ref", n->id,
+                                             "holds no SWA lock inside the receipt's SWA segment: "
+                                             "a wrong or already used receipt"));
+      }
+      covered += n->num_tokens();
+      swa_top = n;
+    }
+    if (covered != swa_lock_tokens) {
+      throw std::invalid_argument(describe("dec_lock_ref", id,
+                                           "swa_lock_tokens " + std::to_string(swa_lock_tokens) +
+                                               " does not end on a node boundary above it: a "
+                                               "wrong receipt"));
+    }
+  }
   if (mamba_node_id != kNoNode) {
     if (mamba_node_id != id) {
       throw std::invalid_argument(describe("dec_lock_ref", id,
@@ -674,6 +834,16 @@ int64_t RadixTree::dec_lock_ref(NodeId id, NodeId mamba_node_id) {
     }
   }
   if (mamba_node_id == kNoNode) --node->plain_receipts;
+  for (Node* n = node; swa_top != nullptr; n = n->parent) {  // components before Full
+    ComponentData& swa = n->swa();
+    if (--swa.lock_ref == 0 && swa.has_value) {
+      swa_protected_size_ -= n->num_tokens();
+      swa_evictable_size_ += n->num_tokens();
+      swa_lru_.push_front(n);
+      touch(n);
+    }
+    if (n == swa_top) break;
+  }
   if (mamba_node_id != kNoNode && --node->mamba().lock_ref == 0) {  // components before Full
     node->last_access = ++tick_;
     mamba_lru_.push_front(node);
@@ -688,10 +858,8 @@ int64_t RadixTree::dec_lock_ref(NodeId id, NodeId mamba_node_id) {
         demote_failed(n);  // deepest first: its device children (load-failed) went before it
         continue;
       }
-      n->last_access = ++tick_;
       device_lru_.push_front(n);
-      // Its access time changed: keep the Mamba LRU in access-time order too.
-      if (MambaLru::contains(n)) mamba_lru_.move_to_front(n);
+      touch(n);  // keeps every LRU holding it in access-time order
       delta += n->num_tokens();
     }
   }
@@ -749,57 +917,103 @@ EvictResult RadixTree::evict(int64_t num_tokens, bool write_back) {
                                             std::to_string(c->id)));
       }
     }
-    const int64_t victim_pages = victim->num_tokens() / page_size_;
-    const size_t keep = static_cast<size_t>(std::max<int64_t>(victim_pages - pages, 0) * page_size_);
-    // Mamba trees: what is left of the victim (or its parent, once dropped) may now be a
-    // childless tombstone, which the cascade deletes; its pages count as freed.
-    Node* cascade_from = victim;
-    int64_t demoted = 0;  // tokens of the victim if this round demoted it
-    const NodeId victim_id = victim->id;  // (a drop destroys the victim)
-    if (victim->backuped() || write_back || victim->num_children > 0) {
-      // Page-granular: the tail pages become their own node (the victim keeps its id, the kept
-      // head is the new parent), which is then demoted, backed up or dropped as a whole.
-      if (keep > 0) split(victim, keep);
-      const int64_t taken_pages = victim->num_tokens() / page_size_;  // before a drop frees it
-      if (victim->backuped()) {
-        demoted = victim->num_tokens();
-        demote(victim, result);
-      } else if (write_back) {
-        result.needs_backup = victim->id;
-        break;
-      } else {
-        Node* parent = victim->parent;
-        if (!drop_unbacked(victim, result)) break;
-        cascade_from = parent;
-      }
-      pages -= taken_pages;
-    } else if (victim->full().host_lock_ref > 0) {
-      break;  // an in-flight host operation holds it: it may neither shrink nor go
-    } else if (keep > 0) {
-      // A childless unbacked leaf loses its tail pages in place (and its state, of the old end).
-      free_mamba(victim, result.mamba_freed);
-      std::vector<SlotIndex>& value = victim->full().value;
-      result.device_freed.insert(result.device_freed.end(), value.begin() + keep, value.end());
-      const int64_t trimmed = victim->num_tokens() - static_cast<int64_t>(keep);
-      evictable_size_ -= trimmed;
-      result.dropped_tokens += trimmed;
-      trim_tail(victim, keep);
-      pages = 0;
+    if (!evict_leaf(victim, pages, write_back, result)) break;
+  }
+  return result;
+}
+
+// Frees up to `pages` pages of an unlocked device leaf (no device child), from its tail, and
+// counts what it freed (the tombstone cascade included) off `pages`. Returns false when the
+// caller must stop: write_back needs a backup first (result.needs_backup), or an in-flight host
+// operation holds the leaf or its host-only subtree.
+bool RadixTree::evict_leaf(Node* victim, int64_t& pages, bool write_back, EvictResult& result) {
+  const int64_t victim_pages = victim->num_tokens() / page_size_;
+  const size_t keep = static_cast<size_t>(std::max<int64_t>(victim_pages - pages, 0) * page_size_);
+  // Mamba trees: what is left of the victim (or its parent, once dropped) may now be a
+  // childless tombstone, which the cascade deletes; its pages count as freed.
+  Node* cascade_from = victim;
+  int64_t demoted = 0;  // tokens of the victim if this round demoted it
+  const NodeId victim_id = victim->id;  // (a drop destroys the victim)
+  if (victim->backuped() || write_back || victim->num_children > 0) {
+    // Page-granular: the tail pages become their own node (the victim keeps its id, the kept
+    // head is the new parent), which is then demoted, backed up or dropped as a whole.
+    if (keep > 0) split(victim, keep);
+    const int64_t taken_pages = victim->num_tokens() / page_size_;  // before a drop frees it
+    if (victim->backuped()) {
+      demoted = victim->num_tokens();
+      demote(victim, result);
+    } else if (write_back) {
+      result.needs_backup = victim->id;
+      return false;
     } else {
       Node* parent = victim->parent;
-      if (!drop_unbacked(victim, result)) break;
+      if (!drop_unbacked(victim, result)) return false;
       cascade_from = parent;
-      pages -= victim_pages;
     }
-    const size_t freed_before = result.device_freed.size();
-    delete_tombstones(cascade_from, result, /*device_ok=*/true);
-    pages -= static_cast<int64_t>(result.device_freed.size() - freed_before) / page_size_;
-    if (demoted > 0 && nodes_.count(victim_id) == 0) {
-      // The cascade deleted the demoted victim with its host copy: its tokens did not stay in
-      // the tree as host-only, so they count as dropped.
-      result.demoted_tokens -= demoted;
-      result.dropped_tokens += demoted;
+    pages -= taken_pages;
+  } else if (victim->full().host_lock_ref > 0) {
+    return false;  // an in-flight host operation holds it: it may neither shrink nor go
+  } else if (keep > 0) {
+    // A childless unbacked leaf loses its tail pages in place (and its state, of the old end).
+    free_mamba(victim, result.mamba_freed);
+    std::vector<SlotIndex>& value = victim->full().value;
+    result.device_freed.insert(result.device_freed.end(), value.begin() + keep, value.end());
+    const int64_t trimmed = victim->num_tokens() - static_cast<int64_t>(keep);
+    evictable_size_ -= trimmed;
+    result.dropped_tokens += trimmed;
+    trim_tail(victim, keep);
+    pages = 0;
+  } else {
+    Node* parent = victim->parent;
+    if (!drop_unbacked(victim, result)) return false;
+    cascade_from = parent;
+    pages -= victim_pages;
+  }
+  const size_t freed_before = result.device_freed.size();
+  delete_tombstones(cascade_from, result, /*device_ok=*/true);
+  pages -= static_cast<int64_t>(result.device_freed.size() - freed_before) / page_size_;
+  if (demoted > 0 && nodes_.count(victim_id) == 0) {
+    // The cascade deleted the demoted victim with its host copy: its tokens did not stay in
+    // the tree as host-only, so they count as dropped.
+    result.demoted_tokens -= demoted;
+    result.dropped_tokens += demoted;
+  }
+  return true;
+}
+
+EvictResult RadixTree::evict_swa(int64_t num_tokens, bool write_back) {
+  if (num_tokens < 0) {
+    throw std::invalid_argument("evict_swa: num_tokens must be >= 0, got " +
+                                std::to_string(num_tokens));
+  }
+  EvictResult result;
+  int64_t pages = (num_tokens + page_size_ - 1) / page_size_;
+  while (pages > 0 && !swa_lru_.empty()) {
+    Node* victim = swa_lru_.back();
+    if (write_back && !victim->backuped()) {
+      result.needs_backup = victim->id;  // back up before it loses anything (PR #28468)
+      break;
     }
+    bool device_leaf = victim->full().lock_ref == 0;
+    for (const Node* c = victim->first_child; c != nullptr && device_leaf; c = c->next_sibling) {
+      device_leaf = c->evicted();
+    }
+    if (device_leaf) {  // evicting any component of a leaf removes all (reference section 2.5)
+      int64_t leaf_pages = victim->num_tokens() / page_size_;
+      const int64_t before = leaf_pages;
+      if (!evict_leaf(victim, leaf_pages, write_back, result)) break;
+      pages -= before - leaf_pages;
+      continue;
+    }
+    // An internal node (or one a request holds outside its window): an SWA tombstone from now on,
+    // and its Mamba state goes too (a state cannot be resumed without the window before it).
+    const std::vector<SlotIndex>& full = victim->full().value;
+    result.swa_freed.insert(result.swa_freed.end(), full.begin(), full.end());
+    result.swa_tombstoned_tokens += victim->num_tokens();
+    pages -= victim->num_tokens() / page_size_;
+    drop_swa(victim);
+    free_mamba(victim, result.mamba_freed);
+    delete_tombstones(victim, result, /*device_ok=*/true);
   }
   return result;
 }
@@ -846,6 +1060,7 @@ std::vector<SlotIndex> RadixTree::evict_host(int64_t num_tokens) {
       pages -= victim_pages;
       Node* parent = victim->parent;
       free_mamba_host(victim);
+      free_swa_host(victim);
       destroy_leaf(victim);
       EvictResult cascade;  // Mamba trees: host-only tombstones above it; device ones stay
       delete_tombstones(parent, cascade, /*device_ok=*/false);
@@ -873,11 +1088,13 @@ TransferPlan RadixTree::backup_plan(NodeId id, uint64_t min_hit_count) const {
   TransferPlan plan = root_first_plan(path, &ComponentData::value);
   for (auto it = path.rbegin(); it != path.rend(); ++it) {
     plan.states.push_back((*it)->has_mamba_state() ? (*it)->mamba().value[0] : -1);
+    plan.swa.push_back((*it)->has_swa() ? 1 : 0);
   }
   return plan;
 }
 
-void RadixTree::commit_backup(NodeId id, const SlotIndex* host, size_t len, SlotIndex host_state) {
+void RadixTree::commit_backup(NodeId id, const SlotIndex* host, size_t len, SlotIndex host_state,
+                              const SlotIndex* host_swa, size_t host_swa_len) {
   Node* node = node_by_id(id, "commit_backup");
   if (node->is_root() || node->evicted()) {
     throw std::invalid_argument(describe("commit_backup", id, "has no device KV to back up"));
@@ -892,6 +1109,20 @@ void RadixTree::commit_backup(NodeId id, const SlotIndex* host, size_t len, Slot
                                              " host slots were given"));
   }
   check_slots("commit_backup", host, len, num_host_slots_, "host");
+  if (host_swa_len > 0) {
+    if (!node->has_swa()) {
+      throw std::invalid_argument(describe("commit_backup", id,
+                                           "host SWA slots were given but the node has no live "
+                                           "device SWA KV"));
+    }
+    if (host_swa_len != len) {
+      throw std::invalid_argument(describe("commit_backup", id,
+                                           "has " + std::to_string(len) + " tokens but " +
+                                               std::to_string(host_swa_len) +
+                                               " host SWA slots were given"));
+    }
+    check_slots("commit_backup", host_swa, host_swa_len, num_swa_host_slots_, "host SWA");
+  }
   if (host_state != -1) {
     if (!node->has_mamba_state()) {
       throw std::invalid_argument(describe("commit_backup", id,
@@ -906,6 +1137,11 @@ void RadixTree::commit_backup(NodeId id, const SlotIndex* host, size_t len, Slot
     }
     node->mamba().host_value.assign(1, host_state);
     node->mamba().has_host_value = true;
+  }
+  if (host_swa_len > 0) {
+    node->swa().host_value.assign(host_swa, host_swa + host_swa_len);
+    node->swa().has_host_value = true;
+    swa_host_size_ += node->num_tokens();
   }
   ComponentData& full = node->full();
   full.host_value.assign(host, host + len);
@@ -997,6 +1233,7 @@ std::vector<SlotIndex> RadixTree::abort_backup(NodeId ack_id) {
     full.host_value.clear();
     full.has_host_value = false;
     free_mamba_host(n);  // its bytes are as unfinished as the KV's
+    free_swa_host(n);
     host_total_size_ -= n->num_tokens();
     n->backup_pending = kNoNode;
   }
@@ -1011,6 +1248,12 @@ TransferPlan RadixTree::load_back_plan(NodeId anchor) const {
   plan.states.assign(path.size(), -1);
   if (!path.empty() && path.front()->has_mamba_host_state()) {
     plan.states.back() = path.front()->mamba().host_value[0];
+  }
+  // SWA trees: the host SWA copies come back with the KV.
+  for (auto it = path.rbegin(); it != path.rend(); ++it) {
+    const ComponentData& swa = (*it)->swa();
+    plan.swa.push_back(swa.has_host_value ? 1 : 0);
+    plan.swa_indices.insert(plan.swa_indices.end(), swa.host_value.begin(), swa.host_value.end());
   }
   return plan;
 }
@@ -1061,6 +1304,7 @@ void RadixTree::commit_load_back(NodeId anchor, const SlotIndex* device, size_t 
     }
     device_lru_.push_front(n);  // evicted nodes are never locked; touch_path orders them
     evictable_size_ += n->num_tokens();
+    if (n->has_swa_host()) set_swa(n);  // the caller loads its host SWA copy with the KV
   }
   if (with_state) {  // the anchor's state, device tier: unlocked until the caller locks anchor
     node->mamba().value.assign(1, device_state);
@@ -1133,6 +1377,12 @@ std::vector<SlotIndex> RadixTree::take_freed_mamba_host_slots() {
   return slots;
 }
 
+std::vector<SlotIndex> RadixTree::take_freed_swa_host_slots() {
+  std::vector<SlotIndex> slots;
+  slots.swap(freed_swa_host_);
+  return slots;
+}
+
 std::vector<SlotIndex> RadixTree::reset() {
   if (protected_size_ != 0) {
     throw std::invalid_argument("reset: " + std::to_string(protected_size_) +
@@ -1155,6 +1405,9 @@ std::vector<SlotIndex> RadixTree::reset() {
   mamba_evictable_size_ = mamba_protected_size_ = 0;  // (locked states are Full-locked: none)
   failed_load_states_.clear();  // the caller takes the outboxes and the states first
   freed_mamba_host_.clear();
+  swa_lru_.clear();  // (SWA locks come with Full locks: none here)
+  swa_evictable_size_ = swa_protected_size_ = swa_host_size_ = 0;
+  freed_swa_host_.clear();  // (the caller takes all_swa_host_indices() and the outbox first)
   child_index_.clear();
   nodes_.clear();
   namespaces_.clear();
@@ -1190,6 +1443,9 @@ NodeInfo RadixTree::node_info(NodeId id) const {
   info.mamba_lock_ref = node->mamba().lock_ref;
   info.has_mamba_host_value = node->has_mamba_host_state();
   info.mamba_host_value = node->has_mamba_host_state() ? node->mamba().host_value[0] : -1;
+  info.has_swa_value = node->has_swa();
+  info.swa_lock_ref = node->swa().lock_ref;
+  info.has_swa_host_value = node->has_swa_host();
   info.has_extra_key = node->ns > 0;
   if (node->ns > 0) info.extra_key = namespace_names_[static_cast<size_t>(node->ns)];
   return info;
@@ -1226,6 +1482,24 @@ std::vector<SlotIndex> RadixTree::all_mamba_host_indices() const {
   return out;
 }
 
+std::vector<SlotIndex> RadixTree::all_swa_indices() const {
+  std::vector<SlotIndex> out;
+  out.reserve(static_cast<size_t>(swa_evictable_size_ + swa_protected_size_));
+  for (const auto& [id, node] : nodes_) {
+    if (node->has_swa()) out.insert(out.end(), node->full().value.begin(), node->full().value.end());
+  }
+  return out;
+}
+
+std::vector<SlotIndex> RadixTree::all_swa_host_indices() const {
+  std::vector<SlotIndex> out;
+  for (const auto& [id, node] : nodes_) {
+    const std::vector<SlotIndex>& host = node->swa().host_value;
+    out.insert(out.end(), host.begin(), host.end());
+  }
+  return out;
+}
+
 std::vector<SlotIndex> RadixTree::all_mamba_indices() const {
   std::vector<SlotIndex> out;
   out.reserve(static_cast<size_t>(mamba_evictable_size_ + mamba_protected_size_));
@@ -1244,6 +1518,10 @@ std::string RadixTree::pretty_print() const {
     os << ", mamba_evictable=" << mamba_evictable_size_
        << ", mamba_protected=" << mamba_protected_size_;
   }
+  if (swa_window_ > 0) {
+    os << ", window=" << swa_window_ << ", swa_evictable=" << swa_evictable_size_
+       << ", swa_protected=" << swa_protected_size_ << ", swa_host=" << swa_host_size_;
+  }
   os << ")\n";
   std::vector<std::pair<const Node*, int>> stack{{root_.get(), 0}};
   while (!stack.empty()) {
@@ -1261,6 +1539,10 @@ std::string RadixTree::pretty_print() const {
       os << " mamba=" << n->mamba().value[0] << " mamba_lock_ref=" << n->mamba().lock_ref;
     }
     if (n->has_mamba_host_state()) os << " mamba_host=" << n->mamba().host_value[0];
+    if (swa_window_ > 0 && !n->is_root()) {
+      os << " swa=" << (n->has_swa() ? "D" : "") << (n->has_swa_host() ? "H" : "")
+         << " swa_lock_ref=" << n->swa().lock_ref;
+    }
     if (n->ns > 0) os << " extra_key=" << namespace_names_[static_cast<size_t>(n->ns)];
     if (!n->key.empty()) {
       os << " key=[";

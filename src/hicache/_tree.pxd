@@ -24,6 +24,7 @@ cdef extern from "hicache/radix_tree.h" namespace "hicache" nogil:
         NodeId best_match_node
         int64_t host_hit_length
         int64_t mamba_branching_seqlen
+        int64_t swa_branching_seqlen
 
     cdef cppclass CInsertResult "hicache::InsertResult":
         int64_t prefix_len
@@ -32,11 +33,14 @@ cdef extern from "hicache/radix_tree.h" namespace "hicache" nogil:
         int64_t cached_len
         cbool mamba_exist
         cbool mamba_taken
+        vector[SlotIndex] swa_remap_dst
+        vector[SlotIndex] swa_remap_src
 
     cdef cppclass CLockReceipt "hicache::LockReceipt":
         NodeId node_id
         int64_t delta
         NodeId mamba_node_id
+        int64_t swa_lock_tokens
 
     cdef cppclass CEvictResult "hicache::EvictResult":
         vector[SlotIndex] device_freed
@@ -45,12 +49,16 @@ cdef extern from "hicache/radix_tree.h" namespace "hicache" nogil:
         int64_t dropped_tokens
         NodeId needs_backup
         vector[SlotIndex] mamba_freed
+        vector[SlotIndex] swa_freed
+        int64_t swa_tombstoned_tokens
 
     cdef cppclass CTransferPlan "hicache::TransferPlan":
         vector[NodeId] nodes
         vector[int64_t] lengths
         vector[SlotIndex] indices
         vector[SlotIndex] states
+        vector[unsigned char] swa
+        vector[SlotIndex] swa_indices
 
     cdef cppclass CNodeInfo "hicache::NodeInfo":
         NodeId node_id
@@ -71,35 +79,45 @@ cdef extern from "hicache/radix_tree.h" namespace "hicache" nogil:
         int64_t mamba_lock_ref
         cbool has_mamba_host_value
         SlotIndex mamba_host_value
+        cbool has_swa_value
+        int64_t swa_lock_ref
+        cbool has_swa_host_value
         string extra_key
         cbool has_extra_key
 
     cdef cppclass CRadixTree "hicache::RadixTree":
         CRadixTree(int64_t page_size, int64_t num_device_slots, int64_t num_host_slots,
                    cbool mamba, int64_t num_mamba_slots,
-                   int64_t num_mamba_host_slots) except +translate_cpp_exception
+                   int64_t num_mamba_host_slots, int64_t sliding_window_size,
+                   int64_t num_swa_host_slots) except +translate_cpp_exception
         int64_t page_size()
         int64_t num_device_slots()
         int64_t num_host_slots()
         cbool has_mamba()
+        cbool has_swa()
+        int64_t sliding_window_size()
         CMatchResult match_prefix(const Token* key, size_t length,
                                   string_view extra_key) except +translate_cpp_exception
         CInsertResult insert(const Token* key, size_t length, const SlotIndex* value,
                              size_t value_len, string_view extra_key,
-                             SlotIndex mamba_value) except +translate_cpp_exception
+                             SlotIndex mamba_value,
+                             int64_t swa_evicted_seqlen) except +translate_cpp_exception
         CLockReceipt inc_lock_ref(NodeId node_id) except +translate_cpp_exception
-        int64_t dec_lock_ref(NodeId node_id,
-                             NodeId mamba_node_id) except +translate_cpp_exception
+        int64_t dec_lock_ref(NodeId node_id, NodeId mamba_node_id,
+                             int64_t swa_lock_tokens) except +translate_cpp_exception
         int64_t inc_host_lock_ref(NodeId node_id) except +translate_cpp_exception
         int64_t dec_host_lock_ref(NodeId node_id) except +translate_cpp_exception
         CEvictResult evict(int64_t num_tokens, cbool write_back) except +translate_cpp_exception
         vector[SlotIndex] evict_host(int64_t num_tokens) except +translate_cpp_exception
         CEvictResult evict_mamba(int64_t num_states,
                                  cbool write_back) except +translate_cpp_exception
+        CEvictResult evict_swa(int64_t num_tokens,
+                               cbool write_back) except +translate_cpp_exception
         CTransferPlan backup_plan(NodeId node_id,
                                   uint64_t min_hit_count) except +translate_cpp_exception
         void commit_backup(NodeId node_id, const SlotIndex* host, size_t length,
-                           SlotIndex host_state) except +translate_cpp_exception
+                           SlotIndex host_state, const SlotIndex* host_swa,
+                           size_t host_swa_len) except +translate_cpp_exception
         void finish_backup(NodeId ack_id) except +translate_cpp_exception
         CTransferPlan state_backup_plan(NodeId node_id) except +translate_cpp_exception
         void commit_state_backup(NodeId node_id,
@@ -122,6 +140,9 @@ cdef extern from "hicache/radix_tree.h" namespace "hicache" nogil:
         int64_t load_failed_size()
         int64_t mamba_evictable_size()
         int64_t mamba_protected_size()
+        int64_t swa_evictable_size()
+        int64_t swa_protected_size()
+        int64_t swa_host_size()
         int64_t num_nodes()
         cbool contains_node(NodeId node_id)
         CNodeInfo node_info(NodeId node_id) except +translate_cpp_exception
@@ -133,6 +154,9 @@ cdef extern from "hicache/radix_tree.h" namespace "hicache" nogil:
         vector[SlotIndex] all_mamba_host_indices() except +translate_cpp_exception
         vector[SlotIndex] take_failed_load_states() except +translate_cpp_exception
         vector[SlotIndex] take_freed_mamba_host_slots() except +translate_cpp_exception
+        vector[SlotIndex] take_freed_swa_host_slots() except +translate_cpp_exception
+        vector[SlotIndex] all_swa_indices() except +translate_cpp_exception
+        vector[SlotIndex] all_swa_host_indices() except +translate_cpp_exception
         vector[SlotIndex] reset() except +translate_cpp_exception
         string pretty_print() except +translate_cpp_exception
         void check_invariants() except +translate_cpp_exception
@@ -154,5 +178,7 @@ cdef class RadixTree:
     cdef readonly cbool mamba
     cdef readonly int64_t num_mamba_slots
     cdef readonly int64_t num_mamba_host_slots
+    cdef readonly int64_t sliding_window_size
+    cdef readonly int64_t num_swa_host_slots
     cdef int _as_tokens(self, object key, const Token** out, size_t* n) except -1
     cdef int _as_slots(self, object value, const SlotIndex** out, size_t* n) except -1

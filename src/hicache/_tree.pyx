@@ -67,12 +67,14 @@ cdef object _to_tensor(vector[SlotIndex]& values):
 
 cdef object _evict_result(CEvictResult& r):
     return EvictResult(_to_tensor(r.device_freed), _to_tensor(r.host_freed), r.demoted_tokens,
-                       r.dropped_tokens, r.needs_backup, _to_tensor(r.mamba_freed))
+                       r.dropped_tokens, r.needs_backup, _to_tensor(r.mamba_freed),
+                       _to_tensor(r.swa_freed), r.swa_tombstoned_tokens)
 
 
 cdef object _plan(CTransferPlan& plan):
     return TransferPlan(list(plan.nodes), list(plan.lengths), _to_tensor(plan.indices),
-                        tuple(plan.states))
+                        tuple(plan.states), tuple([bool(f) for f in plan.swa]),
+                        _to_tensor(plan.swa_indices))
 
 
 cdef int _check_cpu_vector(object t, str name) except -1:
@@ -156,6 +158,18 @@ cdef class RadixTree:
     its KV, cascading up through tombstone parents, stopping at any node locked or host-locked in
     any component or with a transfer in flight (DESIGN.md failure class 5).
 
+    SWA component (``sliding_window_size > 0``, hybrid sliding-window attention models; SGLang's
+    UnifiedRadixCache with FULL + SWA): a node's sliding-window KV is live on device (found
+    through its Full slots' full -> SWA mapping) or gone (an SWA tombstone, its Full KV kept),
+    and may have a host copy. A match ends only where a run of ``sliding_window_size`` tokens
+    with SWA KV ends (``swa_branching_seqlen`` reports the Full tokens matched beyond it);
+    ``insert(..., swa_evicted_seqlen=f)`` inserts the caller's tokens below ``f`` as SWA
+    tombstones (it freed their SWA KV) and lets tombstones above ``f`` take the caller's SWA KV
+    (``swa_remap_dst``/``swa_remap_src``); locks hold the SWA window ending at the locked node
+    (the receipt's ``swa_lock_tokens``); :meth:`evict_swa` frees the least recently used
+    unlocked SWA KV (internal nodes become SWA tombstones, leaves go whole); a childless node
+    with SWA on neither tier is a useless tombstone for the cascade.
+
     Args:
         page_size: tokens per page, >= 1. Keys and values are used in whole pages.
         num_device_slots: size of the device pool in slots (tokens). When > 0, device slot indices
@@ -164,16 +178,22 @@ cdef class RadixTree:
         mamba: add the Mamba component.
         num_mamba_slots: the same check for Mamba state slots (one slot per state).
         num_mamba_host_slots: the same for host Mamba state slots.
+        sliding_window_size: > 0 adds the SWA component with this window, in tokens.
+        num_swa_host_slots: the slot check for host SWA slots (0 disables it).
 
     Raises:
-        InvalidArgumentError: ``page_size < 1`` or a negative pool size.
+        InvalidArgumentError: ``page_size < 1`` or a negative pool size or window.
     """
 
     def __cinit__(self, int64_t page_size=1, int64_t num_device_slots=0,
                   int64_t num_host_slots=0, bint mamba=False, int64_t num_mamba_slots=0,
-                  int64_t num_mamba_host_slots=0):
+                  int64_t num_mamba_host_slots=0, int64_t sliding_window_size=0,
+                  int64_t num_swa_host_slots=0):
         self._tree.reset(new CRadixTree(page_size, num_device_slots, num_host_slots, mamba,
-                                        num_mamba_slots, num_mamba_host_slots))
+                                        num_mamba_slots, num_mamba_host_slots,
+                                        sliding_window_size, num_swa_host_slots))
+        self.sliding_window_size = sliding_window_size
+        self.num_swa_host_slots = num_swa_host_slots
         self.page_size = page_size
         self.num_device_slots = num_device_slots
         self.num_host_slots = num_host_slots
@@ -289,9 +309,11 @@ cdef class RadixTree:
         self._as_tokens(key, &tokens, &n)
         cdef CMatchResult r = self._tree.get().match_prefix(tokens, n, ns)
         return MatchResult(_to_tensor(r.device_indices), r.last_device_node, r.last_host_node,
-                           r.best_match_node, r.host_hit_length, r.mamba_branching_seqlen)
+                           r.best_match_node, r.host_hit_length, r.mamba_branching_seqlen,
+                           r.swa_branching_seqlen)
 
-    def insert(self, key, value, extra_key=None, int64_t mamba_value=-1):
+    def insert(self, key, value, extra_key=None, int64_t mamba_value=-1,
+               int64_t swa_evicted_seqlen=0):
         """Inserts ``key`` with its device KV slots ``value``.
 
         Only the page-aligned part ``key[:floor(len/page_size)*page_size]`` is inserted. Device
@@ -309,6 +331,9 @@ cdef class RadixTree:
             extra_key: namespace, as in :meth:`match_prefix`.
             mamba_value: Mamba trees: the state slot holding the recurrent state after the
                 aligned key, or -1 for none.
+            swa_evicted_seqlen: SWA trees: the caller already freed the SWA KV of
+                ``value[:swa_evicted_seqlen]`` (page-floored; SGLang's ``swa_evicted_seqlen``)
+                and its own slots above are SWA-mapped. 0 for none.
 
         Returns:
             InsertResult: ``prefix_len`` (tokens already on device: the caller still owns
@@ -317,7 +342,8 @@ cdef class RadixTree:
             tree owns ``value[prefix_len:cached_len]``, the caller keeps ``value[cached_len:]``.
             With a ``mamba_value``: ``mamba_taken`` (the tree owns it now) or ``mamba_exist``
             (the node already had a state: the caller frees its copy); neither when the walk
-            stopped early (the caller keeps it).
+            stopped early (the caller keeps it). SWA trees: ``swa_remap_dst``/``swa_remap_src``
+            (move those SWA mappings before freeing the duplicates).
 
         Raises:
             InvalidArgumentError: wrong type/dtype/device/shape, ``len(value) != len(key)``, a
@@ -333,9 +359,11 @@ cdef class RadixTree:
         cdef string_view ns = _view(holder)
         self._as_tokens(key, &tokens, &n)
         self._as_slots(value, &slots, &m)
-        cdef CInsertResult r = self._tree.get().insert(tokens, n, slots, m, ns, mamba_value)
+        cdef CInsertResult r = self._tree.get().insert(tokens, n, slots, m, ns, mamba_value,
+                                                       swa_evicted_seqlen)
         return InsertResult(r.prefix_len, r.last_node, r.adopted_len, r.cached_len,
-                            r.mamba_exist, r.mamba_taken)
+                            r.mamba_exist, r.mamba_taken, _to_tensor(r.swa_remap_dst),
+                            _to_tensor(r.swa_remap_src))
 
     def inc_lock_ref(self, int64_t node_id):
         """Locks a node's device KV and its ancestors' against eviction (a path lock).
@@ -346,15 +374,17 @@ cdef class RadixTree:
         Returns:
             LockReceipt: ``node_id`` (the node locked: pass it to :meth:`dec_lock_ref`),
             ``delta`` (tokens moved from evictable to protected) and, in a Mamba tree where that
-            node holds a state, ``mamba_node_id`` (its state is locked too; else -1).
+            node holds a state, ``mamba_node_id`` (its state is locked too; else -1); in an
+            SWA tree ``swa_lock_tokens`` (the SWA window segment locked upwards from it).
 
         Raises:
             IndexOutOfRangeError: unknown node id.
         """
         cdef CLockReceipt r = self._tree.get().inc_lock_ref(node_id)
-        return LockReceipt(r.node_id, r.delta, r.mamba_node_id)
+        return LockReceipt(r.node_id, r.delta, r.mamba_node_id, r.swa_lock_tokens)
 
-    def dec_lock_ref(self, int64_t node_id, int64_t mamba_node_id=-1):
+    def dec_lock_ref(self, int64_t node_id, int64_t mamba_node_id=-1,
+                     int64_t swa_lock_tokens=0):
         """Releases one lock taken by :meth:`inc_lock_ref`; ``node_id`` is its receipt's node.
 
         Nodes whose ``lock_ref`` drops to 0 become evictable and count as just used; load-failed
@@ -367,16 +397,18 @@ cdef class RadixTree:
         Args:
             node_id: the receipt's ``node_id``.
             mamba_node_id: the receipt's ``mamba_node_id`` (-1: no Mamba lock to release).
+            swa_lock_tokens: the receipt's ``swa_lock_tokens`` (SWA trees).
 
         Raises:
             InvalidArgumentError: the node is not locked, the Mamba part of the receipt is wrong
                 (names another node, or a node without a Mamba lock, or is missing where every
-                Full lock on the node came with a Mamba lock), or the call would release a
+                Full lock on the node came with a Mamba lock), the SWA part is wrong (missing, or
+                not ending on an SWA-locked segment's boundary), or the call would release a
                 load-failed node whose own load is still pending (release a load's lock after its
                 :meth:`finish_load_back` / :meth:`abort_load_back`). Nothing changed.
             IndexOutOfRangeError: unknown node id.
         """
-        return self._tree.get().dec_lock_ref(node_id, mamba_node_id)
+        return self._tree.get().dec_lock_ref(node_id, mamba_node_id, swa_lock_tokens)
 
     def inc_host_lock_ref(self, int64_t node_id):
         """Protects the host KV of ``node_id`` and its ancestors while a host operation runs.
@@ -444,6 +476,24 @@ cdef class RadixTree:
         cdef CEvictResult r = self._tree.get().evict_mamba(num_states, write_back)
         return _evict_result(r)
 
+    def evict_swa(self, int64_t num_tokens, bint write_back=False):
+        """SWA trees: frees ``ceil(num_tokens / page_size)`` pages of device SWA KV, LRU first.
+
+        Never a locked one. A device leaf (no device child, unlocked) is evicted whole as
+        :meth:`evict` would (demoted or dropped; its Full slots in ``device_indices``); an internal
+        node becomes an SWA tombstone (its Full slots in ``swa_indices``: free their SWA side
+        only) and loses its Mamba state (SGLang's SWA -> Mamba cascade). Under ``write_back`` an
+        unbacked victim stops the call in ``needs_backup`` (SGLang PR #28468).
+
+        Returns:
+            EvictResult: as :meth:`evict`, plus ``swa_indices`` and ``swa_tombstoned_tokens``.
+
+        Raises:
+            InvalidArgumentError: ``num_tokens < 0``.
+        """
+        cdef CEvictResult r = self._tree.get().evict_swa(num_tokens, write_back)
+        return _evict_result(r)
+
     def evict_host(self, int64_t num_tokens):
         """Evicts ``ceil(num_tokens / page_size)`` pages of host KV (SGLang's ``evict_host``).
 
@@ -473,7 +523,8 @@ cdef class RadixTree:
         cdef CTransferPlan p = self._tree.get().backup_plan(node_id, min_hit_count)
         return _plan(p)
 
-    def commit_backup(self, int64_t node_id, host_indices, int64_t host_state=-1):
+    def commit_backup(self, int64_t node_id, host_indices, int64_t host_state=-1,
+                      host_swa_indices=None):
         """Records that device node ``node_id`` is backed up in host slots ``host_indices``.
 
         Called when the device -> host copy is queued (SGLang's ``commit_backup``): the node is
@@ -485,6 +536,8 @@ cdef class RadixTree:
             host_indices: ``[num_tokens of the node]`` int64 CPU host slots, whole pages.
             host_state: Mamba trees: the host slot of the backup of the node's device state (the
                 plan's ``states`` entry), or -1 to back up the KV only.
+            host_swa_indices: SWA trees: ``[num_tokens of the node]`` int64 CPU tensor of the
+                host SWA slots backing up its live SWA KV (the plan's ``swa`` flag), or None.
 
         Raises:
             InvalidArgumentError: the node is evicted or already backed up, a wrong length, slots
@@ -493,9 +546,19 @@ cdef class RadixTree:
                 ``host_state`` out of ``[0, num_mamba_host_slots)``.
         """
         cdef const SlotIndex* slots
-        cdef size_t m
+        cdef const SlotIndex* swa_slots = NULL
+        cdef size_t m, k = 0
+        if host_swa_indices is not None:
+            if not isinstance(host_swa_indices, torch.Tensor):
+                host_swa_indices = torch.as_tensor(host_swa_indices, dtype=torch.int64)
+            _check_cpu_vector(host_swa_indices, "host_swa_indices")
+            if host_swa_indices.dtype != torch.int64:
+                raise InvalidArgumentError(f"host_swa_indices must be int64, got "
+                                           f"{host_swa_indices.dtype}")
+            k = <size_t>host_swa_indices.numel()
+            swa_slots = <const SlotIndex*><uintptr_t>host_swa_indices.data_ptr()
         self._as_slots(host_indices, &slots, &m)
-        self._tree.get().commit_backup(node_id, slots, m, host_state)
+        self._tree.get().commit_backup(node_id, slots, m, host_state, swa_slots, k)
 
     def state_backup_plan(self, int64_t node_id):
         """Mamba trees: the incremental state backups the path root..``node_id`` needs.
@@ -664,6 +727,14 @@ cdef class RadixTree:
         """
         return _to_tensor(self._tree.get().take_freed_mamba_host_slots())
 
+    def take_freed_swa_host_slots(self):
+        """SWA trees: host SWA slots freed inside the tree since the last call (int64 CPU tensor).
+
+        Freed with the host KV of their nodes (:meth:`evict_host`, :meth:`abort_backup`, the
+        tombstone cascade, evictions dropping host-only subtrees); the caller frees them.
+        """
+        return _to_tensor(self._tree.get().take_freed_swa_host_slots())
+
     def host_total_size(self):
         """Tokens with host KV in the tree (host-only and device+host nodes)."""
         return self._tree.get().host_total_size()
@@ -683,6 +754,18 @@ cdef class RadixTree:
     def mamba_protected_size(self):
         """Mamba states in the tree held by a lock."""
         return self._tree.get().mamba_protected_size()
+
+    def swa_evictable_size(self):
+        """SWA trees: tokens with live device SWA KV not held by an SWA lock."""
+        return self._tree.get().swa_evictable_size()
+
+    def swa_protected_size(self):
+        """SWA trees: tokens with live device SWA KV held by an SWA (window segment) lock."""
+        return self._tree.get().swa_protected_size()
+
+    def swa_host_size(self):
+        """SWA trees: tokens with a host SWA copy."""
+        return self._tree.get().swa_host_size()
 
     def load_failed_size(self):
         """Device tokens in load-failed nodes, kept (locked) until their last lock is released."""
@@ -720,7 +803,8 @@ cdef class RadixTree:
                         i.has_host_value, i.backup_pending, i.load_pending, i.load_failed,
                         i.extra_key.decode("utf-8") if i.has_extra_key else None,
                         i.has_mamba_value, i.mamba_value, i.mamba_lock_ref,
-                        i.has_mamba_host_value, i.mamba_host_value)
+                        i.has_mamba_host_value, i.mamba_host_value, i.has_swa_value,
+                        i.swa_lock_ref, i.has_swa_host_value)
 
     def node_ids(self):
         """Ids of every node but the root, parents before children (for tests and debugging).
@@ -756,6 +840,14 @@ cdef class RadixTree:
     def all_mamba_host_indices(self):
         """All host Mamba state slots held by the tree (int64 CPU tensor, order unspecified)."""
         return _to_tensor(self._tree.get().all_mamba_host_indices())
+
+    def all_swa_indices(self):
+        """SWA trees: the Full slots of the nodes with live device SWA KV (int64 CPU tensor)."""
+        return _to_tensor(self._tree.get().all_swa_indices())
+
+    def all_swa_host_indices(self):
+        """SWA trees: all host SWA slots held by the tree (int64 CPU tensor)."""
+        return _to_tensor(self._tree.get().all_swa_host_indices())
 
     def reset(self):
         """Drops every node and returns the device slots they held (int64 CPU tensor).

@@ -25,6 +25,8 @@ class MatchResult(NamedTuple):
         mamba_branching_seqlen: Mamba trees: the Full tokens matched (page-aligned) when more
             than the prefix a state validates (``device_prefix_len + host_hit_length``), where a
             scheduler may checkpoint a new state; -1 otherwise (SGLang's field of that name).
+        swa_branching_seqlen: SWA trees: the same for the SWA window rule (the match ends where
+            a run of ``sliding_window_size`` tokens with SWA KV ends); -1 otherwise.
     """
 
     device_indices: torch.Tensor
@@ -33,6 +35,7 @@ class MatchResult(NamedTuple):
     best_match_node: int
     host_hit_length: int
     mamba_branching_seqlen: int = -1
+    swa_branching_seqlen: int = -1
 
     @property
     def device_prefix_len(self) -> int:
@@ -60,6 +63,10 @@ class InsertResult(NamedTuple):
             state; the caller frees its copy (SGLang's ``mamba_exist``).
         mamba_taken: the tree took the caller's state slot. With neither (the insert stopped
             early), the caller keeps its state.
+        swa_remap_dst, swa_remap_src: SWA trees: ``[k]`` int64 CPU tensors. Device SWA
+            tombstones inside the caller's live window took the caller's SWA KV: point the SWA
+            mapping of each ``swa_remap_dst[i]`` (the node's Full slot) at the SWA slot of
+            ``swa_remap_src[i]`` (the caller's duplicate Full slot, then freed Full-only).
     """
 
     prefix_len: int
@@ -68,6 +75,8 @@ class InsertResult(NamedTuple):
     cached_len: int = 0
     mamba_exist: bool = False
     mamba_taken: bool = False
+    swa_remap_dst: torch.Tensor = torch.empty(0, dtype=torch.int64)
+    swa_remap_src: torch.Tensor = torch.empty(0, dtype=torch.int64)
 
 
 class LockReceipt(NamedTuple):
@@ -79,11 +88,14 @@ class LockReceipt(NamedTuple):
         delta: tokens moved from evictable to protected.
         mamba_node_id: Mamba trees: ``node_id`` when its state was locked too (a single-node
             lock), -1 otherwise. Pass it to ``dec_lock_ref`` with ``node_id``.
+        swa_lock_tokens: SWA trees: tokens of the SWA window segment locked upwards from
+            ``node_id`` (0 at the root or without SWA). Pass it to ``dec_lock_ref`` too.
     """
 
     node_id: int
     delta: int
     mamba_node_id: int = -1
+    swa_lock_tokens: int = 0
 
 
 class EvictResult(NamedTuple):
@@ -100,6 +112,10 @@ class EvictResult(NamedTuple):
         needs_backup: under ``write_back``, the id of the LRU device leaf that must be backed up
             (``commit_backup`` + a finished copy) before eviction can go on; -1 otherwise.
         mamba_indices: ``[k]`` int64 CPU tensor of freed Mamba state slots (Mamba trees).
+        swa_indices: SWA trees: ``[s]`` int64 CPU tensor of the Full slots of nodes that became
+            SWA tombstones and keep their Full KV: free their SWA side only. (The SWA side of
+            ``device_indices`` is freed with them, skipping unmapped slots.)
+        swa_tombstoned_tokens: tokens of those nodes.
     """
 
     device_indices: torch.Tensor
@@ -108,6 +124,8 @@ class EvictResult(NamedTuple):
     dropped_tokens: int
     needs_backup: int
     mamba_indices: torch.Tensor = torch.empty(0, dtype=torch.int64)
+    swa_indices: torch.Tensor = torch.empty(0, dtype=torch.int64)
+    swa_tombstoned_tokens: int = 0
 
 
 class TransferPlan(NamedTuple):
@@ -121,12 +139,18 @@ class TransferPlan(NamedTuple):
         states: Mamba trees: per node, the source Mamba state slot that goes with it (its device
             state for a backup; for a load-back only the anchor, last, carries its host state);
             -1 for none. Empty otherwise.
+        swa: SWA trees: per node, whether its SWA KV goes along (backup: live on device;
+            load-back: has a host copy). Empty otherwise.
+        swa_indices: SWA trees, load-back: ``[t]`` int64 CPU tensor of the host SWA slots of the
+            nodes flagged in ``swa``, root-first. Empty otherwise.
     """
 
     node_ids: list[int]
     lengths: list[int]
     indices: torch.Tensor
     states: tuple[int, ...] = ()
+    swa: tuple[bool, ...] = ()
+    swa_indices: torch.Tensor = torch.empty(0, dtype=torch.int64)
 
     @property
     def num_tokens(self) -> int:
@@ -163,3 +187,6 @@ class NodeInfo(NamedTuple):
     mamba_lock_ref: int = 0
     has_mamba_host_value: bool = False  # holds a host state (its backup)
     mamba_host_value: int = -1
+    has_swa_value: bool = False  # SWA trees: device SWA KV live (else an SWA tombstone)
+    swa_lock_ref: int = 0
+    has_swa_host_value: bool = False  # a host SWA copy

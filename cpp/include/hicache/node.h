@@ -11,8 +11,11 @@
 namespace hicache {
 
 // Per-component state of one node (SGLang 0.5.23's ComponentData). Full: device and host tiers.
-// Mamba: the device tier (one state slot, the recurrent state after the node's last token). SWA:
-// not yet. A component whose value is missing on a node that exists is a tombstone.
+// Mamba: the device tier (one state slot, the recurrent state after the node's last token) and the
+// host tier (its backup). SWA: the device tier is a flag (the sliding-window KV of the node's
+// tokens is live, found through the Full slots' full -> SWA mapping, so `value` stays empty); the
+// host tier holds one host SWA slot per token. A component whose value is missing on a node that
+// exists is a tombstone.
 struct ComponentData {
   std::vector<SlotIndex> value;       // device slots; Full: one per key token
   std::vector<SlotIndex> host_value;  // host slots; Full: one per key token
@@ -67,11 +70,17 @@ struct Node {
   LruHook<Node> host_lru;
   // Member of the Mamba LRU while it holds a device Mamba state and Mamba lock_ref == 0.
   LruHook<Node> mamba_lru;
+  // Member of the SWA LRU while it holds device SWA KV and SWA lock_ref == 0.
+  LruHook<Node> swa_lru;
 
   ComponentData& full() { return comp[static_cast<int>(Component::kFull)]; }
   const ComponentData& full() const { return comp[static_cast<int>(Component::kFull)]; }
   ComponentData& mamba() { return comp[static_cast<int>(Component::kMamba)]; }
   const ComponentData& mamba() const { return comp[static_cast<int>(Component::kMamba)]; }
+  ComponentData& swa() { return comp[static_cast<int>(Component::kSwa)]; }
+  const ComponentData& swa() const { return comp[static_cast<int>(Component::kSwa)]; }
+  bool has_swa() const { return swa().has_value; }  // false: an SWA tombstone on device
+  bool has_swa_host() const { return swa().has_host_value; }
   bool has_mamba_state() const { return mamba().has_value; }  // false: a Mamba tombstone
   bool has_mamba_host_state() const { return mamba().has_host_value; }
   int64_t num_tokens() const { return static_cast<int64_t>(key.size()); }

@@ -44,6 +44,34 @@
 //     at any node that is locked or host-locked in any component, has a transfer pending, or is
 //     load-failed.
 //
+// SWA component (a tree built with sliding_window_size > 0; hybrid sliding-window attention
+// models, SGLang's UnifiedRadixCache with FULL + SWA): the sliding-window layers' KV of a token is
+// read only by the next sliding_window_size tokens, so older tokens may drop it and keep their Full
+// KV. A node's device SWA KV is a flag: its Full slots' SWA slots (the pool's full -> SWA mapping)
+// are live; a node without it is an SWA tombstone. A host copy is one host SWA slot per token.
+//   - match_prefix ends where a continuous run of at least sliding_window_size tokens with SWA KV
+//     (a device node's device SWA, a host-only node's host SWA) ends, or where every node from the
+//     root has it (SGLang's SWA validator, reference section 3.1); the Full tokens matched beyond
+//     it are swa_branching_seqlen.
+//   - insert's swa_evicted_seqlen (page-floored) says the caller has already freed the SWA KV of
+//     value[0:swa_evicted_seqlen] (SGLang's req.swa_evicted_seqlen) and that its other own slots
+//     are SWA-mapped: new nodes below it are SWA tombstones, above it live (a node is cut there);
+//     a device SWA tombstone above it on the path takes the caller's SWA KV (the cache moves the
+//     mapping: InsertResult::swa_remap_dst/src); a host-only node adopting the caller's slots is
+//     live above it.
+//   - inc_lock_ref also locks the SWA of the window ending at the locked node: nodes from it
+//     upwards until sliding_window_size tokens are covered (a segment lock; the receipt's
+//     swa_lock_tokens, which stays exact across splits). dec_lock_ref takes it back.
+//   - evict_swa frees the least recently used unlocked SWA KV: a device leaf goes whole through
+//     the Full path; an internal node becomes an SWA tombstone, and its Mamba state goes with it
+//     (SGLang's cascade SWA -> Mamba). Full eviction frees the SWA of the nodes it demotes or drops
+//     (the caller frees the SWA side of every Full slot it gets back, skipping unmapped ones).
+//   - backups carry the node's SWA KV when it is live (TransferPlan::swa; commit_backup's
+//     host_swa); demotion keeps the host copy; a load-back brings it back (TransferPlan::swa_indices)
+//     and the loaded nodes with a host copy are SWA-live again. Host SWA slots freed inside the tree
+//     wait in the take_freed_swa_host_slots() outbox.
+//   - the tombstone cascade treats a childless node with SWA on neither tier as useless.
+//
 // Single-threaded: the Python cache serialises every call with one lock (DESIGN.md, threading
 // contract). Errors: std::invalid_argument for a bad argument, std::out_of_range for an unknown id
 // or an out-of-range slot, std::logic_error for a broken invariant. A call that throws
@@ -72,6 +100,8 @@ struct MatchResult {
   // Mamba trees: the Full tokens matched (page-aligned), when more than the validated prefix
   // (device_indices + host_hit_length); -1 otherwise (SGLang's mamba_branching_seqlen).
   int64_t mamba_branching_seqlen = -1;
+  // SWA trees: the same for the SWA validator (SGLang's swa_branching_seqlen).
+  int64_t swa_branching_seqlen = -1;
 };
 
 struct InsertResult {
@@ -88,6 +118,11 @@ struct InsertResult {
   // its copy; SGLang's mamba_exist), or the tree took the caller's state slot.
   bool mamba_exist = false;
   bool mamba_taken = false;
+  // SWA trees: device SWA tombstones on the path that took the caller's SWA KV. The caller points
+  // the SWA mapping of each swa_remap_dst[i] (the node's Full slot) at the SWA slot of
+  // swa_remap_src[i] (its own Full slot, a duplicate it then frees Full-only).
+  std::vector<SlotIndex> swa_remap_dst;
+  std::vector<SlotIndex> swa_remap_src;
 };
 
 // What inc_lock_ref locked: the deepest device node at or above the node asked for (locking skips
@@ -96,6 +131,8 @@ struct LockReceipt {
   NodeId node_id = kRootId;
   int64_t delta = 0;  // tokens moved from evictable to protected
   NodeId mamba_node_id = kNoNode;  // Mamba trees: node_id if its state was locked too
+  // SWA trees: tokens of the SWA window segment locked upwards from node_id (0 at the root).
+  int64_t swa_lock_tokens = 0;
 };
 
 // What evict did. The caller frees the slots in their pools.
@@ -110,6 +147,10 @@ struct EvictResult {
   // again. Already trimmed to the pages this call still had to free. kNoNode otherwise.
   NodeId needs_backup = kNoNode;
   std::vector<SlotIndex> mamba_freed;  // Mamba state slots freed (Mamba trees)
+  // SWA trees: Full slots of nodes that became SWA tombstones and keep their Full KV; the caller
+  // frees their SWA side only. (The SWA side of device_freed is the caller's to free too.)
+  std::vector<SlotIndex> swa_freed;
+  int64_t swa_tombstoned_tokens = 0;
 };
 
 // Nodes and slots of a backup (device -> host) or load-back (host -> device), root-first:
@@ -121,6 +162,10 @@ struct TransferPlan {
   // Mamba trees, one per node: the source state slot that goes with it (device state for a
   // backup, the anchor's host state for a load-back), -1 for none.
   std::vector<SlotIndex> states;
+  // SWA trees, one per node: its SWA KV goes along (backup: it is live on device; load-back: it
+  // has a host copy), and for a load-back the host SWA slots of those nodes, root-first.
+  std::vector<uint8_t> swa;
+  std::vector<SlotIndex> swa_indices;
 };
 
 struct NodeInfo {
@@ -142,6 +187,9 @@ struct NodeInfo {
   int64_t mamba_lock_ref = 0;
   bool has_mamba_host_value = false;  // holds a host Mamba state (its backup)
   SlotIndex mamba_host_value = -1;
+  bool has_swa_value = false;       // device SWA KV live (SWA trees)
+  int64_t swa_lock_ref = 0;
+  bool has_swa_host_value = false;  // host SWA copy
   std::string extra_key;
   bool has_extra_key = false;
 };
@@ -150,8 +198,11 @@ class RadixTree {
  public:
   // page_size: tokens per page (>= 1). num_device_slots / num_host_slots / num_mamba_slots: if > 0,
   // slots handed to the tree must be below them (0 = unchecked). mamba: add the Mamba component.
+  // sliding_window_size > 0: add the SWA component with that window in tokens;
+  // num_swa_host_slots bounds host SWA slots like the others.
   RadixTree(int64_t page_size, int64_t num_device_slots, int64_t num_host_slots = 0,
-            bool mamba = false, int64_t num_mamba_slots = 0, int64_t num_mamba_host_slots = 0);
+            bool mamba = false, int64_t num_mamba_slots = 0, int64_t num_mamba_host_slots = 0,
+            int64_t sliding_window_size = 0, int64_t num_swa_host_slots = 0);
   ~RadixTree();
   RadixTree(const RadixTree&) = delete;
   RadixTree& operator=(const RadixTree&) = delete;
@@ -160,6 +211,8 @@ class RadixTree {
   int64_t num_device_slots() const { return num_device_slots_; }
   int64_t num_host_slots() const { return num_host_slots_; }
   bool has_mamba() const { return mamba_; }
+  bool has_swa() const { return swa_window_ > 0; }
+  int64_t sliding_window_size() const { return swa_window_; }
 
   // Longest cached prefix of key[0:len] floored to page_size, in the namespace `extra_key`
   // (empty = none), through device and host-only nodes; it stops above a load-failed node.
@@ -172,8 +225,10 @@ class RadixTree {
   // the new tail takes the rest. Counts a hit on every node walked. Touches the path. Stops at a
   // load-pending or load-failed node (see cached_len): nothing is inserted from there on.
   // Mamba trees: mamba_value >= 0 is the state after the aligned key (see InsertResult).
+  // SWA trees: swa_evicted_seqlen, see the header comment (0 for non-SWA trees).
   InsertResult insert(const Token* key, size_t len, const SlotIndex* value, size_t value_len,
-                      std::string_view extra_key, SlotIndex mamba_value = -1);
+                      std::string_view extra_key, SlotIndex mamba_value = -1,
+                      int64_t swa_evicted_seqlen = 0);
 
   // Path locks (SGLang inc_lock_ref / dec_lock_ref on the Full component). inc locks from the
   // deepest device node at or above `id` up to the root and returns that node as the receipt; dec
@@ -182,8 +237,10 @@ class RadixTree {
   // if it would release a load-failed node whose own load is still pending: a load's lock is
   // released after its finish_load_back / abort_load_back.
   // Mamba trees: see the header comment (receipt.mamba_node_id goes back to dec_lock_ref).
+  // SWA trees: receipt.swa_lock_tokens goes back to dec_lock_ref, which rejects a count that does
+  // not end on a locked segment's boundary.
   LockReceipt inc_lock_ref(NodeId id);
-  int64_t dec_lock_ref(NodeId id, NodeId mamba_node_id = kNoNode);
+  int64_t dec_lock_ref(NodeId id, NodeId mamba_node_id = kNoNode, int64_t swa_lock_tokens = 0);
 
   // Host path locks (SGLang's host_ref_counter): protect the host KV of `id` and its ancestors
   // from evict_host and from removal while a host operation is in flight. Return the host tokens
@@ -208,6 +265,13 @@ class RadixTree {
   // evict again; SGLang's InternalStateBackup, PR #28468).
   EvictResult evict_mamba(int64_t num_states, bool write_back = false);
 
+  // SWA trees: frees ceil(num_tokens / page_size) pages of device SWA KV, least recently used
+  // first, never a locked one: a device leaf (no device child, unlocked) is evicted whole like
+  // evict does (its Full slots in device_freed); an internal node becomes an SWA tombstone (its
+  // Full slots in swa_freed) and loses its Mamba state. write_back: an unbacked victim stops the
+  // call in needs_backup (back it up first, SGLang PR #28468).
+  EvictResult evict_swa(int64_t num_tokens, bool write_back = false);
+
   // Device nodes on the path root..id without a host value and with hit_count >= min_hit_count,
   // root-first, with their device slots: what write-through must back up.
   TransferPlan backup_plan(NodeId id, uint64_t min_hit_count) const;
@@ -215,7 +279,10 @@ class RadixTree {
   // marks it backup-pending with ack id `id`. Called when the backup is queued (SGLang's
   // commit_backup); the caller keeps the node locked until finish_backup or abort_backup. Mamba
   // trees: host_state >= 0 is the host slot of the node's device state's backup.
-  void commit_backup(NodeId id, const SlotIndex* host, size_t len, SlotIndex host_state = -1);
+  // SWA trees: host_swa[0:host_swa_len] are the host SWA slots of its live SWA KV (len tokens, or
+  // none: then the node has no host SWA copy).
+  void commit_backup(NodeId id, const SlotIndex* host, size_t len, SlotIndex host_state = -1,
+                     const SlotIndex* host_swa = nullptr, size_t host_swa_len = 0);
   // The copy of backup `ack_id` finished: clears the pending mark on its node and fragments.
   void finish_backup(NodeId ack_id);
   // Mamba trees, incremental backups (SGLang's needs_incremental_backup): the nodes on the path
@@ -262,6 +329,8 @@ class RadixTree {
   // evict_host, evictions dropping host-only subtrees). The caller frees them. O(slots).
   std::vector<SlotIndex> take_failed_load_states();
   std::vector<SlotIndex> take_freed_mamba_host_slots();
+  // SWA trees: host SWA slots freed inside the tree since the last call. The caller frees them.
+  std::vector<SlotIndex> take_freed_swa_host_slots();
 
   int64_t evictable_size() const { return evictable_size_; }
   int64_t protected_size() const { return protected_size_; }
@@ -276,6 +345,10 @@ class RadixTree {
   // Mamba states in the tree, unlocked / locked.
   int64_t mamba_evictable_size() const { return mamba_evictable_size_; }
   int64_t mamba_protected_size() const { return mamba_protected_size_; }
+  // SWA tokens in the tree with device SWA KV, unlocked / locked; host SWA tokens.
+  int64_t swa_evictable_size() const { return swa_evictable_size_; }
+  int64_t swa_protected_size() const { return swa_protected_size_; }
+  int64_t swa_host_size() const { return swa_host_size_; }
   int64_t num_nodes() const { return static_cast<int64_t>(nodes_.size()); }  // excluding root
 
   bool contains_node(NodeId id) const { return id == kRootId || nodes_.count(id) != 0; }
@@ -288,6 +361,9 @@ class RadixTree {
   std::vector<SlotIndex> all_host_indices() const;
   std::vector<SlotIndex> all_mamba_indices() const;
   std::vector<SlotIndex> all_mamba_host_indices() const;
+  // SWA trees: the Full slots of nodes with live device SWA KV; the host SWA slots.
+  std::vector<SlotIndex> all_swa_indices() const;
+  std::vector<SlotIndex> all_swa_host_indices() const;
 
   // Drops every node; returns their device slots and any not yet taken by take_failed_load_slots
   // (all_host_indices() and all_mamba_indices() first for the others). Throws invalid_argument if anything is locked or
@@ -303,6 +379,7 @@ class RadixTree {
   using DeviceLru = LruList<Node, &Node::device_lru>;
   using HostLru = LruList<Node, &Node::host_lru>;
   using MambaLru = LruList<Node, &Node::mamba_lru>;
+  using SwaLru = LruList<Node, &Node::swa_lru>;
 
   Node* node_by_id(NodeId id, const char* caller) const;
   int32_t namespace_id(std::string_view extra_key, bool create);
@@ -315,6 +392,7 @@ class RadixTree {
   size_t common_pages_len(const Node* node, const Token* key, size_t len) const;
   Node* split(Node* node, size_t prefix_len);
   void touch_path(Node* node);
+  void touch(Node* node);
   void destroy_leaf(Node* node);
   void demote(Node* node, EvictResult& result);
   void demote_failed(Node* node);
@@ -322,6 +400,12 @@ class RadixTree {
   template <NodeId Node::*Mark>
   std::vector<Node*> pending_nodes(NodeId ack_id, const char* caller) const;
   bool drop_unbacked(Node* node, EvictResult& result);
+  bool evict_leaf(Node* victim, int64_t& pages, bool write_back, EvictResult& result);
+  Node* add_leaf(Node* parent, int32_t ns, const Token* key, const SlotIndex* value, size_t len,
+                 bool swa_live);
+  void set_swa(Node* node);
+  void drop_swa(Node* node);
+  void free_swa_host(Node* node, size_t keep = 0);
   void trim_tail(Node* node, size_t keep);
   void free_mamba(Node* node, std::vector<SlotIndex>& freed);
   void free_mamba_host(Node* node);
@@ -337,6 +421,8 @@ class RadixTree {
   const bool mamba_;
   const int64_t num_mamba_slots_;
   const int64_t num_mamba_host_slots_;
+  const int64_t swa_window_;
+  const int64_t num_swa_host_slots_;
   std::unique_ptr<Node> root_;
   // Owner of every non-root node, keyed by id: resolves ids crossing the boundary.
   std::unordered_map<NodeId, std::unique_ptr<Node>> nodes_;
@@ -351,6 +437,12 @@ class RadixTree {
   MambaLru mamba_lru_;
   int64_t mamba_evictable_size_ = 0;
   int64_t mamba_protected_size_ = 0;
+  // Nodes with device SWA KV and no SWA lock; back = least recently used (may be internal).
+  SwaLru swa_lru_;
+  int64_t swa_evictable_size_ = 0;
+  int64_t swa_protected_size_ = 0;
+  int64_t swa_host_size_ = 0;
+  std::vector<SlotIndex> freed_swa_host_;  // host SWA slots freed inside the tree, until taken
   int64_t evictable_size_ = 0;
   int64_t protected_size_ = 0;
   int64_t host_total_size_ = 0;
