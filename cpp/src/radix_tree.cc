@@ -687,8 +687,15 @@ InsertResult RadixTree::insert(const Token* key, size_t len, const SlotIndex* va
       node = add_leaf(node, ns, key + pos, value + pos, frontier - pos, /*swa_live=*/false);
       pos = frontier;
     }
-    node = add_leaf(node, ns, key + pos, value + pos, aligned - pos,
-                    /*swa_live=*/swa_window_ > 0 && pos >= frontier);
+    const bool live = swa_window_ > 0 && pos >= frontier;
+    // A live leaf longer than one page-aligned window is cut so that a lock on it pins one window
+    // of SWA KV, not the whole leaf (SGLang's _maybe_split_leaf_for_swa_lock).
+    const size_t cap = static_cast<size_t>((swa_window_ + page_size_ - 1) / page_size_ * page_size_);
+    if (live && aligned - pos > cap) {
+      node = add_leaf(node, ns, key + pos, value + pos, aligned - pos - cap, /*swa_live=*/true);
+      pos = aligned - cap;
+    }
+    node = add_leaf(node, ns, key + pos, value + pos, aligned - pos, live);
     pos = aligned;
   }
   if (mamba_value != -1 && !stopped && aligned > 0) {

@@ -58,7 +58,9 @@
 //     are SWA-mapped: new nodes below it are SWA tombstones, above it live (a node is cut there);
 //     a device SWA tombstone above it on the path takes the caller's SWA KV (the cache moves the
 //     mapping: InsertResult::swa_remap_dst/src); a host-only node adopting the caller's slots is
-//     live above it.
+//     live above it. A new live leaf longer than one page-aligned window is cut to a one-window
+//     tail, so that a lock on it pins one window of SWA KV (SGLang's
+//     _maybe_split_leaf_for_swa_lock).
 //   - inc_lock_ref also locks the SWA of the window ending at the locked node: nodes from it
 //     upwards until sliding_window_size tokens are covered (a segment lock; the receipt's
 //     swa_lock_tokens, which stays exact across splits). dec_lock_ref takes it back.
