@@ -40,8 +40,10 @@ from hicache.memory import (
     MambaStatePool,
     PageAllocator,
     PoolTransfer,
+    SWAKVPool,
 )
 from hicache.results import EvictResult, InsertResult, LockReceipt, MatchResult
+from hicache.transfer import KVTransfer
 
 __all__ = ["WRITE_POLICIES", "CacheStats", "HiCache", "Req"]
 
@@ -78,6 +80,10 @@ class CacheStats:
         mamba_existed: checkpoints the tree already had a state for (the copy was freed).
         mamba_evicted_states: states freed by eviction (Mamba or Full pressure).
         mamba_backup_skipped: node backups that went without their state (no host state slot).
+        swa_tombstoned_tokens: tokens whose SWA KV eviction freed while their Full KV stayed.
+        swa_recovered_tokens: SWA tombstone tokens that took a request's SWA KV on insert.
+        swa_window_freed_tokens: request tokens whose SWA KV left the window
+            (:meth:`HiCache.free_swa_out_of_window`).
     """
 
     match_calls: int = 0
@@ -96,6 +102,9 @@ class CacheStats:
     mamba_existed: int = 0
     mamba_evicted_states: int = 0
     mamba_backup_skipped: int = 0
+    swa_tombstoned_tokens: int = 0
+    swa_recovered_tokens: int = 0
+    swa_window_freed_tokens: int = 0
 
     def as_dict(self) -> dict[str, int]:
         """The counters as a plain dict."""
@@ -122,6 +131,9 @@ class Req:
             its first ``num_tokens`` tokens (page-aligned, ascending) that
             :meth:`HiCache.cache_finished_req` publishes in the tree; the request owns the slots
             until then, and the cache frees those the tree does not take.
+        swa_lock_tokens: the SWA part of the lock receipt (``LockReceipt.swa_lock_tokens``).
+        swa_evicted_seqlen: SWA caches: the request freed the SWA KV of its own slots below this
+            many tokens (:meth:`HiCache.free_swa_out_of_window`; SGLang's field of that name).
     """
 
     token_ids: torch.Tensor
@@ -131,6 +143,8 @@ class Req:
     prefix_len: int = 0
     mamba_node_id: int = -1
     mamba_checkpoints: list[tuple[int, int]] = field(default_factory=list)
+    swa_lock_tokens: int = 0
+    swa_evicted_seqlen: int = 0
 
 
 class HiCache:
@@ -159,12 +173,25 @@ class HiCache:
             :class:`~hicache.memory.PoolTransfer` in the same controller batch), demotion keeps
             it, and a load-back brings the anchor's state back before its layer 0 is signalled.
             A node whose state found no free host slot is backed up without it.
+        swa_pool: hybrid sliding-window models: the SWA KV pool (its ``num_full_slots`` is
+            ``device_pool.num_slots``, same page size). The tree then has the SWA component with
+            window ``sliding_window_size`` (see :class:`~hicache.RadixTree`): :meth:`alloc` maps
+            every new full slot to an SWA slot (evicting SWA KV least recently used first,
+            internal nodes becoming SWA tombstones), frees release both sides, matches end
+            behind a live window, and :meth:`free_swa_out_of_window` drops a request's SWA KV
+            that left its window (SGLang PR #29860's frontier).
+        swa_host_pool: with ``host_pool`` and ``swa_pool``: a :class:`HostKVPool` over
+            ``swa_pool`` with as many slots as ``host_pool``. Backups carry each node's live SWA
+            KV (an ``"swa"`` :class:`~hicache.memory.PoolTransfer`), demotion keeps it, and a
+            load-back brings it back.
+        sliding_window_size: the SWA window in tokens (> 0 with ``swa_pool``).
 
     Raises:
         InvalidArgumentError: bad ``page_size``, pool sizes that are not whole pages, a host pool of
             another page size, an unknown write policy or io backend, or Mamba pools that do not
             fit together (a host pool and a Mamba pool need a Mamba host pool over that Mamba
-            pool, and a Mamba host pool needs both).
+            pool, and a Mamba host pool needs both), or SWA pools that do not fit together (the
+            same rule, a window <= 0, an SWA pool over another full pool size or page size).
     """
 
     def __init__(
@@ -177,7 +204,13 @@ class HiCache:
         enable_kv_events: bool = False,
         mamba_pool: MambaStatePool | None = None,
         mamba_host_pool: MambaHostPool | None = None,
+        swa_pool: SWAKVPool | None = None,
+        swa_host_pool: HostKVPool | None = None,
+        sliding_window_size: int = 0,
     ) -> None:
+        _check_swa_pools(
+            device_pool, page_size, host_pool, swa_pool, swa_host_pool, sliding_window_size
+        )
         hybrid_host = host_pool is not None and mamba_pool is not None
         if hybrid_host != (mamba_host_pool is not None) or (
             mamba_host_pool is not None and mamba_host_pool.device_pool is not mamba_pool
@@ -212,8 +245,17 @@ class HiCache:
             mamba_pool is not None,
             mamba_pool.num_slots if mamba_pool is not None else 0,
             mamba_host_pool.num_slots if mamba_host_pool is not None else 0,
+            sliding_window_size if swa_pool is not None else 0,
+            swa_host_pool.num_slots if swa_host_pool is not None else 0,
         )
-        extra_pools = {"mamba": mamba_host_pool} if mamba_host_pool is not None else None
+        self.swa_pool = swa_pool
+        self.swa_host_pool = swa_host_pool
+        self.sliding_window_size = sliding_window_size if swa_pool is not None else 0
+        extra_pools: dict = {}
+        if mamba_host_pool is not None:
+            extra_pools["mamba"] = mamba_host_pool
+        if swa_pool is not None and swa_host_pool is not None:
+            extra_pools["swa"] = KVTransfer(swa_pool, swa_host_pool, io_backend)
         self.controller = (
             CacheController(device_pool, host_pool, io_backend, extra_pools)
             if host_pool is not None
@@ -270,7 +312,13 @@ class HiCache:
                     result = self.tree.match_prefix(key, extra_key)
             return result
 
-    def insert(self, key, value: torch.Tensor, extra_key: str | None = None) -> InsertResult:
+    def insert(
+        self,
+        key,
+        value: torch.Tensor,
+        extra_key: str | None = None,
+        swa_evicted_seqlen: int = 0,
+    ) -> InsertResult:
         """Inserts ``key`` with device slots ``value`` (see :meth:`RadixTree.insert`).
 
         The caller keeps ownership of ``value[:prefix_len]`` (already cached: free them) and of
@@ -278,11 +326,21 @@ class HiCache:
         load-back is in flight or has failed, where the insert stops so that the caller's valid KV
         is never traded for KV that may turn out to be garbage); the tree owns the rest. Under a
         write-through policy, the inserted path's unbacked nodes are then queued for backup.
+
+        SWA caches: ``swa_evicted_seqlen`` says the caller freed the SWA KV of its slots below
+        it (the rest of its own slots are mapped); SWA tombstones above it take the caller's SWA
+        KV (the mapping moves, and the caller's duplicates are then freed full-only by
+        :meth:`free`).
         """
-        return self._insert(key, value, extra_key)
+        return self._insert(key, value, extra_key, (), swa_evicted_seqlen)
 
     def _insert(
-        self, key, value: torch.Tensor, extra_key: str | None, checkpoints=()
+        self,
+        key,
+        value: torch.Tensor,
+        extra_key: str | None,
+        checkpoints=(),
+        swa_evicted_seqlen: int = 0,
     ) -> InsertResult:
         """:meth:`insert`, publishing Mamba ``checkpoints`` before the write-through backups.
 
@@ -290,7 +348,10 @@ class HiCache:
         it (a state published after its node's backup would never reach the host tier).
         """
         with self._lock, profiling.nvtx_range(profiling.INSERT):
-            result = self.tree.insert(key, value, extra_key)
+            result = self.tree.insert(key, value, extra_key, -1, swa_evicted_seqlen)
+            if result.swa_remap_dst.numel():  # SWA tombstones took the caller's SWA KV
+                self.swa_pool.move_mapping(result.swa_remap_dst, result.swa_remap_src)
+                self.stats.swa_recovered_tokens += int(result.swa_remap_dst.numel())
             if self.kv_events is not None:
                 # Only the pages the tree took: an insert stopped at a pending load leaves the
                 # caller value[cached_len:], which must not be reported stored.
@@ -316,7 +377,7 @@ class HiCache:
         with self._lock:
             return self.tree.inc_lock_ref(node_id)
 
-    def dec_lock_ref(self, node_id: int, mamba_node_id: int = -1) -> int:
+    def dec_lock_ref(self, node_id: int, mamba_node_id: int = -1, swa_lock_tokens: int = 0) -> int:
         """Releases a lock from :meth:`inc_lock_ref`; returns tokens that became evictable.
 
         The last lock on nodes whose load-back failed demotes them back to host-only and frees
@@ -327,7 +388,7 @@ class HiCache:
             InvalidArgumentError: not a receipt of a held lock (see ``RadixTree.dec_lock_ref``).
         """
         with self._lock:
-            return self._dec_lock_ref(node_id, mamba_node_id)
+            return self._dec_lock_ref(node_id, mamba_node_id, swa_lock_tokens)
 
     def evict(self, num_tokens: int) -> int:
         """Evicts at least ``num_tokens`` device tokens (whole pages), least recently used first.
@@ -352,6 +413,31 @@ class HiCache:
                 freed += n
                 remaining -= n
                 if result.needs_backup < 0:
+                    break
+            return freed
+
+    def evict_swa(self, num_tokens: int) -> int:
+        """SWA caches: frees at least ``num_tokens`` SWA tokens, least recently used first.
+
+        Internal nodes become SWA tombstones (their Full KV stays); a device leaf goes whole as
+        in :meth:`evict`. Under ``write_back`` an unbacked victim is backed up first (SGLang PR
+        #28468), or, when the host cannot take it, evicted without a backup.
+
+        Returns:
+            int: SWA tokens freed (fewer when too little is evictable).
+        """
+        with self._lock, profiling.nvtx_range(profiling.EVICT):
+            remaining, freed = num_tokens, 0
+            while remaining > 0:
+                result = self.tree.evict_swa(remaining, write_back=self._write_back)
+                n = self._free_evicted(result) + result.swa_tombstoned_tokens
+                if result.needs_backup >= 0 and not self._backup_now(result.needs_backup):
+                    size = self.tree.node_info(result.needs_backup).num_tokens
+                    forced = self.tree.evict_swa(size, write_back=False)
+                    n += self._free_evicted(forced) + forced.swa_tombstoned_tokens
+                freed += n
+                remaining -= n
+                if result.needs_backup < 0 or n == 0:
                     break
             return freed
 
@@ -413,17 +499,19 @@ class HiCache:
             self.tree.inc_host_lock_ref(node_id)
             ancestors = self.tree.inc_lock_ref(node_id)
             host_state = plan.states[-1] if plan.states else -1
-            device_indices = device_state = None
+            device_indices = device_state = swa_device = None
             try:
-                device_indices = self.alloc(plan.num_tokens)
+                device_indices = self._alloc_full(plan.num_tokens)
+                if any(plan.swa):  # the host SWA copies come back into fresh SWA slots
+                    swa_device = self._alloc_swa_for(_flagged(device_indices, plan))
                 if host_state >= 0:  # the anchor's state comes back with its KV
                     device_state = self.alloc_mamba(1)
             except BaseException as e:
                 # Whatever alloc raised (it can also raise TransferError, or be interrupted),
                 # release what was allocated and both locks, or they pin the path forever.
                 if device_indices is not None:
-                    self.allocator.free(device_indices)
-                self._dec_lock_ref(ancestors.node_id, ancestors.mamba_node_id)
+                    self._free_device(device_indices)
+                self._dec_receipt(ancestors)
                 self.tree.dec_host_lock_ref(node_id)
                 if not isinstance(e, PoolExhaustedError):
                     raise
@@ -432,12 +520,14 @@ class HiCache:
             state = int(device_state[0]) if device_state is not None else -1
             self.tree.commit_load_back(node_id, device_indices, state)
             self._remember_slots("load", node_id, plan.indices, device_indices)
-            self._dec_lock_ref(ancestors.node_id, ancestors.mamba_node_id)
+            self._dec_receipt(ancestors)
             self._ongoing_loads[node_id] = self.tree.inc_lock_ref(node_id)
             transfers: tuple[PoolTransfer, ...] = ()
             if device_state is not None:
                 host = torch.tensor([host_state], dtype=torch.int64)
                 transfers = (PoolTransfer("mamba", host, device_state),)
+            if swa_device is not None:
+                transfers += (PoolTransfer("swa", plan.swa_indices, swa_device),)
             self._controller().load(plan.indices, device_indices, node_id, transfers)
             self.stats.load_back_tokens += plan.num_tokens
             return plan.num_tokens
@@ -562,7 +652,7 @@ class HiCache:
             self.stats.backup_failed_tokens += int(freed.numel())
             self._free_host(freed, count=False)
         if receipt is not None:
-            self._dec_lock_ref(receipt.node_id, receipt.mamba_node_id)
+            self._dec_receipt(receipt)
 
     def _finish_load(self, ack_id: int, ok: bool) -> None:
         # The tree records the outcome while the load's lock still holds the nodes; releasing it
@@ -574,17 +664,21 @@ class HiCache:
             self.tree.finish_load_back(ack_id)
         else:
             self.stats.load_back_failed_tokens += self.tree.abort_load_back(ack_id)
-        self.tree.dec_lock_ref(receipt.node_id, receipt.mamba_node_id)
+        self.tree.dec_lock_ref(receipt.node_id, receipt.mamba_node_id, receipt.swa_lock_tokens)
         self.tree.dec_host_lock_ref(ack_id)
         self._free_failed_load_slots()
 
-    def _dec_lock_ref(self, node_id: int, mamba_node_id: int = -1) -> int:
+    def _dec_lock_ref(self, node_id: int, mamba_node_id: int = -1, swa_lock_tokens: int = 0) -> int:
         """``tree.dec_lock_ref``, then frees the device slots of failed loads it demoted."""
-        if not self.tree.load_failed_size():
-            return self.tree.dec_lock_ref(node_id, mamba_node_id)  # nothing it could demote
-        delta = self.tree.dec_lock_ref(node_id, mamba_node_id)
+        if not self.tree.load_failed_size():  # nothing it could demote
+            return self.tree.dec_lock_ref(node_id, mamba_node_id, swa_lock_tokens)
+        delta = self.tree.dec_lock_ref(node_id, mamba_node_id, swa_lock_tokens)
         self._free_failed_load_slots()
         return delta
+
+    def _dec_receipt(self, receipt: LockReceipt) -> int:
+        """Releases the lock of ``receipt`` (all its parts)."""
+        return self._dec_lock_ref(receipt.node_id, receipt.mamba_node_id, receipt.swa_lock_tokens)
 
     def _free_failed_load_slots(self) -> None:
         if self.mamba_pool is not None:
@@ -593,7 +687,7 @@ class HiCache:
                 self.mamba_pool.free(states)
         freed = self.tree.take_failed_load_slots()
         if freed.numel():
-            self.allocator.free(freed)
+            self._free_device(freed)
             if self.kv_events is not None:  # a load under the failed one may have been reported
                 self.kv_events.on_removed(Medium.GPU, freed)
 
@@ -622,12 +716,15 @@ class HiCache:
                 return
         start = 0
         states = plan.states or (-1,) * len(plan.node_ids)
-        for node_id_i, length, state in zip(
-            plan.node_ids[:num_nodes], plan.lengths, states, strict=False
+        swa = plan.swa or (False,) * len(plan.node_ids)
+        for node_id_i, length, state, with_swa in zip(
+            plan.node_ids[:num_nodes], plan.lengths, states, swa, strict=False
         ):
             end = start + length
             host_state, transfers = self._state_backup(state)
-            self.tree.commit_backup(node_id_i, host[start:end], host_state)
+            host_swa, swa_transfers = self._swa_backup(plan.indices[start:end], with_swa)
+            transfers += swa_transfers
+            self.tree.commit_backup(node_id_i, host[start:end], host_state, host_swa)
             self._ongoing_writes[node_id_i] = self.tree.inc_lock_ref(node_id_i)
             self._remember_slots("write", node_id_i, plan.indices[start:end], host[start:end])
             self._controller().write(plan.indices[start:end], host[start:end], node_id_i, transfers)
@@ -667,6 +764,21 @@ class HiCache:
         device_state = torch.tensor([state], dtype=torch.int64)
         return int(host_state[0]), (PoolTransfer("mamba", host_state, device_state),)
 
+    def _swa_backup(
+        self, device_indices: torch.Tensor, with_swa: bool
+    ) -> tuple[torch.Tensor | None, tuple[PoolTransfer, ...]]:
+        """Host SWA slots and the pool transfer backing up the SWA KV of ``device_indices``.
+
+        (None, ()) when the node's SWA KV is not live or there is no SWA host pool. The SWA host
+        pool has as many slots as the host pool and holds a subset of its tokens, so it never
+        runs out before the host pool does.
+        """
+        if not with_swa or self.swa_host_pool is None:
+            return None, ()
+        host_swa = self.swa_host_pool.allocator.alloc(device_indices.numel())
+        device_swa = self.swa_pool.translate(device_indices)
+        return host_swa, (PoolTransfer("swa", host_swa, device_swa),)
+
     def _backup_now(self, node_id: int) -> bool:
         """Backs device node ``node_id`` up synchronously (write-back eviction); False if not."""
         controller = self._controller()
@@ -677,7 +789,11 @@ class HiCache:
             self.stats.backup_failed_tokens += length
             return False
         host_state, transfers = self._state_backup(plan.states[-1] if plan.states else -1)
-        self.tree.commit_backup(node_id, host, host_state)
+        host_swa, swa_transfers = self._swa_backup(
+            plan.indices[-length:], bool(plan.swa and plan.swa[-1])
+        )
+        transfers += swa_transfers
+        self.tree.commit_backup(node_id, host, host_state, host_swa)
         self._ongoing_writes[node_id] = None  # no lock: we wait for the copy right here
         self._remember_slots("write", node_id, plan.indices[-length:], host)
         controller.write(plan.indices[-length:], host, node_id, transfers)
@@ -693,6 +809,9 @@ class HiCache:
     def alloc(self, num_tokens: int) -> torch.Tensor:
         """Allocates device slots for ``num_tokens`` tokens, evicting LRU pages when needed.
 
+        SWA caches: every slot also gets an SWA slot (the full -> SWA mapping), evicting SWA KV
+        when the SWA pool is short (SGLang's ``SWATokenToKVPoolAllocator.alloc``).
+
         Args:
             num_tokens: tokens to hold, >= 0.
 
@@ -707,6 +826,18 @@ class HiCache:
             TransferError: a backup it waited for failed (undone in the tree; see
                 :meth:`check_hicache_events`); nothing was allocated.
         """
+        with self._lock:
+            full = self._alloc_full(num_tokens)
+            if self.swa_pool is not None:
+                try:
+                    self._alloc_swa_for(full)
+                except BaseException:
+                    self.allocator.free(full)
+                    raise
+            return full
+
+    def _alloc_full(self, num_tokens: int) -> torch.Tensor:
+        """:meth:`alloc` without the SWA side."""
         if num_tokens < 0:
             raise InvalidArgumentError(f"alloc: num_tokens must be >= 0, got {num_tokens}")
         need = -(-num_tokens // self.page_size) * self.page_size
@@ -730,10 +861,71 @@ class HiCache:
                     )
             return self.allocator.alloc(need)
 
+    def _alloc_swa_for(self, full_indices: torch.Tensor) -> torch.Tensor:
+        """Maps ``full_indices`` to fresh SWA slots, evicting SWA KV when the pool is short.
+
+        Raises:
+            PoolExhaustedError: free plus evictable SWA slots cannot hold them (the rest are
+                locked: running requests' windows); nothing was mapped.
+        """
+        pool = self.swa_pool
+        missing = full_indices.numel() - pool.available_size()
+        if missing > 0:
+            if missing > self.tree.swa_evictable_size() and self._ongoing_writes:
+                self.check_hicache_events(block=True)  # backups hold locks: let them finish
+            self.evict_swa(missing)
+            if pool.available_size() < full_indices.numel():
+                raise PoolExhaustedError(
+                    f"alloc: need {full_indices.numel()} SWA slots but only "
+                    f"{pool.available_size()} are free after eviction "
+                    f"({self.tree.swa_protected_size()} held by running requests' windows, SWA "
+                    f"pool of {pool.num_slots})"
+                )
+        return pool.alloc_for(full_indices)
+
     def free(self, indices: torch.Tensor) -> None:
-        """Returns request-owned slots (whole pages) to the allocator."""
+        """Returns request-owned slots (whole pages) to the allocator (and their SWA slots)."""
         with self._lock:
-            self.allocator.free(indices)
+            self._free_device(indices)
+
+    def _free_device(self, indices: torch.Tensor) -> None:
+        """Frees full device slots, with the SWA slots of those that have one."""
+        if self.swa_pool is not None:
+            self.swa_pool.free_full(indices)
+        self.allocator.free(indices)
+
+    def free_swa_out_of_window(self, req: Req, seqlen: int | None = None) -> int:
+        """SWA caches: frees the SWA KV of the request's own tokens that left its window.
+
+        SGLang's ``free_swa_out_of_window_slots`` (PR #29860): with ``seqlen`` tokens computed
+        (default ``len(req.token_ids)``), tokens below
+        ``page_floor(seqlen - ceil_align(max(window, page_size), page_size))`` are no longer read
+        by the sliding-window layers, so their SWA slots go back to the pool; at least one
+        page-aligned window stays live, so the request's last inserted node is never all
+        tombstone. Only the request's own slots (``>= req.prefix_len``) are freed; the frontier
+        is kept in ``req.swa_evicted_seqlen`` and passed to the insert of
+        :meth:`cache_finished_req` / :meth:`cache_unfinished_req`.
+
+        Returns:
+            int: SWA tokens freed by this call.
+
+        Raises:
+            InvalidArgumentError: no SWA pool.
+        """
+        if self.swa_pool is None:
+            raise InvalidArgumentError("free_swa_out_of_window: this cache has no SWA pool")
+        page = self.page_size
+        seqlen = len(req.token_ids) if seqlen is None else seqlen
+        keep = -(-max(self.sliding_window_size, page) // page) * page
+        frontier = max(seqlen - keep, 0) // page * page
+        start = max(req.swa_evicted_seqlen, req.prefix_len)
+        if frontier <= start:
+            return 0
+        with self._lock:
+            freed = self.swa_pool.free_full(req.kv_indices[start:frontier])
+            req.swa_evicted_seqlen = frontier
+            self.stats.swa_window_freed_tokens += freed
+            return freed
 
     # ---- Mamba states (hybrid models) -----------------------------------------------------------
 
@@ -848,7 +1040,7 @@ class HiCache:
                 try:
                     slot = int(self.alloc_mamba(1)[0])
                 finally:
-                    self._dec_lock_ref(receipt.node_id, receipt.mamba_node_id)
+                    self._dec_receipt(receipt)
             else:
                 slot = int(self.alloc_mamba(1)[0])
             pool.init_state(slot, info.mamba_value)
@@ -891,8 +1083,11 @@ class HiCache:
         if result.mamba_indices.numel():
             self._mamba().free(result.mamba_indices)
             self.stats.mamba_evicted_states += int(result.mamba_indices.numel())
+        if result.swa_indices.numel():  # SWA tombstones: their SWA side only
+            self.swa_pool.free_full(result.swa_indices)
+            self.stats.swa_tombstoned_tokens += result.swa_tombstoned_tokens
         if n:
-            self.allocator.free(result.device_indices)
+            self._free_device(result.device_indices)
             if self.kv_events is not None:
                 self.kv_events.on_removed(Medium.GPU, result.device_indices)
         self._free_host(result.host_indices)
@@ -902,11 +1097,46 @@ class HiCache:
         return n
 
     def _free_host_states(self) -> None:
-        """Frees the host states the tree freed with their nodes' host KV (its outbox)."""
+        """Frees the host states and host SWA slots the tree freed with their nodes' host KV."""
         if self.mamba_host_pool is not None:
             states = self.tree.take_freed_mamba_host_slots()
             if states.numel():
                 self.mamba_host_pool.free(states)
+        if self.swa_host_pool is not None:
+            swa = self.tree.take_freed_swa_host_slots()
+            if swa.numel():
+                self.swa_host_pool.allocator.free(swa)
+
+    def _check_swa(self, owned: torch.Tensor, request_slots: torch.Tensor | None) -> None:
+        """The SWA part of :meth:`check_invariants`."""
+        pool = self.swa_pool
+        live = self.tree.all_swa_indices()
+        if not bool(pool.is_mapped(live).all()):
+            raise InvariantError("a live SWA node's full slot has no SWA slot")
+        mapped_in_tree = int(pool.is_mapped(owned).sum())
+        if mapped_in_tree != live.numel():
+            raise InvariantError(
+                f"{mapped_in_tree - live.numel()} full slots of SWA tombstones still hold SWA "
+                "slots (leaked SWA KV)"
+            )
+        if request_slots is not None:
+            in_use = live.numel() + int(pool.is_mapped(request_slots).sum())
+            if in_use != pool.num_mapped() or in_use + pool.available_size() != pool.num_slots:
+                raise InvariantError(
+                    f"SWA slot ownership broken: {pool.num_mapped()} mapped, {in_use} held by "
+                    f"the tree and requests, {pool.available_size()} free of {pool.num_slots}"
+                )
+        if self.swa_host_pool is not None:
+            _check_partition(
+                torch.cat(
+                    (
+                        self.tree.all_swa_host_indices(),
+                        self.swa_host_pool.allocator.free_slot_indices(),
+                    )
+                ),
+                self.swa_host_pool.num_slots,
+                "host SWA slot",
+            )
 
     def _free_host(self, indices: torch.Tensor, count: bool = True) -> None:
         self._free_host_states()
@@ -953,12 +1183,14 @@ class HiCache:
                 )
             )
             if unused.numel():
-                self.allocator.free(unused)
-            self._dec_lock_ref(req.last_node, req.mamba_node_id)
+                self._free_device(unused)
+            self._dec_lock_ref(req.last_node, req.mamba_node_id, req.swa_lock_tokens)
         req.kv_indices = _empty_slots()
         req.last_node = _ROOT_ID
         req.prefix_len = 0
         req.mamba_node_id = -1
+        req.swa_lock_tokens = 0
+        req.swa_evicted_seqlen = 0
         req.mamba_checkpoints = []
         return result
 
@@ -1009,7 +1241,7 @@ class HiCache:
                 return result
             duplicates = req.kv_indices[req.prefix_len : result.prefix_len]
             if duplicates.numel():
-                self.allocator.free(duplicates)
+                self._free_device(duplicates)
             match = self.tree.match_prefix(req.token_ids[:cached], req.extra_key)
             if match.device_prefix_len != cached:
                 raise InvariantError(
@@ -1017,13 +1249,15 @@ class HiCache:
                     f"{cached} tokens just inserted"
                 )
             receipt = self.tree.inc_lock_ref(match.last_device_node)
-            self._dec_lock_ref(req.last_node, req.mamba_node_id)
+            self._dec_lock_ref(req.last_node, req.mamba_node_id, req.swa_lock_tokens)
         kv = req.kv_indices.clone()
         kv[:cached] = match.device_indices
         req.kv_indices = kv
         req.last_node = receipt.node_id
         req.mamba_node_id = receipt.mamba_node_id
+        req.swa_lock_tokens = receipt.swa_lock_tokens
         req.prefix_len = cached
+        req.swa_evicted_seqlen = max(req.swa_evicted_seqlen, cached)
         return result
 
     def _insert_req(self, req: Req, check_checkpoints: bool = False) -> tuple[int, InsertResult]:
@@ -1042,6 +1276,7 @@ class HiCache:
             req.kv_indices[:aligned],
             req.extra_key,
             req.mamba_checkpoints if check_checkpoints else (),
+            req.swa_evicted_seqlen if self.swa_pool is not None else 0,
         )
         # The request's locked prefix is on device; only a stop at a load-pending or load-failed
         # node inside it (the request matched it while in flight) leaves it uncounted.
@@ -1130,13 +1365,16 @@ class HiCache:
             host = self.tree.all_host_indices()
             states = self.tree.all_mamba_indices()
             host_states = self.tree.all_mamba_host_indices()
+            host_swa = self.tree.all_swa_host_indices()
             freed = self.tree.reset()
+            if host_swa.numel():
+                self.swa_host_pool.allocator.free(host_swa)
             if states.numel():
                 self._mamba().free(states)
             if host_states.numel() and self.mamba_host_pool is not None:
                 self.mamba_host_pool.free(host_states)
             if freed.numel():
-                self.allocator.free(freed)
+                self._free_device(freed)
             if host.numel():
                 self._host_allocator().free(host)
             self.stats = CacheStats()
@@ -1173,6 +1411,11 @@ class HiCache:
             request_slots: int64 CPU tensor of every device slot that running requests own.
             request_states: int64 CPU tensor of every Mamba state slot running requests own.
 
+        SWA: the full slots of the tree's live SWA nodes are mapped and those of its SWA
+        tombstones are not; with ``request_slots``, the SWA slots in use are exactly those of the
+        tree's live nodes and of the requests' mapped slots; host SWA slots held by the tree and
+        free ones partition the SWA host pool.
+
         Raises:
             InvariantError: a slot is owned twice, leaked, or a tree invariant is broken.
         """
@@ -1204,6 +1447,8 @@ class HiCache:
             owned = self.tree.all_device_indices()
             if self.allocator.is_free(owned).any():
                 raise InvariantError("a slot held by the tree is also in the allocator's free list")
+            if self.swa_pool is not None:
+                self._check_swa(owned, request_slots)
             if self.host_pool is not None:
                 host_owned = self.tree.all_host_indices()
                 free_host = self.host_pool.allocator.free_slot_indices()
@@ -1214,6 +1459,56 @@ class HiCache:
                 return
             all_slots = torch.cat((owned, self.allocator.free_slot_indices(), request_slots))
             _check_partition(all_slots, self.allocator.num_slots, "device slot")
+
+
+def _flagged(device_indices: torch.Tensor, plan) -> torch.Tensor:
+    """The slots of ``device_indices`` (laid out like ``plan``) of the nodes ``plan.swa`` flags."""
+    parts, start = [], 0
+    for length, flag in zip(plan.lengths, plan.swa, strict=True):
+        if flag:
+            parts.append(device_indices[start : start + length])
+        start += length
+    return torch.cat(parts) if parts else _empty_slots()
+
+
+def _check_swa_pools(
+    device_pool: DeviceKVPool,
+    page_size: int,
+    host_pool: HostKVPool | None,
+    swa_pool: SWAKVPool | None,
+    swa_host_pool: HostKVPool | None,
+    sliding_window_size: int,
+) -> None:
+    """Raises InvalidArgumentError unless the SWA pools fit the cache (see :class:`HiCache`)."""
+    if swa_pool is None:
+        if swa_host_pool is not None or sliding_window_size:
+            raise InvalidArgumentError(
+                "HiCache: swa_host_pool and sliding_window_size need a swa_pool"
+            )
+        return
+    if sliding_window_size <= 0:
+        raise InvalidArgumentError(
+            f"HiCache: sliding_window_size must be > 0 with a swa_pool, got {sliding_window_size}"
+        )
+    if swa_pool.num_full_slots != device_pool.num_slots or swa_pool.page_size != page_size:
+        raise InvalidArgumentError(
+            f"HiCache: swa_pool maps {swa_pool.num_full_slots} full slots with page size "
+            f"{swa_pool.page_size}; the device pool has {device_pool.num_slots} slots and the "
+            f"cache page size {page_size}"
+        )
+    if (host_pool is not None) != (swa_host_pool is not None):
+        raise InvalidArgumentError(
+            "HiCache: a host pool with a swa_pool needs a swa_host_pool (the host tier keeps "
+            "each node's SWA KV with its KV), and a swa_host_pool needs a host pool"
+        )
+    if swa_host_pool is not None and (
+        swa_host_pool.num_slots != host_pool.num_slots or swa_host_pool.page_size != page_size
+    ):
+        raise InvalidArgumentError(
+            f"HiCache: swa_host_pool has {swa_host_pool.num_slots} slots of page size "
+            f"{swa_host_pool.page_size}; it needs the host pool's {host_pool.num_slots} and "
+            f"{page_size}"
+        )
 
 
 def _check_partition(slots: torch.Tensor, num_slots: int, what: str) -> None:

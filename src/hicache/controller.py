@@ -275,8 +275,9 @@ class CacheController:
         device_pool: the device KV pool.
         host_pool: the host KV pool; same kind, layers, heads, head_dim and dtype.
         extra_pools: host pools of the other state kinds of a hybrid model, by the name their
-            :class:`~hicache.memory.PoolTransfer` objects use (``{"mamba": MambaHostPool}``);
-            each knows its device pool. Their copies run in the same batches as the KV; a load
+            :class:`~hicache.memory.PoolTransfer` objects use (``{"mamba": MambaHostPool}``, or
+            ``{"swa": KVTransfer(swa_pool, swa_host_pool)}`` for the sliding-window KV); each
+            knows its device pool. Their copies run in the same batches as the KV; a load
             copies them, all their layers, before it signals layer 0 (a state is small, and a
             model reading any layer after waiting for it then finds every pool's state there).
         io_backend: ``"direct"``, ``"kernel"`` or ``"auto"`` (SGLang's ``--hicache-io-backend``;
@@ -292,7 +293,7 @@ class CacheController:
         device_pool: DeviceKVPool,
         host_pool: HostKVPool,
         io_backend: str = "auto",
-        extra_pools: dict[str, MambaHostPool] | None = None,
+        extra_pools: dict[str, MambaHostPool | transfer.KVTransfer] | None = None,
     ) -> None:
         # Validates the pools and the backend; resolves "auto" (logged) to the backend that runs.
         self._transfer = transfer.KVTransfer(device_pool, host_pool, io_backend)

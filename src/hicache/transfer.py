@@ -209,6 +209,11 @@ class KVTransfer:
         # The backend that runs, never "auto"; fixed at construction.
         self.io_backend = resolve_backend(io_backend, device_pool, host_pool)
 
+    @property
+    def num_slots(self) -> int:
+        """Host slots of the pair (the controller's extra-pool interface)."""
+        return self.host_pool.num_slots
+
     def prepare(
         self, device_indices: torch.Tensor, host_indices: torch.Tensor, fn: str = "prepare"
     ) -> TransferIndices:

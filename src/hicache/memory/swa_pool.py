@@ -260,6 +260,43 @@ class SWAKVPool(DeviceKVPool):
         self.allocator.free(swa_indices)
         return int(swa_indices.numel())
 
+    def move_mapping(self, dst_full: torch.Tensor, src_full: torch.Tensor) -> None:
+        """Gives the tokens of ``dst_full`` the SWA slots of ``src_full`` and unmaps ``src_full``.
+
+        SGLang's ``RecoverSWAWithLockedFull``: a cached node that lost its SWA KV (an SWA
+        tombstone) takes a request's SWA KV of the same tokens while keeping its own full slots;
+        the request's duplicate full slots are then freed full-only. Nothing is allocated or
+        freed; the mapping of ``src_full`` is cleared in the same step, so no SWA slot ever has
+        two owners.
+
+        Args:
+            dst_full: ``[n]`` int64 CPU full slots, unmapped, distinct.
+            src_full: ``[n]`` int64 CPU full slots, mapped, distinct, disjoint from ``dst_full``;
+                ``src_full[i]``'s SWA slot goes to ``dst_full[i]``.
+
+        Raises:
+            InvalidArgumentError: wrong type, dtype, dim or device; lengths differ; a ``dst``
+                slot already mapped or a ``src`` slot unmapped; repeated or shared slots.
+                Nothing changes.
+            IndexOutOfRangeError: a slot is outside ``[0, num_full_slots)``.
+        """
+        self._check_full(dst_full, "move_mapping")
+        self._check_full(src_full, "move_mapping")
+        if dst_full.numel() != src_full.numel():
+            raise InvalidArgumentError(
+                f"move_mapping: {dst_full.numel()} dst slots but {src_full.numel()} src slots"
+            )
+        both = torch.cat((dst_full, src_full))
+        if torch.unique(both).numel() != both.numel():
+            raise InvalidArgumentError("move_mapping: repeated or shared full slots")
+        if bool((self.full_to_swa[dst_full] != _UNMAPPED).any()):
+            raise InvalidArgumentError("move_mapping: a dst full slot already has an SWA slot")
+        swa = self.full_to_swa[src_full]
+        if bool((swa == _UNMAPPED).any()):
+            raise InvalidArgumentError("move_mapping: a src full slot has no SWA slot")
+        self.full_to_swa[src_full] = _UNMAPPED
+        self.full_to_swa[dst_full] = swa
+
     def reset(self) -> None:
         """Frees every SWA slot and clears the whole mapping (the cache's reset)."""
         self.full_to_swa.fill_(_UNMAPPED)
