@@ -96,10 +96,25 @@ def _add_replay_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", type=Path, default=None, help="also write the report as JSON here")
     p.add_argument(
         "--model",
-        choices=("plain", "mamba-hybrid"),
+        choices=("plain", "mamba-hybrid", "swa-hybrid", "swa-mamba-hybrid"),
         default="plain",
-        help="plain attention (default) or a Mamba + attention hybrid: a Mamba state pool beside "
-        "the KV pool; a hit must end on a cached state, verified like KV",
+        help="plain attention (default); a Mamba + attention hybrid (a Mamba state pool beside "
+        "the KV pool; a hit must end on a cached state, verified like KV); a full + sliding-window "
+        "attention hybrid (an SWA KV pool; a hit must end behind a window of live SWA KV, "
+        "verified like KV); or all three",
+    )
+    p.add_argument(
+        "--sliding-window-size",
+        type=int,
+        default=None,
+        help="SWA window in tokens (default: 4096 real tokens scaled like the blocks, 128 at "
+        "--block-tokens 16)",
+    )
+    p.add_argument(
+        "--swa-full-tokens-ratio",
+        type=float,
+        default=0.8,
+        help="SWA pool tokens / full pool tokens (default 0.8, SGLang's)",
     )
     p.add_argument(
         "--max-mamba-cache-size",
@@ -150,7 +165,8 @@ def _print_report(report) -> None:
         rows += [
             (
                 "model / Mamba states (host)",
-                f"mamba-hybrid / {report.mamba_states:,} ({report.mamba_host_states:,})",
+                f"{report.config['model']} / {report.mamba_states:,} "
+                f"({report.mamba_host_states:,})",
             ),
             ("Full-only hit blocks (same tree)", f"{report.full_kv_hit_blocks:,}"),
             (
@@ -161,6 +177,24 @@ def _print_report(report) -> None:
             ("Mamba states evicted", f"{stats['mamba_evicted_states']:,}"),
             ("tombstones at end", f"{report.tombstones_at_end:,}"),
             ("verified Mamba states", f"{report.mamba_verified_states:,}"),
+        ]
+    if report.swa_slots:
+        stats = report.cache_stats
+        rows += [
+            (
+                "SWA window / pool (host) tokens",
+                f"{report.sliding_window_size:,} / {report.swa_slots:,} "
+                f"({report.swa_host_slots:,})",
+            ),
+            ("Full-only hit blocks (same tree)", f"{report.full_kv_hit_blocks:,}"),
+            (
+                "SWA window-freed / tombstoned / recovered tokens",
+                f"{stats['swa_window_freed_tokens']:,} / {stats['swa_tombstoned_tokens']:,} / "
+                f"{stats['swa_recovered_tokens']:,}",
+            ),
+            ("SWA branch checkpoints", f"{report.swa_branch_checkpoints:,}"),
+            ("SWA tombstone nodes at end", f"{report.swa_tombstones_at_end:,}"),
+            ("SWA-verified tokens", f"{report.swa_verified_tokens:,}"),
         ]
     rows += [
         ("block hits", f"{report.hit_blocks:,} / {report.total_blocks:,}"),
@@ -215,6 +249,8 @@ def _replay(args: argparse.Namespace) -> int:
         io_backend=args.hicache_io_backend,
         model=args.model,
         max_mamba_cache_size=args.max_mamba_cache_size,
+        sliding_window_size=args.sliding_window_size,
+        swa_full_tokens_ratio=args.swa_full_tokens_ratio,
     )
     with Progress(
         "[progress.description]{task.description}",

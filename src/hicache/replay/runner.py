@@ -12,7 +12,7 @@ import torch
 from hicache import metrics
 from hicache.cache import WRITE_POLICIES, HiCache, Req
 from hicache.errors import HiCacheError, InvalidArgumentError
-from hicache.memory import DeviceKVPool, HostKVPool, MambaHostPool, MambaStatePool
+from hicache.memory import DeviceKVPool, HostKVPool, MambaHostPool, MambaStatePool, SWAKVPool
 from hicache.replay.trace import TRACE_BLOCK_TOKENS, TraceRequest, block_tokens
 
 __all__ = [
@@ -25,7 +25,7 @@ __all__ = [
     "run_replay",
 ]
 
-MODELS = ("plain", "mamba-hybrid")
+MODELS = ("plain", "mamba-hybrid", "swa-hybrid", "swa-mamba-hybrid")
 
 OPERATIONS = (
     "match_prefix",
@@ -70,11 +70,19 @@ class ReplayConfig:
         io_backend: transfer backend (SGLang's ``--hicache-io-backend``).
         timeline_points: windows of the report's timeline (hit ratio per tier and transfer
             bandwidth per window of requests); 0 for none.
-        model: ``"plain"`` (attention only) or ``"mamba-hybrid"`` (Mamba + attention layers: a
-            Mamba state pool beside the KV pool; a hit must end on a cached state).
+        model: ``"plain"`` (attention only), ``"mamba-hybrid"`` (Mamba + attention layers: a
+            Mamba state pool beside the KV pool; a hit must end on a cached state),
+            ``"swa-hybrid"`` (full + sliding-window attention layers: an SWA KV pool beside it;
+            a hit must end behind ``sliding_window_size`` tokens of live SWA KV) or
+            ``"swa-mamba-hybrid"`` (all three).
         max_mamba_cache_size: Mamba state slots (SGLang's ``--max-mamba-cache-size``); None:
             the states that fit in 0.9x the KV memory at Qwen3-Next-80B-A3B's 3,144 KV tokens per
             state, SGLang's default (``--mamba-full-memory-ratio``), and at least 5.
+        sliding_window_size: SWA window in tokens (SGLang's ``--sliding-window-size``); None:
+            4,096 real tokens scaled like the blocks (``4096 * block_tokens // 512``, 128 at
+            ``block_tokens`` 16), the baseline's default.
+        swa_full_tokens_ratio: SWA pool tokens / full pool tokens (SGLang's
+            ``--swa-full-tokens-ratio``, default 0.8).
     """
 
     block_tokens: int = 16
@@ -98,6 +106,8 @@ class ReplayConfig:
     timeline_points: int = 200
     model: str = "plain"
     max_mamba_cache_size: int | None = None
+    sliding_window_size: int | None = None
+    swa_full_tokens_ratio: float = 0.8
 
 
 @dataclass
@@ -141,6 +151,15 @@ class ReplayReport:
     mamba_host_states: int = 0
     mamba_verified_states: int = 0
     tombstones_at_end: int = 0
+    # SWA models: the window, the SWA pools' sizes (tokens), SWA KV tokens verified on hits,
+    # requests that re-published the window before their branching point, and SWA tombstone
+    # nodes at the end.
+    sliding_window_size: int = 0
+    swa_slots: int = 0
+    swa_host_slots: int = 0
+    swa_verified_tokens: int = 0
+    swa_branch_checkpoints: int = 0
+    swa_tombstones_at_end: int = 0
 
     @property
     def block_hit_ratio(self) -> float:
@@ -261,6 +280,120 @@ def checkpoint_positions(request: TraceRequest, match, block_tokens: int, step: 
     end = complete * block_tokens // step * step
     branch = match.mamba_branching_seqlen // step * step
     return sorted({p for p in (end, branch) if p > match.device_prefix_len})
+
+
+class _SWAModel:
+    """The sliding-window side of an ``swa-hybrid`` replay: its pools and its window frontier.
+
+    The SWA pool has ``swa_full_tokens_ratio`` of the full pool's slots (its host pool, with a
+    host tier, as many as the host pool); every new token's SWA KV is written beside its Full KV
+    and the SWA KV of a hit's last ``window`` tokens is read back and verified like the Full KV.
+    After its prefill a request frees the SWA KV that left its window
+    (:meth:`HiCache.free_swa_out_of_window`), as SGLang's ``checkpoint_kv_cache`` does, so older
+    prefixes become SWA tombstones. The window kept live is the one that ends at the request's
+    last complete block of input: the next turn re-hashes the last, partial block, so its match
+    ends there (the position where ``mamba-hybrid`` publishes a state, for the same reason; in an
+    engine with real token ids it is the request's last window). A request whose match stopped at
+    such a tombstone
+    (``swa_branching_seqlen``) first caches its prefix up to that point with a live window (SGLang
+    inserts up to ``swa_branching_seqlen`` at the prefill checkpoint), so later requests that
+    branch there hit it. With Mamba too, the window before each Mamba checkpoint stays live
+    instead (SGLang's ``retain_floor``): a state is only usable behind its window.
+    """
+
+    WINDOW_TOKENS = 4096  # real tokens, scaled like the blocks
+
+    def __init__(
+        self, config: ReplayConfig, pool: DeviceKVPool, host_pool: HostKVPool | None
+    ) -> None:
+        bt, ps = config.block_tokens, config.page_size
+        self.window = config.sliding_window_size or self.WINDOW_TOKENS * bt // TRACE_BLOCK_TOKENS
+        if self.window < 1 or not 0 < config.swa_full_tokens_ratio <= 1:
+            raise InvalidArgumentError(
+                f"sliding_window_size must be >= 1 and swa_full_tokens_ratio in (0, 1], got "
+                f"{self.window} and {config.swa_full_tokens_ratio}"
+            )
+        num_slots = int(pool.num_slots * config.swa_full_tokens_ratio) // ps * ps
+        if num_slots < ps:
+            raise InvalidArgumentError(
+                f"an SWA pool of {config.swa_full_tokens_ratio} x {pool.num_slots} tokens holds "
+                f"no whole page of {ps}"
+            )
+        self.step = math.lcm(bt, ps)
+        self.block_tokens = bt
+        self.pool = SWAKVPool(
+            num_slots,
+            pool.num_layers,
+            pool.num_heads,
+            pool.head_dim,
+            pool.dtype,
+            pool.device,
+            pool.kind,
+            num_full_slots=pool.num_slots,
+            page_size=ps,
+        )
+        self.host_pool = (
+            HostKVPool(self.pool, host_pool.num_slots, ps, config.host_layout)
+            if host_pool is not None
+            else None
+        )
+
+    def verify(self, tokens: torch.Tensor, match, i: int) -> int:
+        """Checks the SWA KV of the hit's last window; returns the tokens verified."""
+        hit = match.device_prefix_len
+        start = max(hit - self.window, 0)
+        full = match.device_indices[start:hit]
+        if not bool(self.pool.is_mapped(full).all()):
+            raise KVIntegrityError(
+                f"request {i}: its {hit}-token hit ends behind tokens without SWA KV (window "
+                f"{self.window})"
+            )
+        got = self.pool.read(self.pool.translate(full))
+        want = expected_kv(tokens[start:hit], self.pool)
+        if not all(torch.equal(g, w) for g, w in zip(got, want, strict=True)):
+            raise KVIntegrityError(
+                f"request {i}: the SWA KV read back for the last {hit - start} of its {hit} hit "
+                "tokens differs from the SWA KV written for them"
+            )
+        return hit - start
+
+    def write(self, tokens: torch.Tensor, new_slots: torch.Tensor) -> None:
+        """Writes the SWA KV of the request's new tokens (their slots' SWA side)."""
+        if tokens.numel():
+            self.pool.write(self.pool.translate(new_slots), *expected_kv(tokens, self.pool))
+
+    def before_insert(
+        self, cache: HiCache, request: TraceRequest, req: Req, match, mamba_positions: list[int]
+    ) -> bool:
+        """Frees the request's out-of-window SWA KV; returns whether it checkpointed a branch.
+
+        ``mamba_positions``: the request's Mamba checkpoints (``swa-mamba-hybrid``), whose
+        windows stay live; else the window ending at its last complete block stays live.
+        """
+        hit = match.device_prefix_len
+        if mamba_positions:
+            cache.free_swa_out_of_window(req, min(mamba_positions))
+            return False
+        branch = match.swa_branching_seqlen // self.step * self.step
+        checkpointed = branch > hit
+        if checkpointed:  # cache the prefix up to the branching point with its window live
+            part = Req(
+                req.token_ids[:branch],
+                req.extra_key,
+                req.kv_indices[:branch],
+                req.last_node,
+                req.prefix_len,
+                swa_lock_tokens=req.swa_lock_tokens,
+            )
+            cache.free_swa_out_of_window(part)
+            cache.cache_unfinished_req(part)
+            req.kv_indices = torch.cat((part.kv_indices, req.kv_indices[branch:]))
+            req.last_node, req.prefix_len = part.last_node, part.prefix_len
+            req.swa_lock_tokens = part.swa_lock_tokens
+            req.swa_evicted_seqlen = part.swa_evicted_seqlen
+        complete = min(request.input_length // TRACE_BLOCK_TOKENS, len(request.hash_ids))
+        cache.free_swa_out_of_window(req, complete * self.block_tokens // self.step * self.step)
+        return checkpointed
 
 
 class _MambaModel:
@@ -397,7 +530,9 @@ def run_replay(
         )
     if config.model not in MODELS:
         raise InvalidArgumentError(f"unknown model {config.model!r}; expected one of {MODELS}")
-    mamba = _MambaModel(config, capacity, device) if config.model == "mamba-hybrid" else None
+    mamba_model = config.model in ("mamba-hybrid", "swa-mamba-hybrid")
+    mamba = _MambaModel(config, capacity, device) if mamba_model else None
+    swa = _SWAModel(config, pool, host_pool) if config.model.startswith("swa") else None
     mamba_host = None
     if mamba is not None and host_pool is not None:
         # The host tier holds states in the proportion it holds KV.
@@ -411,6 +546,9 @@ def run_replay(
         config.io_backend,
         mamba_pool=mamba.pool if mamba is not None else None,
         mamba_host_pool=mamba_host,
+        swa_pool=swa.pool if swa is not None else None,
+        swa_host_pool=swa.host_pool if swa is not None else None,
+        sliding_window_size=swa.window if swa is not None else 0,
     )
     report = ReplayReport(
         trace=trace_name,
@@ -422,6 +560,9 @@ def run_replay(
         io_backend=cache.controller.io_backend if cache.controller is not None else "",
         mamba_states=mamba.pool.num_slots if mamba is not None else 0,
         mamba_host_states=mamba_host.num_slots if mamba_host is not None else 0,
+        sliding_window_size=swa.window if swa is not None else 0,
+        swa_slots=swa.pool.num_slots if swa is not None else 0,
+        swa_host_slots=swa.host_pool.num_slots if swa is not None and swa.host_pool else 0,
     )
     ops = report.op_seconds
     window = -(-len(requests) // config.timeline_points) if config.timeline_points > 0 else 0
@@ -460,12 +601,16 @@ def run_replay(
                         "written for them"
                     )
                 report.verified_tokens += hit
+                if swa is not None:
+                    report.swa_verified_tokens += swa.verify(tokens, match, i)
             t4 = clock()
             new_slots = cache.alloc(len(tokens) - hit)
             t5 = clock()
             num_new = len(tokens) - hit
             if num_new:
                 pool.write(new_slots[:num_new], *expected_kv(tokens[hit:], pool))
+                if swa is not None:
+                    swa.write(tokens[hit:], new_slots[:num_new])
             t6 = clock()
             req = Req(
                 tokens,
@@ -473,9 +618,15 @@ def run_replay(
                 last_node=receipt.node_id,
                 prefix_len=hit,
                 mamba_node_id=receipt.mamba_node_id,
+                swa_lock_tokens=receipt.swa_lock_tokens,
             )
             if mamba is not None:
                 req.mamba_checkpoints = mamba.checkpoints(cache, trace_req, match, working)
+            if swa is not None:
+                positions = [n for n, _ in req.mamba_checkpoints]
+                report.swa_branch_checkpoints += swa.before_insert(
+                    cache, trace_req, req, match, positions
+                )
             cache.cache_finished_req(req)
             t7 = clock()
             # Deterministic replay: this step's backups land before the next step evicts.
@@ -491,7 +642,8 @@ def run_replay(
             ops["check_hicache_events"] += t8 - t7
 
             hit_blocks = hit // bt
-            report.full_kv_hit_blocks += max(hit, match.mamba_branching_seqlen) // bt
+            full_hit = max(hit, match.mamba_branching_seqlen, match.swa_branching_seqlen)
+            report.full_kv_hit_blocks += full_hit // bt
             report.requests += 1
             report.total_blocks += len(trace_req.hash_ids)
             report.hit_blocks += hit_blocks
@@ -508,9 +660,12 @@ def run_replay(
         timeline.close()
         cache.check_invariants(request_slots=no_slots, request_states=no_slots)
         report.metrics = metrics.as_dict(metrics.collect(cache))
+        nodes = [cache.tree.node_info(n) for n in cache.tree.node_ids()]
         if mamba is not None:
-            report.tombstones_at_end = sum(
-                not cache.tree.node_info(n).has_mamba_value for n in cache.tree.node_ids()
+            report.tombstones_at_end = sum(not n.has_mamba_value for n in nodes)
+        if swa is not None:
+            report.swa_tombstones_at_end = sum(
+                n.has_device_value and not n.has_swa_value for n in nodes
             )
     finally:
         cache.close()
