@@ -1,4 +1,4 @@
-"""Hybrid (Full + Mamba) cache throughput and hits: hicache vs SGLang 0.5.23's UnifiedRadixCache.
+"""Hybrid cache throughput and hits: hicache vs SGLang 0.5.23's UnifiedRadixCache, same trace.
 
 Both replay the same Mooncake trace with an engine loop and time only the cache calls:
 
@@ -7,9 +7,17 @@ Both replay the same Mooncake trace with an engine loop and time only the cache 
   second checkpoint when there is one -> cache_finished_req (insert, publish the checkpoints, free
   duplicates, unlock). Checkpoints as ``hicache replay --model mamba-hybrid`` publishes them: the
   last complete block and the branching point (``hicache.replay.runner.checkpoint_positions``).
-- SGLang: ``shared/baselines/sglang_unified_baseline.py TRACE PCT --components full,mamba --loop
-  engine`` with its Rust tree core (its default) and ``extra_buffer`` Mamba strategy, run as a
-  subprocess of SGLang's venv python (``shared/baselines/install_sglang.sh``).
+  With ``full,swa``: an ``SWAKVPool`` of 0.8x the full pool (SGLang's --swa-full-tokens-ratio),
+  window 4096 real tokens scaled (128 at bt 16): match_prefix -> inc_lock_ref -> alloc (each new
+  slot mapped to an SWA slot, evicting SWA KV) -> the SWA frontier (a request whose match stopped
+  at an SWA tombstone first caches its prefix up to that branching point with its window live,
+  via cache_unfinished_req; then the SWA KV out of the window ending at its last complete block
+  is freed) -> cache_finished_req. As ``hicache replay --model swa-hybrid`` does
+  (``hicache.replay.runner._SWAModel``).
+- SGLang: ``shared/baselines/sglang_unified_baseline.py TRACE PCT --components full,mamba|full,swa
+  --loop engine`` with its Rust tree core (its default), ``extra_buffer`` Mamba strategy and its
+  SWA defaults, run as a subprocess of SGLang's venv python
+  (``shared/baselines/install_sglang.sh``).
 
 Same capacity (``unique_blocks * pct // 100`` blocks of KV) and the same Mamba state budget on
 both sides (SGLang's default sizing, which the harness applies). Full-only hits are what the Full
@@ -17,7 +25,7 @@ component alone matched in the same tree.
 
 Usage:
   python benchmarks/hybrid_throughput.py [--trace FILE] [--pcts 10 50] [--bt 16] [--repeat 3]
-      [--sglang-python PATH] [--skip-sglang] [--json FILE]
+      [--components full,mamba full,swa] [--sglang-python PATH] [--skip-sglang] [--json FILE]
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ import torch
 from hicache.cache import HiCache, Req
 from hicache.memory import DeviceKVPool, MambaStatePool
 from hicache.replay import bundled_trace_path, load_trace
-from hicache.replay.runner import _MambaModel, checkpoint_positions
+from hicache.replay.runner import ReplayConfig, _MambaModel, _SWAModel, checkpoint_positions
 from hicache.replay.trace import TRACE_BLOCK_TOKENS, block_tokens
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,7 +49,9 @@ BASELINES = REPO.parent / "shared" / "baselines"
 DEFAULT_SGLANG_PYTHON = Path.home() / ".cache/hicache-baselines/sglang/bin/python"
 
 
-def run_hicache(requests, pct: int, bt: int) -> dict:
+def run_hicache(requests, pct: int, bt: int, components: str = "full,mamba") -> dict:
+    if components == "full,swa":
+        return run_hicache_swa(requests, pct, bt)
     unique = len({h for r in requests for h in r.hash_ids})
     cap_blocks = unique * pct // 100
     num_states = max(5, int(_MambaModel.MEMORY_RATIO * cap_blocks * TRACE_BLOCK_TOKENS / 3144))
@@ -91,7 +101,49 @@ def run_hicache(requests, pct: int, bt: int) -> dict:
     }
 
 
-def run_sglang(python: Path, trace: Path, pct: int, bt: int) -> dict | None:
+def run_hicache_swa(requests, pct: int, bt: int) -> dict:
+    unique = len({h for r in requests for h in r.hash_ids})
+    cap_blocks = unique * pct // 100
+    pool = DeviceKVPool(cap_blocks * bt, 1, 1, 8, torch.float16, "cpu")
+    swa = _SWAModel(ReplayConfig(block_tokens=bt, page_size=bt), pool, None)
+    cache = HiCache(pool, bt, swa_pool=swa.pool, sliding_window_size=swa.window)
+    keys = [block_tokens(r.hash_ids, bt) for r in requests]
+    hits = full_hits = total = 0
+    seconds = 0.0
+    clock = time.perf_counter
+    for request, key in zip(requests, keys, strict=True):
+        t0 = clock()
+        m = cache.match_prefix(key)
+        receipt = cache.inc_lock_ref(m.last_device_node)
+        hit = m.device_prefix_len
+        slots = cache.alloc(len(key) - hit)
+        req = Req(
+            key,
+            kv_indices=torch.cat((m.device_indices, slots)),
+            last_node=receipt.node_id,
+            prefix_len=hit,
+            swa_lock_tokens=receipt.swa_lock_tokens,
+        )
+        swa.before_insert(cache, request, req, m, [])
+        cache.cache_finished_req(req)
+        seconds += clock() - t0
+        hits += hit // bt
+        full_hits += max(hit, m.swa_branching_seqlen) // bt
+        total += len(request.hash_ids)
+    cache.check_invariants(torch.empty(0, dtype=torch.int64))
+    return {
+        "hit_blocks": hits,
+        "full_kv_hit_blocks": full_hits,
+        "total_blocks": total,
+        "cache_seconds": seconds,
+        "requests_per_s_cache": len(requests) / seconds,
+        "swa_slots": swa.pool.num_slots,
+    }
+
+
+def run_sglang(
+    python: Path, trace: Path, pct: int, bt: int, components: str = "full,mamba"
+) -> dict | None:
     cmd = [
         str(python),
         str(BASELINES / "sglang_unified_baseline.py"),
@@ -100,7 +152,7 @@ def run_sglang(python: Path, trace: Path, pct: int, bt: int) -> dict | None:
         "--bt",
         str(bt),
         "--components",
-        "full,mamba",
+        components,
         "--loop",
         "engine",
         "--backend",
@@ -119,24 +171,33 @@ def main() -> None:
     p.add_argument("--pcts", type=int, nargs="+", default=[10, 50])
     p.add_argument("--bt", type=int, default=16)
     p.add_argument("--repeat", type=int, default=3)
+    p.add_argument(
+        "--components",
+        nargs="+",
+        default=["full,mamba", "full,swa"],
+        choices=["full,mamba", "full,swa"],
+    )
     p.add_argument("--sglang-python", type=Path, default=DEFAULT_SGLANG_PYTHON)
     p.add_argument("--skip-sglang", action="store_true")
     p.add_argument("--json", type=Path, default=None)
     a = p.parse_args()
     requests = load_trace(a.trace)
     rows = []
-    for pct in a.pcts:
-        runs = [run_hicache(requests, pct, a.bt) for _ in range(a.repeat)]
-        ours = sorted(runs, key=lambda r: r["cache_seconds"])[len(runs) // 2]
-        base = None
-        if not a.skip_sglang and a.sglang_python.exists():
-            base = run_sglang(a.sglang_python, a.trace, pct, a.bt)
-        rows.append({"pct": pct, "hicache": ours, "sglang_rust": base})
+    for components in a.components:
+        for pct in a.pcts:
+            runs = [run_hicache(requests, pct, a.bt, components) for _ in range(a.repeat)]
+            ours = sorted(runs, key=lambda r: r["cache_seconds"])[len(runs) // 2]
+            base = None
+            if not a.skip_sglang and a.sglang_python.exists():
+                base = run_sglang(a.sglang_python, a.trace, pct, a.bt, components)
+            rows.append(
+                {"components": components, "pct": pct, "hicache": ours, "sglang_rust": base}
+            )
     header = (
-        f"{'cap':>4} {'hicache req/s':>14} {'SGLang Rust req/s':>18} {'x':>6} "
+        f"{'components':>10} {'cap':>4} {'hicache req/s':>14} {'SGLang Rust req/s':>18} {'x':>6} "
         f"{'hicache hits (full-only)':>26} {'SGLang hits (full-only)':>25}"
     )
-    print(f"trace {a.trace.name}, bt {a.bt}, full+mamba, engine loop, cache calls only")
+    print(f"trace {a.trace.name}, bt {a.bt}, engine loop, cache calls only, median of {a.repeat}")
     print(header)
     print("-" * len(header))
     for row in rows:
@@ -145,7 +206,8 @@ def main() -> None:
         ratio = f"{ours['requests_per_s_cache'] / base['requests_per_s_cache']:.1f}" if base else ""
         base_hits = f"{base['hit_blocks']:,} ({base['full_kv_hit_blocks']:,})" if base else "n/a"
         print(
-            f"{row['pct']:>3}% {ours['requests_per_s_cache']:>14,.0f} {base_rate:>18} {ratio:>6} "
+            f"{row['components']:>10} {row['pct']:>3}% {ours['requests_per_s_cache']:>14,.0f} "
+            f"{base_rate:>18} {ratio:>6} "
             f"{ours['hit_blocks']:>14,} ({ours['full_kv_hit_blocks']:,}) {base_hits:>25}"
         )
     if a.json is not None:

@@ -19,7 +19,7 @@ import torch
 from hicache import transfer
 from hicache.cache import HiCache, Req
 from hicache.errors import InvalidArgumentError, PoolExhaustedError
-from hicache.memory import DeviceKVPool, HostKVPool, SWAKVPool
+from hicache.memory import DeviceKVPool, HostKVPool, MambaStatePool, SWAKVPool
 from hicache.replay.runner import expected_kv
 from tests.test_cache_concurrency import NO_SLOTS, _jitter, _keys
 
@@ -57,13 +57,15 @@ def check_hit(cache: HiCache, tokens: torch.Tensor, device_indices: torch.Tensor
     """The hit's Full KV, and the SWA KV of its last window, are those written for its tokens."""
     hit = device_indices.numel()
     for got, want in zip(
-        cache.device_pool.read(device_indices), expected_kv(tokens[:hit], cache.device_pool)
+        cache.device_pool.read(device_indices),
+        expected_kv(tokens[:hit], cache.device_pool),
+        strict=True,
     ):
         assert torch.equal(got, want), "a hit's Full KV differs from what was written"
     start = max(hit - cache.sliding_window_size, 0)
     window = cache.swa_pool.translate(device_indices[start:])  # raises if a token has no SWA KV
     for got, want in zip(
-        cache.swa_pool.read(window), expected_kv(tokens[start:hit], cache.swa_pool)
+        cache.swa_pool.read(window), expected_kv(tokens[start:hit], cache.swa_pool), strict=True
     ):
         assert torch.equal(got, want), "a hit's SWA window differs from what was written"
 
@@ -241,3 +243,48 @@ def test_swa_races_the_workers_without_losing_a_slot(monkeypatch, policy):
     cache.flush()
     cache.check_invariants(request_slots=NO_SLOTS)
     cache.close()
+
+
+def test_checkpoints_below_the_frontier_never_take_swa_kv_from_freed_slots():
+    """SWA + Mamba: a request that recomputes a cached prefix (its match stopped early) frees its
+    duplicates' SWA KV below the frontier; publishing a Mamba checkpoint there must not give the
+    tree's SWA tombstones those (unmapped) slots' SWA KV. Found by the ``swa-mamba-hybrid``
+    replay: the checkpoint insert once ignored the frontier."""
+    pool = DeviceKVPool(256, 1, 1, 4, torch.float32, "cpu")
+    swa = SWAKVPool(128, 1, 1, 4, torch.float32, "cpu", num_full_slots=256, page_size=PAGE)
+    states = MambaStatePool(8, 1, (2, 2), (2, 2), torch.float32, torch.float32, "cpu")
+    cache = HiCache(pool, PAGE, swa_pool=swa, sliding_window_size=WINDOW, mamba_pool=states)
+
+    def run(key: torch.Tensor, checkpoints: list[int]) -> int:
+        m = cache.match_prefix(key)
+        receipt = cache.inc_lock_ref(m.last_device_node)
+        working = cache.fork_mamba(m.last_device_node)
+        hit = m.device_prefix_len
+        slots = cache.alloc(len(key) - hit)
+        pool.write(slots, *expected_kv(key[hit:], pool))
+        swa.write(swa.translate(slots), *expected_kv(key[hit:], swa))
+        req = Req(
+            key,
+            kv_indices=torch.cat((m.device_indices, slots)),
+            last_node=receipt.node_id,
+            prefix_len=hit,
+            mamba_node_id=receipt.mamba_node_id,
+            swa_lock_tokens=receipt.swa_lock_tokens,
+        )
+        extra = cache.alloc_mamba(len(checkpoints) - 1).tolist()
+        req.mamba_checkpoints = list(zip(checkpoints, [working, *extra], strict=True))
+        cache.free_swa_out_of_window(req, min(checkpoints))
+        cache.cache_finished_req(req)
+        cache.check_invariants(request_slots=NO_SLOTS, request_states=NO_SLOTS)
+        return hit
+
+    first = torch.arange(48, dtype=torch.int32)
+    assert run(first, [48]) == 0  # [0, 40) is an SWA tombstone, [40, 48) live with a state
+    # Shares [0, 24) (tombstone: no hit), recomputes it, keeps SWA from 8 on (its checkpoint at
+    # 16 needs the window [8, 16)): the tree's [8, 24) takes its SWA KV, [0, 8) stays a
+    # tombstone whatever the checkpoint insert at 16 walks over.
+    second = torch.cat((first[:24], torch.arange(500, 524, dtype=torch.int32)))
+    assert run(second, [16, 48]) == 0
+    m = cache.match_prefix(second[:16])
+    assert m.device_prefix_len == 16
+    check_hit(cache, second, m.device_indices)

@@ -362,7 +362,7 @@ class HiCache:
                     result.prefix_len // self.page_size,
                     extra_key,
                 )
-            self._publish_checkpoints(key, value, extra_key, checkpoints)
+            self._publish_checkpoints(key, value, extra_key, checkpoints, swa_evicted_seqlen)
             self._write_through(result.last_node)
             self._write_through_states(result.last_node)
             return result
@@ -1194,10 +1194,22 @@ class HiCache:
         req.mamba_checkpoints = []
         return result
 
-    def _publish_checkpoints(self, key, value: torch.Tensor, extra_key, checkpoints) -> None:
-        """Inserts each checkpoint's prefix with its state (the KV is in the tree already)."""
+    def _publish_checkpoints(
+        self, key, value: torch.Tensor, extra_key, checkpoints, swa_evicted_seqlen: int = 0
+    ) -> None:
+        """Inserts each checkpoint's prefix with its state (the KV is in the tree already).
+
+        ``swa_evicted_seqlen``: the key's SWA frontier, as given to the insert of the key (the
+        caller's duplicate slots below it hold no SWA KV: no tombstone may take it from them).
+        """
         for num_tokens, slot in checkpoints:
-            r = self.tree.insert(key[:num_tokens], value[:num_tokens], extra_key, slot)
+            r = self.tree.insert(
+                key[:num_tokens],
+                value[:num_tokens],
+                extra_key,
+                slot,
+                min(swa_evicted_seqlen, num_tokens),
+            )
             if r.prefix_len != min(num_tokens, r.cached_len) or r.adopted_len:
                 raise InvariantError(
                     f"a checkpoint insert of {num_tokens} tokens took KV slots (prefix_len "
