@@ -289,6 +289,10 @@ void RadixTree::check_invariants() const {
                       std::to_string(full.lock_ref));
     }
     if (!swa.value.empty()) fail(n->id, "device SWA KV is a flag: its value must stay empty");
+    if (n->swa_segment_tops < 0 || n->swa_segment_tops > swa.lock_ref) {
+      fail(n->id, std::to_string(n->swa_segment_tops) + " SWA segments end here but its SWA "
+                      "lock_ref is " + std::to_string(swa.lock_ref));
+    }
     if (swa.has_value) {
       if (swa_window_ == 0) fail(n->id, "holds SWA KV in a tree without the SWA component");
       if (!full.has_value) fail(n->id, "holds device SWA KV but no device KV");

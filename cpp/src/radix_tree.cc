@@ -232,6 +232,8 @@ Node* RadixTree::split(Node* node, size_t prefix_len) {
     }
   }
   upper->hit_count = node->hit_count;
+  upper->swa_segment_tops = node->swa_segment_tops;  // segments ending here now end above
+  node->swa_segment_tops = 0;
   upper->backup_pending = node->backup_pending;
   upper->load_pending = node->load_pending;
   upper->load_failed = node->load_failed;
@@ -764,6 +766,7 @@ LockReceipt RadixTree::inc_lock_ref(NodeId id) {
   evictable_size_ -= receipt.delta;
   protected_size_ += receipt.delta;
   // SWA: the window ending at the node (a segment lock; tombstones in it are counted too).
+  Node* top = nullptr;
   for (Node* n = node; swa_window_ > 0 && !n->is_root() && receipt.swa_lock_tokens < swa_window_;
        n = n->parent) {
     ComponentData& swa = n->swa();
@@ -773,7 +776,9 @@ LockReceipt RadixTree::inc_lock_ref(NodeId id) {
       swa_protected_size_ += n->num_tokens();
     }
     receipt.swa_lock_tokens += n->num_tokens();
+    top = n;
   }
+  if (top != nullptr) ++top->swa_segment_tops;
   return receipt;
 }
 
@@ -799,11 +804,14 @@ int64_t RadixTree::dec_lock_ref(NodeId id, NodeId mamba_node_id, int64_t swa_loc
       covered += n->num_tokens();
       swa_top = n;
     }
-    if (covered != swa_lock_tokens) {
+    // A segment covers a window (or reaches the root) and ends where a segment lock ended: at
+    // a node boundary holding a segment top (splits keep both true).
+    if (covered != swa_lock_tokens || swa_top->swa_segment_tops <= 0 ||
+        (covered < swa_window_ && !swa_top->parent->is_root())) {
       throw std::invalid_argument(describe("dec_lock_ref", id,
                                            "swa_lock_tokens " + std::to_string(swa_lock_tokens) +
-                                               " does not end on a node boundary above it: a "
-                                               "wrong receipt"));
+                                               " does not end where a window lock's segment "
+                                               "ends: a wrong receipt"));
     }
   }
   if (mamba_node_id != kNoNode) {
@@ -841,6 +849,7 @@ int64_t RadixTree::dec_lock_ref(NodeId id, NodeId mamba_node_id, int64_t swa_loc
     }
   }
   if (mamba_node_id == kNoNode) --node->plain_receipts;
+  if (swa_top != nullptr) --swa_top->swa_segment_tops;
   for (Node* n = node; swa_top != nullptr; n = n->parent) {  // components before Full
     ComponentData& swa = n->swa();
     if (--swa.lock_ref == 0 && swa.has_value) {
@@ -852,8 +861,8 @@ int64_t RadixTree::dec_lock_ref(NodeId id, NodeId mamba_node_id, int64_t swa_loc
     if (n == swa_top) break;
   }
   if (mamba_node_id != kNoNode && --node->mamba().lock_ref == 0) {  // components before Full
-    node->last_access = ++tick_;
     mamba_lru_.push_front(node);
+    touch(node);  // every LRU holding it (the SWA one too) stays in access-time order
     ++mamba_evictable_size_;
     --mamba_protected_size_;
   }

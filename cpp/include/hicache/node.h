@@ -56,6 +56,10 @@ struct Node {
   // (the locks whose receipt names it and that do), dec_lock_ref can tell a receipt given back
   // without its Mamba part. Stays with the node (the receipt's id) on a split.
   int32_t plain_receipts = 0;
+  // SWA: window-segment locks whose segment ends at this node (its upper boundary). A split
+  // moves them to the new upper node, which is then the segment's end; dec_lock_ref checks that
+  // a receipt's segment ends at such a node.
+  int32_t swa_segment_tops = 0;
   // A load-back copying this node or an ancestor failed while the node was locked: its device
   // slots hold garbage. Never served (match_prefix stops above it, insert stops at it, nothing is
   // loaded below it); demoted to host-only, its host copy intact, when its last lock is released.
