@@ -16,12 +16,12 @@ backs it up and :mod:`hicache.transfer` moves it, with SWA slot indices from :me
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from hicache.errors import InvalidArgumentError
-from hicache.memory.allocator import PageAllocator
+from hicache.errors import IndexOutOfRangeError, InvalidArgumentError
+from hicache.memory.allocator import PageAllocator, _check_index_tensor
 from hicache.memory.device_pool import DeviceKVPool
-from hicache.memory.host_pool import check_slot_indices
 
 __all__ = ["SWAKVPool"]
 
@@ -109,8 +109,11 @@ class SWAKVPool(DeviceKVPool):
         self.allocator = allocator
         self._page_size = page_size
         self._num_full_slots = num_full_slots
-        self._page_offsets = torch.arange(page_size, dtype=torch.int64)
+        self._page_offsets = np.arange(page_size, dtype=np.int64)
         self.full_to_swa = torch.full((num_full_slots,), _UNMAPPED, dtype=torch.int64)
+        # The same memory as numpy: the request-path bookkeeping runs on small index arrays,
+        # where a numpy op costs a fraction of a torch op's dispatch.
+        self._map = self.full_to_swa.numpy()
 
     @property
     def num_full_slots(self) -> int:
@@ -128,7 +131,7 @@ class SWAKVPool(DeviceKVPool):
 
     def num_mapped(self) -> int:
         """Returns the number of full slots that have an SWA slot (= SWA slots in use)."""
-        return int((self.full_to_swa != _UNMAPPED).sum())
+        return int(np.count_nonzero(self._map != _UNMAPPED))
 
     def is_mapped(self, full_indices: torch.Tensor) -> torch.Tensor:
         """Tells, per full slot, whether its token has an SWA slot.
@@ -143,8 +146,8 @@ class SWAKVPool(DeviceKVPool):
             InvalidArgumentError: wrong type, dtype, dim or device.
             IndexOutOfRangeError: a slot is outside ``[0, num_full_slots)``.
         """
-        self._check_full(full_indices, "is_mapped")
-        return self.full_to_swa[full_indices] != _UNMAPPED
+        full = self._full_array(full_indices, "is_mapped")
+        return torch.from_numpy(self._map[full] != _UNMAPPED)
 
     def alloc_for(self, full_indices: torch.Tensor) -> torch.Tensor:
         """Allocates SWA slots for the tokens of ``full_indices`` and records the mapping.
@@ -170,23 +173,23 @@ class SWAKVPool(DeviceKVPool):
             IndexOutOfRangeError: a slot is outside ``[0, num_full_slots)``.
             PoolExhaustedError: fewer free SWA slots than ``n``; nothing is allocated or mapped.
         """
-        self._check_full(full_indices, "alloc_for")
-        self._check_whole_pages(full_indices, "alloc_for")
-        sorted_full = torch.sort(full_indices).values
+        full = self._full_array(full_indices, "alloc_for")
+        self._check_whole_pages(full, "alloc_for")
+        sorted_full = np.sort(full)
         repeated = sorted_full[1:][sorted_full[1:] == sorted_full[:-1]]
-        if repeated.numel() > 0:
+        if repeated.size:
             raise InvalidArgumentError(
                 f"alloc_for: full_indices: full slot {int(repeated[0])} is repeated"
             )
-        mapped = full_indices[self.full_to_swa[full_indices] != _UNMAPPED]
-        if mapped.numel() > 0:
+        mapped = full[self._map[full] != _UNMAPPED]
+        if mapped.size > 0:
             slot = int(mapped[0])
             raise InvalidArgumentError(
                 f"alloc_for: full_indices: full slot {slot} is already mapped to SWA slot "
-                f"{int(self.full_to_swa[slot])}; free_full it first"
+                f"{int(self._map[slot])}; free_full it first"
             )
-        swa_indices = self.allocator.alloc(full_indices.numel())
-        self.full_to_swa[full_indices] = swa_indices
+        swa_indices = self.allocator.alloc(full.size)
+        self._map[full] = swa_indices.numpy()
         return swa_indices
 
     def translate(self, full_indices: torch.Tensor, skip_unmapped: bool = False) -> torch.Tensor:
@@ -209,18 +212,18 @@ class SWAKVPool(DeviceKVPool):
                 slot (unless ``skip_unmapped``).
             IndexOutOfRangeError: a slot is outside ``[0, num_full_slots)``.
         """
-        self._check_full(full_indices, "translate")
-        swa = self.full_to_swa[full_indices]
+        full = self._full_array(full_indices, "translate")
+        swa = self._map[full]
         unmapped = swa == _UNMAPPED
-        if bool(unmapped.any()):
+        if unmapped.any():
             if skip_unmapped:
-                return swa[~unmapped]
-            slot = int(full_indices[unmapped][0])
+                return torch.from_numpy(swa[~unmapped])
+            slot = int(full[unmapped][0])
             raise InvalidArgumentError(
                 f"translate: full_indices: full slot {slot} has no SWA slot "
                 "(pass skip_unmapped=True to leave such slots out)"
             )
-        return swa
+        return torch.from_numpy(swa)
 
     def free_full(self, full_indices: torch.Tensor) -> int:
         """Frees the SWA slots of the tokens of ``full_indices``; the full slots stay allocated.
@@ -244,21 +247,20 @@ class SWAKVPool(DeviceKVPool):
                 slots that cover part of an SWA page. Nothing is cleared or freed.
             IndexOutOfRangeError: a slot is outside ``[0, num_full_slots)``. Nothing changes.
         """
-        self._check_full(full_indices, "free_full")
-        sorted_full = torch.sort(full_indices).values
+        full = self._full_array(full_indices, "free_full")
+        sorted_full = np.sort(full)
         repeated = sorted_full[1:][sorted_full[1:] == sorted_full[:-1]]
-        if repeated.numel() > 0:
+        if repeated.size:
             raise InvalidArgumentError(
                 f"free_full: full_indices: full slot {int(repeated[0])} is repeated"
             )
-        swa = self.full_to_swa[full_indices]
+        swa = self._map[full]
         mapped = swa != _UNMAPPED
-        mapped_full = full_indices[mapped]
         swa_indices = self._whole_swa_pages(swa[mapped], "free_full")
-        self.full_to_swa[mapped_full] = _UNMAPPED
+        self._map[full[mapped]] = _UNMAPPED
         # Cannot fail: distinct, in range, whole pages, and mapped slots are allocated ones.
-        self.allocator.free(swa_indices)
-        return int(swa_indices.numel())
+        self.allocator.free(torch.from_numpy(swa_indices))
+        return int(swa_indices.size)
 
     def move_mapping(self, dst_full: torch.Tensor, src_full: torch.Tensor) -> None:
         """Gives the tokens of ``dst_full`` the SWA slots of ``src_full`` and unmaps ``src_full``.
@@ -280,74 +282,84 @@ class SWAKVPool(DeviceKVPool):
                 Nothing changes.
             IndexOutOfRangeError: a slot is outside ``[0, num_full_slots)``.
         """
-        self._check_full(dst_full, "move_mapping")
-        self._check_full(src_full, "move_mapping")
-        if dst_full.numel() != src_full.numel():
+        dst = self._full_array(dst_full, "move_mapping")
+        src = self._full_array(src_full, "move_mapping")
+        if dst.size != src.size:
             raise InvalidArgumentError(
-                f"move_mapping: {dst_full.numel()} dst slots but {src_full.numel()} src slots"
+                f"move_mapping: {dst.size} dst slots but {src.size} src slots"
             )
-        both = torch.cat((dst_full, src_full))
-        if torch.unique(both).numel() != both.numel():
+        both = np.sort(np.concatenate((dst, src)))
+        if (both[1:] == both[:-1]).any():
             raise InvalidArgumentError("move_mapping: repeated or shared full slots")
-        if bool((self.full_to_swa[dst_full] != _UNMAPPED).any()):
+        if (self._map[dst] != _UNMAPPED).any():
             raise InvalidArgumentError("move_mapping: a dst full slot already has an SWA slot")
-        swa = self.full_to_swa[src_full]
-        if bool((swa == _UNMAPPED).any()):
+        swa = self._map[src]
+        if (swa == _UNMAPPED).any():
             raise InvalidArgumentError("move_mapping: a src full slot has no SWA slot")
-        self.full_to_swa[src_full] = _UNMAPPED
-        self.full_to_swa[dst_full] = swa
+        self._map[src] = _UNMAPPED
+        self._map[dst] = swa
 
     def reset(self) -> None:
         """Frees every SWA slot and clears the whole mapping (the cache's reset)."""
-        self.full_to_swa.fill_(_UNMAPPED)
+        self._map[:] = _UNMAPPED
         self.allocator.reset()
 
-    def _check_full(self, full_indices: torch.Tensor, fn: str) -> None:
-        """Checks ``[n]`` int64 CPU full slot indices."""
-        check_slot_indices(
-            full_indices, f"{fn}: full_indices", self._num_full_slots, require_cpu=True
-        )
+    def _full_array(self, full_indices: torch.Tensor, fn: str) -> np.ndarray:
+        """Checks ``[n]`` int64 CPU full slot indices; returns them as a numpy view."""
+        _check_index_tensor(full_indices, f"{fn}: full_indices")
+        full = full_indices.numpy()
+        if full.size and (full.min() < 0 or full.max() >= self._num_full_slots):
+            bad = int(full.min()) if full.min() < 0 else int(full.max())
+            raise IndexOutOfRangeError(
+                f"{fn}: full_indices: slot index {bad} out of range [0, {self._num_full_slots})"
+            )
+        return full
 
-    def _check_whole_pages(self, full_indices: torch.Tensor, fn: str) -> None:
-        """Raises InvalidArgumentError unless ``full_indices`` is a list of whole pages."""
+    def _check_whole_pages(self, full: np.ndarray, fn: str) -> None:
+        """Raises InvalidArgumentError unless ``full`` is a list of whole pages."""
         size = self._page_size
-        if full_indices.numel() % size != 0:
+        if full.size % size != 0:
             raise InvalidArgumentError(
                 f"{fn}: full_indices: expected a length that is a multiple of page_size={size}, "
-                f"got {full_indices.numel()}"
+                f"got {full.size}"
             )
         if size == 1:
             return
-        rows = full_indices.view(-1, size)
+        rows = full.reshape(-1, size)
         starts = rows[:, :1]
-        bad = (rows != starts + self._page_offsets).any(dim=1) | (starts[:, 0] % size != 0)
-        if bool(bad.any()):
-            page = int(torch.nonzero(bad)[0, 0])
+        bad = (rows != starts + self._page_offsets).any(axis=1) | (starts[:, 0] % size != 0)
+        if bad.any():
+            page = int(np.flatnonzero(bad)[0])
             raise InvalidArgumentError(
                 f"{fn}: full_indices[{page * size}:{(page + 1) * size}] = "
                 f"{rows[page].tolist()} is not one whole page of page_size={size} in order"
             )
 
-    def _whole_swa_pages(self, swa_indices: torch.Tensor, fn: str) -> torch.Tensor:
+    def _whole_swa_pages(self, swa_indices: np.ndarray, fn: str) -> np.ndarray:
         """Orders mapped SWA slots page by page; raises if they cover part of a page.
 
         Args:
-            swa_indices: ``[m]`` int64 CPU SWA slots, distinct (their full slots are distinct
-                and the mapping is injective).
+            swa_indices: ``[m]`` int64 SWA slots, distinct (their full slots are distinct and the
+                mapping is injective).
             fn: the caller's name, for error messages.
 
         Returns:
             ``[m]`` the same slots sorted ascending: whole pages in order, as the allocator's
             ``free`` takes them.
         """
-        ordered = torch.sort(swa_indices).values
+        ordered = np.sort(swa_indices)
         size = self._page_size
         if size == 1:
             return ordered
-        pages, counts = torch.unique_consecutive(ordered // size, return_counts=True)
-        partial = pages[counts != size]
-        if partial.numel() > 0:
-            page = int(partial[0])
+        rows = ordered.reshape(-1, size) if ordered.size % size == 0 else None
+        if (
+            rows is None
+            or (rows != rows[:, :1] + self._page_offsets).any()
+            or (rows[:, 0] % size != 0).any()
+        ):
+            pages, counts = np.unique(ordered // size, return_counts=True)
+            partial = pages[counts != size]
+            page = int(partial[0]) if partial.size else int(ordered[0] // size)
             raise InvalidArgumentError(
                 f"{fn}: full_indices: the mapped slots cover part of SWA page {page} "
                 f"(page_size={size}); free the full slots of whole pages"
