@@ -121,9 +121,9 @@ class Page:
 class MatchOutcome(NamedTuple):
     """What :meth:`ReferenceTree.match_prefix` found."""
 
-    device_len: int  # validated tokens on device
+    device_len: int  # tokens down to the deepest validated page on device
     device_slots: list[int]
-    host_len: int  # validated tokens on host only, below the device ones
+    host_len: int  # validated tokens below the device ones
     full_len: int  # tokens the Full walk matched (>= device_len + host_len)
     mamba_branching_seqlen: int  # full_len when more than validated in a Mamba model, else -1
     swa_branching_seqlen: int = -1  # the same in an SWA model
@@ -305,11 +305,16 @@ class ReferenceTree:
     # ---- operations -----------------------------------------------------------------------------
 
     def match_prefix(self, key: list[int], extra_key: str | None = None) -> MatchOutcome:
-        """Matches ``key``: the walk ends a node; touches the validated prefix."""
+        """Matches ``key``: the walk ends a node; touches the validated prefix.
+
+        The device part ends at the deepest validated page on device (SGLang's
+        ``best_match_device_node``); the validated pages below it count as host hits, even those
+        on device that do not validate themselves (an SWA tombstone above a host-only page with
+        host SWA: only the host-only pages are loaded back)."""
         matched = self._matched(key, extra_key)
         if matched:
             self.ends.add(matched[-1])
-        num_valid = 0
+        num_valid = num_device = 0
         run = float("inf")  # tokens of the run of pages with SWA ending here
         for i, page_key in enumerate(matched):
             page = self.pages[page_key]
@@ -319,10 +324,12 @@ class ReferenceTree:
             if self.mamba and page.mamba is None:
                 continue
             num_valid = i + 1
+            if page.device is not None:
+                num_device = i + 1
         valid = matched[:num_valid]
         self._touch(valid)
-        slots = [s for k in valid if self.pages[k].device is not None for s in self.pages[k].device]
-        host_only = sum(self.pages[k].device is None for k in valid) * self.page_size
+        slots = [s for k in matched[:num_device] for s in self.pages[k].device]
+        host_only = (num_valid - num_device) * self.page_size
         full_len = len(matched) * self.page_size
         short = len(matched) > len(valid)
         mamba_branching = full_len if self.mamba and short else -1
