@@ -125,6 +125,23 @@ class SwaTreeVsModel(TreeVsModel):
             return
         self._write_back(result, out)  # back the victim up (SWA KV included); it goes next time
 
+    @rule(
+        blocks=TreeVsModel.blocks_st,
+        tail_len=TreeVsModel.tail_st,
+        extra_index=TreeVsModel.extra_st,
+        num_pages=st.integers(1, 64),
+    )
+    def evict_swa_under_a_running_request(
+        self, blocks: list[int], tail_len: int, extra_index: int, num_pages: int
+    ) -> None:
+        """A request caches its tokens and holds its path (the Full KV of all of it, the SWA of
+        its last window), then SWA memory runs short: the nodes above its window become SWA
+        tombstones (an internal victim; otherwise rare, as the SWA LRU's back is usually a
+        leaf)."""
+        self._insert(blocks, tail_len, extra_index, with_state=self.mamba)
+        self.match_and_lock(blocks, tail_len, extra_index, deep=True)
+        self.evict_swa(num_pages, 0, write_back=False)
+
 
 class SwaMambaTreeVsModel(SwaTreeVsModel, MambaTreeVsModel):
     """FULL + SWA + MAMBA: both machines' rules on one tree (a match ends where both components
