@@ -288,3 +288,29 @@ def test_mamba_release_keeps_the_swa_lru_in_access_order():
     assert (on_n.swa_lock_tokens, on_n.mamba_node_id, on_d.swa_lock_tokens) == (4, n, 4)
     tree.dec_lock_ref(on_n.node_id, on_n.mamba_node_id, on_n.swa_lock_tokens)
     tree.check_invariants()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason=(
+        "tree bug: dec_lock_ref accepts an swa_lock_tokens shorter than the window that ends on a "
+        "node boundary below the root (it only checks that the count ends on a boundary of "
+        "SWA-locked nodes). A window lock's count is always >= sliding_window_size or reaches "
+        "the root exactly, whatever splits happen later, so such a count is a wrong receipt; "
+        "accepted, it releases only part of the segment and leaks the rest's SWA lock (here the "
+        "parent keeps SWA lock_ref 1 with Full lock_ref 0: check_invariants then fails). Fix: "
+        "also reject swa_lock_tokens < sliding_window_size unless the walk ends at the root."
+    ),
+)
+def test_a_receipt_shorter_than_the_window_is_rejected():
+    """A wrong receipt naming only the first node of a two-node window segment fails loudly and
+    changes nothing (SGLang's uuid receipts cannot name part of a segment)."""
+    tree = swa_tree(page_size=1, window=4)
+    tree.insert([1, 2], torch.tensor([0, 1]))
+    leaf = tree.insert([1, 2, 3, 4], torch.arange(4)).last_node  # [1,2] + [3,4]
+    receipt = tree.inc_lock_ref(leaf)
+    assert receipt.swa_lock_tokens == 4
+    before = snapshot(tree)
+    with pytest.raises(InvalidArgumentError):
+        tree.dec_lock_ref(leaf, -1, 2)
+    assert snapshot(tree) == before
