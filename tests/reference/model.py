@@ -42,7 +42,9 @@ A page "has SWA" if it is on device with ``swa``, or host-only with ``swa_host``
   at least W tokens long; the run is unbounded from the root until the first page without SWA.
   The match ends at the deepest matched page that every component validates (SWA and Mamba
   together); the Full tokens matched beyond it are ``swa_branching_seqlen`` (and, in a Mamba model,
-  ``mamba_branching_seqlen``: both report the same Full walk).
+  ``mamba_branching_seqlen``: both report the same Full walk). The device part of the match ends at
+  its deepest validated page on device (SGLang's ``best_match_device_node``); the validated pages
+  below count as host hits, an SWA tombstone on device above a host-only window included.
 - Insert with ``swa_evicted_seqlen``: the frontier ``f`` is that, floored to a page and capped at
   the key. Pages starting at or above ``f`` are "above the frontier". A new page is live iff it is
   above; a host-only page that adopts the caller's slots becomes live iff it is above; a device
