@@ -13,7 +13,9 @@ locks, hits and in-flight marks. Node ids in results (match anchors, insert's la
 receipts, backup plans, write-back requests) are checked to name the node at the model's path.
 Keys are built from a few page-sized blocks out of a small pool so that prefixes are shared,
 nodes split and branches compete in eviction. The machine also runs Mamba trees
-(``test_differential_mamba``): then the model predicts the states too.
+(``test_differential_mamba``) and SWA trees (``test_differential_swa``): then the model predicts
+the states, the SWA KV, window locks and host SWA copies too (every step compares them; they are
+empty in trees without those components).
 
 Profiles: ``ci`` (default) and ``long``; pick one with ``HYPOTHESIS_PROFILE=long``.
 """
@@ -64,16 +66,22 @@ class TreeVsModel(RuleBasedStateMachine):
     page_size = 1
     extra_keys: tuple[str | None, ...] = (None,)
     mamba = False
+    window = 0  # sliding_window_size (0: no SWA component)
 
     def __init__(self) -> None:
         super().__init__()
-        self.tree = RadixTree(page_size=self.page_size, mamba=self.mamba)
-        self.model = ReferenceTree(page_size=self.page_size, mamba=self.mamba)
+        self.tree = RadixTree(
+            page_size=self.page_size, mamba=self.mamba, sliding_window_size=self.window
+        )
+        self.model = ReferenceTree(
+            page_size=self.page_size, mamba=self.mamba, sliding_window_size=self.window
+        )
         self.block_pool = make_block_pool(self.page_size)
         # Fresh slots come from these counters, a whole page (or one state) at a time (never
         # reused, so a slot owned twice would show).
         self.next_page = 0
         self.next_host_page = 0
+        self.next_swa_host_page = 0
         self.next_state = 0
         # Held locks: (receipt, extra_key, locked key prefix) for device locks (the receipt goes
         # back to dec_lock_ref), (node id, extra_key, host-locked key prefix) for host locks.
@@ -88,9 +96,12 @@ class TreeVsModel(RuleBasedStateMachine):
         key = [token for b in blocks for token in self.block_pool[b]]
         return key + [5] * min(tail_len, self.page_size - 1)
 
-    def _fresh(self, num_tokens: int, host: bool = False) -> list[int]:
+    def _fresh(self, num_tokens: int, host: bool = False, swa_host: bool = False) -> list[int]:
         num_pages = -(-num_tokens // self.page_size)
-        if host:
+        if swa_host:
+            start = self.next_swa_host_page * self.page_size
+            self.next_swa_host_page += num_pages
+        elif host:
             start = self.next_host_page * self.page_size
             self.next_host_page += num_pages
         else:
@@ -131,11 +142,12 @@ class TreeVsModel(RuleBasedStateMachine):
         assert result.device_prefix_len == out.device_len
         assert result.host_hit_length == out.host_len
         assert result.mamba_branching_seqlen == out.mamba_branching_seqlen
+        assert result.swa_branching_seqlen == out.swa_branching_seqlen
         assert result.last_host_node == result.best_match_node
         prefix, validated = key[: out.device_len], key[: out.device_len + out.host_len]
         assert result.last_device_node == self._node_at(extra_key, prefix)
         assert result.best_match_node == self._node_at(extra_key, validated)
-        if not self.mamba:
+        if not self.mamba and not self.window:
             assert out.full_len == len(validated)  # every matched node validates
         return result, extra_key, prefix, validated, key[: out.full_len]
 
@@ -147,9 +159,18 @@ class TreeVsModel(RuleBasedStateMachine):
         extra_key = self.extra_keys[extra_index % len(self.extra_keys)]
         self._insert_key(self._key(blocks, tail_len), extra_key, with_state)
 
-    def _insert_key(self, key: list[int], extra_key: str | None, with_state: bool) -> None:
-        """Inserts ``key`` with fresh slots (and a fresh state) in both; compares the results."""
-        value = self._fresh(len(key))
+    def _insert_key(
+        self,
+        key: list[int],
+        extra_key: str | None,
+        with_state: bool,
+        swa_evicted_seqlen: int = 0,
+        own: list[int] | None = None,
+    ) -> None:
+        """Inserts ``key`` in both with the slots ``own`` (the tree's, of a matched prefix) then
+        fresh ones (and a fresh state); compares the results."""
+        own = own or []
+        value = own + self._fresh(len(key) - len(own))
         state = None
         if with_state:
             state, self.next_state = self.next_state, self.next_state + 1
@@ -158,10 +179,15 @@ class TreeVsModel(RuleBasedStateMachine):
             torch.tensor(value, dtype=torch.int64),
             extra_key,
             mamba_value=-1 if state is None else state,
+            swa_evicted_seqlen=swa_evicted_seqlen,
         )
-        out = self.model.insert(key, value, extra_key, mamba_value=state)
+        out = self.model.insert(
+            key, value, extra_key, mamba_value=state, swa_evicted_seqlen=swa_evicted_seqlen
+        )
         assert (result.prefix_len, result.adopted_len, result.cached_len) == out[:3]
         assert (result.mamba_exist, result.mamba_taken) == (out.mamba_exist, out.mamba_taken)
+        assert tuple(result.swa_remap_dst.tolist()) == out.swa_remap_dst
+        assert tuple(result.swa_remap_src.tolist()) == out.swa_remap_src
         assert result.last_node == self._node_at(extra_key, key[: result.cached_len])
 
     @rule(blocks=blocks_st, tail_len=tail_st, extra_index=extra_st)
@@ -181,6 +207,7 @@ class TreeVsModel(RuleBasedStateMachine):
         out = self.model.lock(device_prefix, extra_key)
         assert receipt.delta == out.delta
         assert receipt.mamba_node_id == (receipt.node_id if out.mamba_locked else -1)
+        assert receipt.swa_lock_tokens == out.swa_lock_tokens
         return receipt
 
     @rule(blocks=blocks_st, tail_len=tail_st, extra_index=extra_st, deep=st.booleans())
@@ -204,8 +231,12 @@ class TreeVsModel(RuleBasedStateMachine):
     def _unlock(self, receipt: LockReceipt, extra_key: str | None, prefix: list[int]) -> None:
         """Releases a lock in both; load-failed nodes it frees are demoted, their slots handed
         back."""
-        delta = self.tree.dec_lock_ref(receipt.node_id, receipt.mamba_node_id)
-        assert delta == self.model.unlock(prefix, extra_key, receipt.mamba_node_id != -1)
+        delta = self.tree.dec_lock_ref(
+            receipt.node_id, receipt.mamba_node_id, receipt.swa_lock_tokens
+        )
+        assert delta == self.model.unlock(
+            prefix, extra_key, receipt.mamba_node_id != -1, receipt.swa_lock_tokens
+        )
         freed = self.tree.take_failed_load_slots().tolist()
         assert sorted(freed) == sorted(self.model.take_failed_load_slots())
 
@@ -227,15 +258,36 @@ class TreeVsModel(RuleBasedStateMachine):
         node_id, extra_key, prefix = self.host_locks.pop(index % len(self.host_locks))
         assert self.tree.dec_host_lock_ref(node_id) == self.model.host_unlock(prefix, extra_key)
 
+    def _commit_backup(self, node_id: int, pages: list[PageKey], with_swa: bool) -> None:
+        """Commits a backup of node ``node_id`` (the model's ``pages``) in both, with fresh host
+        slots, and fresh host SWA slots if ``with_swa`` and its SWA KV is live."""
+        host = self._fresh(len(pages) * self.page_size, host=True)
+        swa_host = None
+        if with_swa and self.model.pages[pages[-1]].swa:
+            swa_host = self._fresh(len(host), swa_host=True)
+        self.tree.commit_backup(
+            node_id,
+            torch.tensor(host),
+            host_swa_indices=None if swa_host is None else torch.tensor(swa_host),
+        )
+        self.model.commit_backup(pages, host, swa_host)
+
     @rule(
         blocks=blocks_st,
         tail_len=tail_st,
         extra_index=extra_st,
         min_hit_count=st.integers(1, 3),
         deep=st.booleans(),
+        with_swa=st.booleans(),
     )
     def write_through(
-        self, blocks: list[int], tail_len: int, extra_index: int, min_hit_count: int, deep: bool
+        self,
+        blocks: list[int],
+        tail_len: int,
+        extra_index: int,
+        min_hit_count: int,
+        deep: bool,
+        with_swa: bool,
     ) -> None:
         result, extra_key, prefix, _, full = self._match(blocks, tail_len, extra_index)
         if deep:  # the device part of the Full walk (Mamba trees: tombstones below the match)
@@ -245,14 +297,14 @@ class TreeVsModel(RuleBasedStateMachine):
         expected = [s for k in model_plan for s in self.model.pages[k].device]
         assert plan.indices.tolist() == expected
         assert sum(plan.lengths) == plan.num_tokens == len(expected)
-        host = self._fresh(len(expected), host=True)
         start = 0
-        for node_id, length in zip(plan.node_ids, plan.lengths, strict=True):
+        for i, (node_id, length) in enumerate(zip(plan.node_ids, plan.lengths, strict=True)):
             pages = model_plan[start // self.page_size : (start + length) // self.page_size]
             node_prefix = list(pages[-1][1])
             assert node_id == self._node_at(extra_key, node_prefix)
-            self.tree.commit_backup(node_id, torch.tensor(host[start : start + length]))
-            self.model.commit_backup(pages, host[start : start + length])
+            if self.window:  # whether its SWA KV goes along
+                assert plan.swa[i] == self.model.pages[pages[-1]].swa
+            self._commit_backup(node_id, pages, with_swa)
             start += length
             # The cache locks the node until the copy's ack (a path lock up to the root).
             receipt = self._lock(node_id, extra_key, node_prefix)
@@ -289,6 +341,11 @@ class TreeVsModel(RuleBasedStateMachine):
         model_plan = self.model.load_back_plan(matched, extra_key)
         assert plan.indices.tolist() == [s for k in model_plan for s in self.model.pages[k].host]
         assert plan.num_tokens == len(model_plan) * self.page_size
+        swa_host = [s for k in model_plan for s in self.model.pages[k].swa_host or []]
+        assert plan.swa_indices.tolist() == swa_host
+        if self.window:  # per node: whether its host SWA copy comes back
+            ends = [k for k in model_plan if k in self.model.ends]
+            assert list(plan.swa) == [self.model.pages[k].swa_host is not None for k in ends]
         device = self._fresh(plan.num_tokens)
         self.tree.commit_load_back(anchor, torch.tensor(device, dtype=torch.int64))
         self.model.commit_load_back(matched, device, extra_key)
@@ -328,6 +385,8 @@ class TreeVsModel(RuleBasedStateMachine):
         assert result.mamba_indices.tolist() == out.mamba_freed  # victims in LRU order
         assert result.demoted_tokens == out.demoted_tokens
         assert result.dropped_tokens == out.dropped_tokens
+        assert result.swa_indices.tolist() == out.swa_freed  # victims in LRU order
+        assert result.swa_tombstoned_tokens == out.swa_tombstoned_tokens
 
     @rule(num_pages=st.integers(0, 8), extra_tokens=st.integers(0, 63), write_back=st.booleans())
     def evict(self, num_pages: int, extra_tokens: int, write_back: bool) -> None:
@@ -339,12 +398,14 @@ class TreeVsModel(RuleBasedStateMachine):
             assert result.needs_backup == -1
             return
         # Back the reported node up (a write-back): the model's victim's node, split off.
+        self._write_back(result, out)
+
+    def _write_back(self, result, out) -> None:
+        """Backs up the node an eviction reported in both (SWA KV included), synchronously."""
         extra_key, tokens = out.needs_backup
         assert result.needs_backup == self._node_at(extra_key, list(tokens))
         pages = self.model.node_pages(out.needs_backup)
-        host = self._fresh(len(pages) * self.page_size, host=True)
-        self.tree.commit_backup(result.needs_backup, torch.tensor(host))
-        self.model.commit_backup(pages, host)
+        self._commit_backup(result.needs_backup, pages, with_swa=True)
         self.tree.finish_backup(result.needs_backup)  # write_back backs up synchronously
         self.model.finish_backup(pages)
 
@@ -371,6 +432,9 @@ class TreeVsModel(RuleBasedStateMachine):
         assert sorted(self.tree.all_mamba_indices().tolist()) == sorted(
             self.model.all_mamba_slots()
         )
+        assert sorted(self.tree.all_swa_host_indices().tolist()) == sorted(
+            self.model.all_swa_host_slots()
+        )
         assert sorted(self.tree.reset().tolist()) == sorted(self.model.reset())
         assert self.tree.num_nodes() == 0  # the root is not counted
         assert self.tree.host_total_size() == 0
@@ -395,6 +459,15 @@ class TreeVsModel(RuleBasedStateMachine):
         assert sorted(host_slots) == sorted(self.model.all_host_slots())
         mamba_slots = self.tree.all_mamba_indices().tolist()
         assert sorted(mamba_slots) == sorted(self.model.all_mamba_slots())
+        assert self.tree.swa_evictable_size() == self.model.swa_evictable_size()
+        assert self.tree.swa_protected_size() == self.model.swa_protected_size()
+        assert self.tree.swa_host_size() == self.model.swa_host_size()
+        swa_slots = self.tree.all_swa_indices().tolist()
+        assert sorted(swa_slots) == sorted(self.model.all_swa_slots())
+        swa_host_slots = self.tree.all_swa_host_indices().tolist()
+        assert sorted(swa_host_slots) == sorted(self.model.all_swa_host_slots())
+        freed_swa_host = self.tree.take_freed_swa_host_slots().tolist()  # each step's
+        assert sorted(freed_swa_host) == sorted(self.model.take_freed_swa_host_slots())
         self._same_nodes()
 
     def _same_nodes(self) -> None:
@@ -418,6 +491,9 @@ class TreeVsModel(RuleBasedStateMachine):
                     page.backup_pending,
                     page.load_pending,
                     page.load_failed,
+                    page.swa,
+                    page.swa_host is not None,
+                    page.swa_lock_count,
                 ) == (
                     info.has_device_value,
                     info.has_host_value,
@@ -427,6 +503,9 @@ class TreeVsModel(RuleBasedStateMachine):
                     info.backup_pending,
                     info.load_pending,
                     info.load_failed,
+                    info.has_swa_value,
+                    info.has_swa_host_value,
+                    info.swa_lock_ref,
                 ), page_key
                 state = page.mamba if page.mamba is not None else -1
                 if page_key == end:

@@ -75,87 +75,83 @@ Skipped, with the reason:
   resumable-insert classes: features or hooks hicache does not have (thinking stripping, release
   without insert, ``available_and_evictable_str``, deferred cache actions).
 - ``test_cascade_evict_asserts_on_locked_*_mamba``, ``test_mamba_opt_out_holder_*``,
-  ``test_swa_early_release_*``, ``test_leaf_transition_swa_evict_spares_locked_full``,
-  ``test_dec_swa_lock_only_hicache_child_on_host_treated_as_device_leaf``,
-  ``TestSegmentLockFuzzWithMamba``: FULL + SWA + MAMBA stacks (no SWA component yet).
+  ``test_swa_early_release_*``, ``test_dec_swa_lock_only_hicache_child_on_host_treated_as_device_
+  leaf``: the Mamba opt-out lock and the early SWA release (``dec_swa_lock_only``), which hicache
+  does not have. ``test_leaf_transition_swa_evict_spares_locked_full`` and
+  ``TestSegmentLockFuzzWithMamba``: FULL + SWA + MAMBA interleavings of locks and evictions,
+  covered by ``test_differential_swa.py`` (``SwaMambaTreeVsModel``, a model of all three) and
+  ``test_sglang_swa_scenarios.py::test_lock_protects_its_window_from_swa_eviction``.
 
-Pending SWA ports (no SWA component yet); one line each, for the SWA work:
+SWA ports: the tree scenarios are in ``test_sglang_swa_scenarios.py`` (the tests named below are
+there), the caller-mistake cases in ``test_swa.py``; the rest needs a request, a pool or KV
+events, or is a deliberate difference.
 
 ``test/registered/unit/mem_cache/test_swa_unittest.py``:
 
-- ``test_swa_radix_cache_1``: window 4, page 1; insert [1,2,3], [1..7], [10,11,12],
-  [1,2,3,4,5,60,70]; evict (full 1, swa 0), (0, 1), (1, 2); [1..5] matches 0 (its window is
-  tombstoned), [1,2,3,4,5,60,70] matches 7 ending at the [60,70] node.
-- ``test_swa_radix_cache_eagle``: the same with EAGLE bigram keys: prefix_len 0, 2, 0, 4 at the
-  inserts; [1..5] matches 0, the 7-token key matches 6 ending at bigrams (5,60), (60,70).
-- ``test_swa_radix_cache_kv_events``: an SWA-only eviction tombstones without BlockRemoved; a
-  Full eviction removes every stored block.
-- ``test_swa_radix_cache_kv_events_split_hash``: the branch's BlockStored parent is the split
-  point's block.
-- ``test_swa_cache_finished_req_eagle_uses_cache_protected_len_and_bigram_key``: the finished
-  insert passes prev_prefix_len = cache_protected_len and a bigram key of len - 1; without insert
-  it frees [protected:aligned] then the tail (4 then 1 slots).
-- ``TestSWASplitLeafOnInsert``: a fresh leaf longer than one page-aligned window is split so a
-  lock pins only ``ceil(window / page) * page`` SWA tokens (window, page, leaf -> tail: (4,1,12)
-  4, (4,1,5) 4, (1,1,5) 1, (4,2,12) 4, (8,2,12) 8, (4,4,12) 4, (3,2,12) 4, (5,4,12) 8, (3,4,12)
-  4); no split within a window; the match still returns the whole chain; unlock balances to 0.
+- ``test_swa_radix_cache_1``: ported, steered by a lock (its order differs):
+  ``test_swa_radix_cache_1_steered_to_sglang_end_state``.
+- ``test_swa_radix_cache_eagle``, ``test_swa_cache_finished_req_eagle_uses_cache_protected_len_
+  and_bigram_key``: not ported. The tree has no EAGLE bigram keys (a caller's key is whatever it
+  passes), and the finished-request bookkeeping (``prev_prefix_len``, what it frees) is the
+  cache's.
+- ``test_swa_radix_cache_kv_events``, ``test_swa_radix_cache_kv_events_split_hash``: not ported
+  here; KV events are emitted by the cache (``src/hicache/events.py``), whose SWA support is not
+  written yet.
+- ``TestSWASplitLeafOnInsert``: ported, the whole table (``test_split_leaf_on_insert_caps_the_
+  locked_window``, which also balances the release to 0), the no-split cases and the match of the
+  whole chain. ``test_flag_off_protects_full_leaf`` does not apply: the cut is always on.
 - ``test_swa_memory_pool_paged_free_clears_full_page_mapping``,
-  ``test_swa_tail_mapping_uses_real_endpoint_and_clears_padding``: SWA allocator mapping (pool).
+  ``test_swa_tail_mapping_uses_real_endpoint_and_clears_padding``: the SWA allocator's mapping, a
+  pool concern (``tests/memory/test_swa_pool.py``).
 
 ``test/registered/unit/mem_cache/test_unified_radix_cache_unittest.py`` (SWA configs):
 
-- ``test_swa_unfinished_req_preserves_existing_eviction_boundary``: window 4, 8 tokens with
-  swa_evicted_seqlen 4: a 4-token SWA tombstone node above a 4-token live node; all 8 match.
-- ``test_swa_insert_keeps_full_leaf_when_entire_span_is_outside_window``: swa_evicted_seqlen =
-  len: the leaf is still created with its Full KV (no free) and no SWA value.
-- ``test_swa_eager_eviction_on_unfinished_req``: 20 tokens, window 4: swa_evicted_seqlen moves
-  to (20 - 1) - max(window, page) = 15 and at least 15 SWA slots are freed.
-- ``test_swa_eager_eviction_noop_when_within_window``: 5 tokens (window + page): nothing evicted.
-- ``test_swa_leaf_capped_to_window_on_insert``: long leaf split to a one-window tail (locks pin
-  one window of SWA, all tokens of Full); a short leaf is not split.
-- ``test_swa_unfinished_recovery_preserves_locked_full_value``: re-inserting over an SWA
-  tombstone whose Full is locked keeps the Full slots, maps the incoming SWA onto them and frees
-  only the incoming Full.
-- ``test_swa_evict_cascades``, ``test_swa_evict_internal_tombstone``: SWA eviction of an internal
-  node tombstones it (and cascades to lower tiers); evicting all SWA leaves swa_evictable 0.
-- ``test_swa_evict_full_leaf_cascades_all``, ``test_swa_lock_protects_from_eviction``: a Full leaf
-  eviction frees SWA (and Mamba) too; a window lock spares its node.
+- ``test_swa_unfinished_req_preserves_existing_eviction_boundary``,
+  ``test_swa_insert_keeps_full_leaf_when_entire_span_is_outside_window``,
+  ``test_swa_leaf_capped_to_window_on_insert``, ``test_swa_unfinished_recovery_preserves_locked_
+  full_value``, ``test_swa_evict_cascades``, ``test_swa_evict_internal_tombstone``,
+  ``test_swa_evict_full_leaf_cascades_all``, ``test_swa_lock_protects_from_eviction``,
+  ``test_swa_branching_seqlen_uses_device_full_hit`` (with its ``_caps_insert_after_forward`` and
+  ``_branch_insert_releases_forward_overshoot`` follow-ups at tree level): ported, one test each
+  (the names say which).
+- ``test_swa_eager_eviction_on_unfinished_req``, ``test_swa_eager_eviction_noop_when_within_
+  window``: not ported here. How far a running request moves its frontier (SGLang's
+  ``free_swa_out_of_window_slots``) is the caller's rule; the tree only takes the frontier it is
+  given (every insert rule of the differential machine draws one).
 - ``test_swa_lru_walk_down_does_not_refresh_ancestors_during_insert``,
   ``test_swa_lru_match_only_refreshes_window_cushion``,
   ``test_swa_lru_old_ancestors_evict_first_under_pressure``,
   ``test_swa_lru_fresh_leaf_cap_rebuilds_both_nodes``,
-  ``test_swa_sanity_check_passes_after_deep_match``: the SWA LRU refreshes only
-  window + page tokens above a match, so old ancestors are evicted before a side branch.
-- ``test_swa_branching_seqlen_uses_device_full_hit`` (and ``_caps_insert_after_forward``,
-  ``_branch_insert_releases_forward_overshoot``): a tombstoned window reports
-  swa_branching_seqlen = the Full hit; inserting up to it makes the rematch reach it.
-- ``TestResumableInsertWalkSWA``: tombstone recovery adopts the incoming Full when unlocked
-  (adopted ranges Full and SWA), keeps a locked Full; a duplicate slice below the request's
-  eviction floor frees Full only; a recovered span is evicted before the in-window leaf.
-- ``TestSegmentLockProtocol``, ``TestStreamingSessionLockLifecycle``: window-segment locks with
-  uuid receipts: no lock theft after a tombstone is rebuilt, loud failures on bad receipts,
-  balanced release across a split, early release honoured by the final release.
+  ``test_swa_sanity_check_passes_after_deep_match``: not ported, a deliberate difference: hicache
+  refreshes the whole matched or inserted path deepest-first (ancestors are more recent), so a
+  side branch goes before the old ancestors. The reference model predicts that order and every
+  ``evict_swa`` victim (``test_differential_swa.py``), which checks the invariants after every
+  step, deep matches included; the cut leaf's two nodes are both live (``test_split_leaf_*``).
+- ``TestResumableInsertWalkSWA``: ported, adapted (the tree keeps a recovered tombstone's Full
+  slots and remaps the SWA side, locked or not: ``test_recovery_*``; the duplicate below the
+  request's floor is not recovered: ``test_tombstone_healing_by_the_frontier``). "A recovered span
+  is evicted before the in-window leaf" does not apply: the span is an ancestor of the leaf, more
+  recent in hicache's order. Resumable inserts and adopted-range tracking are not tree features.
+- ``TestSegmentLockProtocol``: ported (``test_segment_lock_*`` and
+  ``test_lock_on_a_tombstone_then_recovered_is_released_by_its_receipt``; receipts are token
+  counts, exact across splits, instead of uuids). ``TestStreamingSessionLockLifecycle``: not
+  ported, no streaming sessions nor early SWA release.
 
-``sgl-project/sglang-jax``, ``python/sgl_jax/test/mem_cache/test_swa_radix_cache.py`` (the same
-SWA tree, its eviction-boundary cases T1-T22):
+``sgl-project/sglang-jax``, ``python/sgl_jax/test/mem_cache/test_swa_radix_cache.py`` (T1-T22):
 
-- T1 ``test_tombstone_creation``: an SWA evict of a shared internal node keeps its Full KV.
-- T2 ``test_tombstone_prefix_match``: a 5-token live suffix (> window 4) still matches fully.
-- T3-T5 ``test_tombstone_healing_branch1/2/3``: re-insert with swa_evicted_seqlen <= node start
-  revives it, inside it splits and revives the back part, >= its end keeps the tombstone.
-- T6/T18 ``test_cascade_delete_tombstone``, ``test_delete_tombstone_leaf_uses_child_key_fn``:
-  deleting the leaves cascades into the tombstone parent.
-- T7/T11/T12 size-tracking cycles and fuzz; T8 ``test_protected_prefix_basic``; T10
-  ``test_evict_both_pools``.
-- T9 ``test_new_node_tombstone_split``: a new node crossing swa_evicted_seqlen 10 of 20 becomes a
-  10-token tombstone above a 10-token live leaf.
-- T13 ``test_tombstone_reset_unconditional``: two consecutive tombstones both reset the window.
-- T14/T15 ``test_new_leaf_never_tombstone(_exact_boundary)``: swa_evicted_seqlen >= the key's end
-  creates no node and frees the value.
-- T19/T20 ``test_evict_req_swa_*``: a request's SWA frontier is derived from its locked tree
-  path, page-aligned.
-- T21 ``test_swa_evicted_seqlen_page_alignment_assertion``; T22
-  ``test_cache_unfinished_req_writeback_range``.
+- T1, T2, T3-T5, T6/T18, T9, T13, T14/T15: ported
+  (``test_evict_internal_tombstone_keeps_its_full_kv``, ``test_tombstones_reset_the_window_run``,
+  ``test_tombstone_healing_by_the_frontier``, ``test_deleting_the_leaf_cascades_into_the_
+  tombstone_parent``, ``test_new_node_crossing_the_frontier_is_cut_there``, ``test_insert_keeps_
+  the_full_leaf_when_the_whole_span_is_outside_the_window``; T14/T15 adapted: the new pages are
+  cached as a tombstone, as SGLang's unified cache does).
+- T7/T11/T12 (size-tracking cycles and fuzz), T8 (protected prefix), T10 (evicting both pools):
+  the differential machine compares every size after every step of random inserts, locks,
+  ``evict`` and ``evict_swa``; T8 and T10 also in ``test_lock_protects_its_window_from_swa_
+  eviction`` and ``test_swa_radix_cache_1_steered_to_sglang_end_state``.
+- T19/T20 (a request's frontier from its locked path), T22 (``cache_unfinished_req``'s write-back
+  range): request bookkeeping, the cache's. T21 (page-alignment assertion): hicache floors an
+  unaligned frontier to a page instead (``test_new_node_crossing_the_frontier_is_cut_there``).
 """
 
 from __future__ import annotations
