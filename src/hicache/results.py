@@ -21,7 +21,9 @@ class MatchResult(NamedTuple):
         last_host_node: id of the deepest matched node whose KV is on device or host.
         best_match_node: id of the deepest node every component accepts; the only valid anchor
             for an L2 load-back (DESIGN.md failure class 4).
-        host_hit_length: tokens matched on host only, below ``last_device_node``.
+        host_hit_length: tokens validated below ``last_device_node``: host-only ones, and in SWA
+            trees any device SWA tombstone between it and a host-only window (SGLang's
+            ``best_match_device_node`` rule; the load-back brings the host-only nodes only).
         mamba_branching_seqlen: Mamba trees: the Full tokens matched (page-aligned) when more
             than the prefix a state validates (``device_prefix_len + host_hit_length``), where a
             scheduler may checkpoint a new state; -1 otherwise (SGLang's field of that name).

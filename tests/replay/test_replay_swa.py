@@ -80,10 +80,13 @@ def test_cli_swa_hybrid_report(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("trace", ["conversation", "synthetic"])
-@pytest.mark.parametrize("swa_ratio", [0.8, 0.15])
-def test_the_hit_rule_matches_the_reference_model(trace, swa_ratio):
-    """README's swa-hybrid hit rule, replayed on the pure-Python model, on both traces; with a
-    small SWA pool (0.15) SWA pressure tombstones windows too."""
+def test_the_hit_rule_matches_the_reference_model(trace):
+    """README's swa-hybrid hit rule, replayed on the pure-Python model, on both traces.
+
+    (A request maps all its new tokens to SWA slots at once, as an unchunked prefill does, so
+    the SWA pool must hold the longest request: SWA-pool pressure is exercised by the tree's
+    differential tests, not here.)"""
+    swa_ratio = 0.8
     from tests.reference.swa_replay_reference import swa_hit_blocks
 
     requests = _trace(trace, 300)

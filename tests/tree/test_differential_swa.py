@@ -172,6 +172,8 @@ def make_swa_machine(page_size: int, window: int, mamba: bool) -> type[SwaTreeVs
         # SGLang's FULL + SWA + MAMBA configs.
         (1, 128, True),
         (64, 64, True),
+        # A short window over Mamba states: finds the Mamba release's SWA-LRU order bug.
+        (1, 4, True),
     ],
     ids=lambda v: str(v) if not isinstance(v, bool) else ("mamba" if v else "swa"),
 )

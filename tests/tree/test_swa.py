@@ -261,18 +261,6 @@ def test_host_hit_counts_an_unvalidated_device_node_above_the_host_window():
     tree.check_invariants()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "tree bug: dec_lock_ref's Mamba release sets node->last_access = ++tick_ without moving "
-        "the node to the front of the SWA LRU. When the receipt's SWA segment spans the locked "
-        "node and its parent, the SWA release just before pushed and touched the node, then its "
-        "parent (parent in front); the Mamba release then makes the node newer than its parent "
-        "while it stays behind it in the SWA LRU. Unless the Full release touches it again (its "
-        "Full lock dropped to 0), the SWA LRU is out of access-time order: check_invariants "
-        "fails and evict_swa's victim order disagrees with recency. Fix: touch(node) there."
-    ),
-)
 def test_mamba_release_keeps_the_swa_lru_in_access_order():
     """FULL + SWA + MAMBA: releasing a lock whose state node is still Full-locked by a deeper
     request (whose window does not reach it) keeps every LRU in access-time order.
@@ -290,18 +278,6 @@ def test_mamba_release_keeps_the_swa_lru_in_access_order():
     tree.check_invariants()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "tree bug: dec_lock_ref accepts an swa_lock_tokens shorter than the window that ends on a "
-        "node boundary below the root (it only checks that the count ends on a boundary of "
-        "SWA-locked nodes). A window lock's count is always >= sliding_window_size or reaches "
-        "the root exactly, whatever splits happen later, so such a count is a wrong receipt; "
-        "accepted, it releases only part of the segment and leaks the rest's SWA lock (here the "
-        "parent keeps SWA lock_ref 1 with Full lock_ref 0: check_invariants then fails). Fix: "
-        "also reject swa_lock_tokens < sliding_window_size unless the walk ends at the root."
-    ),
-)
 def test_a_receipt_shorter_than_the_window_is_rejected():
     """A wrong receipt naming only the first node of a two-node window segment fails loudly and
     changes nothing (SGLang's uuid receipts cannot name part of a segment)."""

@@ -98,7 +98,10 @@ struct MatchResult {
   NodeId last_device_node = kRootId;      // deepest matched node with device KV
   NodeId last_host_node = kRootId;        // deepest matched node with KV on device or host
   NodeId best_match_node = kRootId;       // deepest node every component accepts (load anchor)
-  int64_t host_hit_length = 0;            // tokens matched on host only, below last_device_node
+  // Tokens validated below last_device_node, loaded back by best_match_node's load-back. Host-only
+  // tokens, except in SWA trees, where a device SWA tombstone above a host-only window counts
+  // too (SGLang's best_match_device_node rule; the load-back brings only the host-only nodes).
+  int64_t host_hit_length = 0;
   // Mamba trees: the Full tokens matched (page-aligned), when more than the validated prefix
   // (device_indices + host_hit_length); -1 otherwise (SGLang's mamba_branching_seqlen).
   int64_t mamba_branching_seqlen = -1;
