@@ -10,6 +10,7 @@ free or owned by exactly one node, and every request's prefix reads back the KV 
 
 from __future__ import annotations
 
+import contextlib
 import random
 import threading
 import time
@@ -51,6 +52,34 @@ def _jitter(fn, rng: random.Random, lock: threading.Lock):
     return slow
 
 
+@contextlib.contextmanager
+def racing_matcher(cache: HiCache, keys: list[torch.Tensor]):
+    """Runs a second thread that keeps matching ``keys`` while the block runs (HiCache's lock
+    serialises tree calls); re-raises what it hit when the block ends."""
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def matcher() -> None:
+        i = 0
+        while not stop.is_set():
+            try:
+                assert cache.match_prefix(keys[i % len(keys)]).device_prefix_len % PAGE == 0
+            except BaseException as e:  # noqa: BLE001 -- re-raised by the main thread
+                errors.append(e)
+                return
+            i += 1
+
+    thread = threading.Thread(target=matcher)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+    if errors:
+        raise errors[0]
+
+
 def _run_request(cache: HiCache, tokens: torch.Tensor) -> None:
     pool = cache.device_pool
     m = cache.match_prefix(tokens, load_back=True)
@@ -84,31 +113,11 @@ def test_scheduler_and_workers_race_without_losing_a_slot(monkeypatch, policy):
     pool = DeviceKVPool(160, 2, 2, 4, torch.float16, "cpu")
     cache = HiCache(pool, PAGE, HostKVPool(pool, 320, PAGE, "page_first"), policy)
     keys = _keys(300, seed=11)
-    stop = threading.Event()
-    errors: list[BaseException] = []
-
-    def matcher() -> None:
-        i = 0
-        while not stop.is_set():
-            try:
-                m = cache.match_prefix(keys[i % len(keys)])
-                assert m.device_prefix_len % PAGE == 0
-            except BaseException as e:  # noqa: BLE001 -- reported by the main thread
-                errors.append(e)
-                return
-            i += 1
-
-    thread = threading.Thread(target=matcher)
-    thread.start()
-    try:
+    with racing_matcher(cache, keys):
         for step, tokens in enumerate(keys):
             _run_request(cache, tokens)
             if step % 50 == 0:
                 cache.check_invariants(request_slots=NO_SLOTS)
-    finally:
-        stop.set()
-        thread.join()
-    assert not errors, errors
     cache.flush()
     cache.check_invariants(request_slots=NO_SLOTS)
     assert cache.stats.load_back_tokens > 0 and cache.stats.demoted_tokens > 0

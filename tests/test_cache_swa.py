@@ -21,7 +21,7 @@ from hicache.cache import HiCache, Req
 from hicache.errors import InvalidArgumentError, PoolExhaustedError
 from hicache.memory import DeviceKVPool, HostKVPool, MambaStatePool, SWAKVPool
 from hicache.replay.runner import expected_kv
-from tests.test_cache_concurrency import NO_SLOTS, _jitter, _keys
+from tests.test_cache_concurrency import NO_SLOTS, _jitter, _keys, racing_matcher
 
 PAGE = 4
 WINDOW = 8
@@ -210,28 +210,9 @@ def test_swa_races_the_workers_without_losing_a_slot(monkeypatch, policy):
         )
     cache = make_cache(num_slots=160, swa_slots=64, host_slots=320, policy=policy)
     keys = _keys(300, seed=17)
-    stop = threading.Event()
-    errors: list[BaseException] = []
-
-    def matcher() -> None:
-        i = 0
-        while not stop.is_set():
-            try:
-                assert cache.match_prefix(keys[i % len(keys)]).device_prefix_len % PAGE == 0
-            except BaseException as e:  # noqa: BLE001 -- reported by the main thread
-                errors.append(e)
-                return
-            i += 1
-
-    thread = threading.Thread(target=matcher)
-    thread.start()
-    try:
+    with racing_matcher(cache, keys):
         for step, tokens in enumerate(keys):
             serve(cache, tokens, check=step % 25 == 0)
-    finally:
-        stop.set()
-        thread.join()
-    assert not errors, errors
     cache.flush()
     cache.check_invariants(request_slots=NO_SLOTS)
     stats = cache.stats

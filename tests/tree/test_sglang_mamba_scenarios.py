@@ -229,7 +229,9 @@ class Scenario:
         return receipt
 
     def unlock(self, receipt: LockReceipt) -> int:
-        delta = self.tree.dec_lock_ref(receipt.node_id, receipt.mamba_node_id)
+        delta = self.tree.dec_lock_ref(
+            receipt.node_id, receipt.mamba_node_id, receipt.swa_lock_tokens
+        )
         self.tree.check_invariants()
         return delta
 

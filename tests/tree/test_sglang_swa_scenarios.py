@@ -46,7 +46,8 @@ import torch
 
 from hicache._tree import RadixTree
 from hicache.errors import InvalidArgumentError
-from hicache.results import EvictResult, InsertResult, LockReceipt, MatchResult
+from hicache.results import EvictResult, InsertResult
+from tests.tree.test_sglang_mamba_scenarios import Scenario
 from tests.tree.test_tree_ops import slots
 
 ROOT = 0
@@ -66,9 +67,9 @@ class Inserted:
         return self.result.last_node
 
 
-class SwaScenario:
+class SwaScenario(Scenario):
     """An SWA tree (Mamba too, optionally) fed with fresh slots, whose invariants are checked
-    after every step."""
+    after every step (match, evict, lock and unlock as the Mamba scenarios')."""
 
     def __init__(self, page_size: int = 1, window: int = 4, mamba: bool = False) -> None:
         self.page_size = page_size
@@ -108,32 +109,10 @@ class SwaScenario:
         self.tree.check_invariants()
         return Inserted(result, value)
 
-    def match(self, key: list[int]) -> MatchResult:
-        result = self.tree.match_prefix(key)
-        self.tree.check_invariants()
-        return result
-
-    def evict(self, num_tokens: int) -> EvictResult:
-        result = self.tree.evict(num_tokens, write_back=False)
-        self.tree.check_invariants()
-        return result
-
     def evict_swa(self, num_tokens: int) -> EvictResult:
         result = self.tree.evict_swa(num_tokens)
         self.tree.check_invariants()
         return result
-
-    def lock(self, node: int) -> LockReceipt:
-        receipt = self.tree.inc_lock_ref(node)
-        self.tree.check_invariants()
-        return receipt
-
-    def unlock(self, receipt: LockReceipt) -> int:
-        delta = self.tree.dec_lock_ref(
-            receipt.node_id, receipt.mamba_node_id, receipt.swa_lock_tokens
-        )
-        self.tree.check_invariants()
-        return delta
 
     def key(self, node: int) -> list[int]:
         return self.tree.node_key(node)
