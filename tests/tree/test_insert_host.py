@@ -1,0 +1,83 @@
+"""``RadixTree.insert_host``: pages prefetched from storage become host-only nodes.
+
+(The differential machine in ``test_differential.py`` also drives it against the reference model
+in every interleaving with the other operations.)
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hicache._tree import RadixTree
+from hicache.errors import IndexOutOfRangeError, InvalidArgumentError
+
+
+def test_new_pages_become_a_host_only_leaf_below_the_anchor() -> None:
+    tree = RadixTree(2, num_device_slots=64, num_host_slots=64, page_hashes=True)
+    anchor = tree.insert([1, 2, 3, 4], torch.arange(4)).last_node
+    result = tree.insert_host(anchor, [5, 6, 7, 8, 9], torch.arange(10, 15))
+    assert (result.prefix_len, result.cached_len, result.adopted_len) == (0, 4, 0)
+    info = tree.node_info(result.last_node)
+    assert info.parent_id == anchor
+    assert (info.has_device_value, info.has_host_value, info.hit_count) == (False, True, 0)
+    assert tree.host_total_size() == tree.host_evictable_size() == 4
+    tree.check_invariants()
+    match = tree.match_prefix([1, 2, 3, 4, 5, 6, 7, 8])
+    assert match.device_prefix_len == 4 and match.host_hit_length == 4
+    assert tree.load_back_plan(match.best_match_node).indices.tolist() == [10, 11, 12, 13]
+    assert sorted(tree.evict_host(4).tolist()) == [10, 11, 12, 13]
+    tree.check_invariants()
+
+
+def test_pages_already_cached_keep_their_slots_and_are_reported() -> None:
+    tree = RadixTree(2, page_hashes=True)
+    tree.insert([1, 2, 3, 4], torch.arange(4))
+    result = tree.insert_host(tree.root_id, [1, 2, 3, 4, 5, 6], torch.arange(20, 26))
+    # The caller frees host[:prefix_len] (duplicates); the tree owns host[prefix_len:cached_len].
+    assert (result.prefix_len, result.cached_len) == (4, 6)
+    assert sorted(tree.all_host_indices().tolist()) == [24, 25]
+    assert tree.all_device_indices().tolist() == [0, 1, 2, 3]
+    again = tree.insert_host(tree.root_id, [1, 2, 3, 4, 5, 6], torch.arange(30, 36))
+    assert (again.prefix_len, again.cached_len, again.last_node) == (6, 6, result.last_node)
+    tree.check_invariants()
+
+
+def test_a_partial_match_splits_the_existing_node() -> None:
+    tree = RadixTree(1, page_hashes=True)
+    tree.insert([1, 2, 3], torch.arange(3))
+    result = tree.insert_host(tree.root_id, [1, 2, 9], torch.arange(10, 13))
+    assert (result.prefix_len, result.cached_len) == (2, 3)
+    assert tree.num_nodes() == 3
+    tree.check_invariants()
+
+
+def test_stops_at_a_load_pending_node() -> None:
+    tree = RadixTree(1, num_host_slots=64)
+    node = tree.insert([1, 2], torch.arange(2)).last_node
+    tree.commit_backup(node, torch.arange(40, 42))
+    tree.finish_backup(node)
+    tree.evict(2, write_back=False)  # demoted: host-only
+    tree.inc_host_lock_ref(node)
+    tree.commit_load_back(node, torch.arange(2, 4))
+    tree.inc_lock_ref(node)
+    result = tree.insert_host(tree.root_id, [1, 2, 3], torch.arange(10, 13))
+    assert (result.prefix_len, result.cached_len, result.last_node) == (0, 0, tree.root_id)
+    tree.check_invariants()
+
+
+def test_bad_arguments_change_nothing() -> None:
+    tree = RadixTree(2, num_host_slots=8)
+    node = tree.insert([1, 2], torch.arange(2), "tenant").last_node
+    with pytest.raises(InvalidArgumentError, match="must be equal"):
+        tree.insert_host(node, [3, 4], torch.arange(3), "tenant")
+    with pytest.raises(InvalidArgumentError, match="namespace"):
+        tree.insert_host(node, [3, 4], torch.arange(2), "other")
+    with pytest.raises(IndexOutOfRangeError):
+        tree.insert_host(node, [3, 4], torch.arange(8, 10), "tenant")
+    with pytest.raises(IndexOutOfRangeError, match="unknown node"):
+        tree.insert_host(12345, [3, 4], torch.arange(2))
+    with pytest.raises(InvalidArgumentError, match="Mamba"):
+        RadixTree(1, mamba=True).insert_host(0, [1], torch.arange(1))
+    assert tree.num_nodes() == 1 and tree.host_total_size() == 0
+    tree.check_invariants()
