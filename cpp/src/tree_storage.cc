@@ -103,6 +103,21 @@ void RadixTree::check_page_hashes() const {
   }
 }
 
+TransferPlan RadixTree::storage_backup_plan(NodeId id) const {
+  std::vector<const Node*> path;
+  for (const Node* n = node_by_id(id, "storage_backup_plan"); !n->is_root(); n = n->parent) {
+    if (n->backuped() && n->backup_pending == kNoNode) path.push_back(n);
+  }
+  TransferPlan plan;
+  for (auto it = path.rbegin(); it != path.rend(); ++it) {
+    const std::vector<SlotIndex>& slots = (*it)->full().host_value;
+    plan.nodes.push_back((*it)->id);
+    plan.lengths.push_back((*it)->num_tokens());
+    plan.indices.insert(plan.indices.end(), slots.begin(), slots.end());
+  }
+  return plan;
+}
+
 InsertResult RadixTree::insert_host(NodeId anchor, const Token* key, size_t len,
                                     const SlotIndex* host, size_t host_len,
                                     std::string_view extra_key) {

@@ -857,6 +857,23 @@ cdef class RadixTree:
         return InsertResult(r.prefix_len, r.last_node, r.adopted_len, r.cached_len,
                             r.mamba_exist, r.mamba_taken)
 
+    def storage_backup_plan(self, int64_t node_id):
+        """The nodes on the path to ``node_id`` whose host KV may be backed up to storage.
+
+        SGLang's ``build_storage_backup_spec``, taken over the whole root path so that the
+        fragments of a node split while its device -> host copy was in flight are included:
+        every node with a host value whose backup is not pending (its host bytes are valid).
+
+        Returns:
+            TransferPlan: ``node_ids`` and ``lengths`` root-first, ``indices`` their host slots
+            concatenated (int64 CPU tensor).
+
+        Raises:
+            IndexOutOfRangeError: unknown node id.
+        """
+        cdef CTransferPlan plan = self._tree.get().storage_backup_plan(node_id)
+        return _plan(plan)
+
 
 cdef list _digests(vector[Digest]& digests):
     """Each 32-byte digest as a ``bytes`` object."""

@@ -19,6 +19,7 @@ applied by :meth:`HiCache.check_hicache_events` on the caller's thread.
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -42,6 +43,9 @@ from hicache.memory import (
     PoolTransfer,
 )
 from hicache.results import EvictResult, InsertResult, LockReceipt, MatchResult
+from hicache.storage.base import StorageBackend
+from hicache.storage.controller import PrefetchConfig, PrefetchOperation, StorageController
+from hicache.storage.page_hash import namespace_seed
 
 __all__ = ["WRITE_POLICIES", "CacheStats", "HiCache", "Req"]
 
@@ -78,6 +82,12 @@ class CacheStats:
         mamba_existed: checkpoints the tree already had a state for (the copy was freed).
         mamba_evicted_states: states freed by eviction (Mamba or Full pressure).
         mamba_backup_skipped: node backups that went without their state (no host state slot).
+        storage_prefetches: :meth:`HiCache.prefetch_from_storage` calls that queued a prefetch.
+        storage_hit_tokens: tokens prefetched from storage (L3) and inserted in the tree as host
+            nodes (duplicates of pages the tree already had are not counted).
+        storage_backup_tokens: tokens queued for host -> storage backup (after deduplication).
+        storage_backup_failed_tokens: of those, tokens the backend did not store (a failure,
+            or a full backend).
     """
 
     match_calls: int = 0
@@ -96,6 +106,10 @@ class CacheStats:
     mamba_existed: int = 0
     mamba_evicted_states: int = 0
     mamba_backup_skipped: int = 0
+    storage_prefetches: int = 0
+    storage_hit_tokens: int = 0
+    storage_backup_tokens: int = 0
+    storage_backup_failed_tokens: int = 0
 
     def as_dict(self) -> dict[str, int]:
         """The counters as a plain dict."""
@@ -159,12 +173,24 @@ class HiCache:
             :class:`~hicache.memory.PoolTransfer` in the same controller batch), demotion keeps
             it, and a load-back brings the anchor's state back before its layer 0 is signalled.
             A node whose state found no free host slot is backed up without it.
+        storage_backend: the storage (L3) tier, with ``host_pool`` (SGLang's
+            ``--hicache-storage-backend``): every node then carries its page hashes (the storage
+            keys), a node whose device -> host copy is acknowledged is backed up to storage (its
+            host pages host-locked until the storage ack), and :meth:`prefetch_from_storage`
+            reads a request's pages from storage into host pages. A
+            :class:`~hicache.storage.controller.StorageController` runs both on its own threads.
+            Not supported with a Mamba pool yet (a hybrid prefetch must be all-or-nothing,
+            reference §3.11). The cache does not close the backend.
+        prefetch_config: the prefetch policy and its knobs (SGLang's
+            ``--hicache-storage-prefetch-policy`` and extra-config keys); default
+            ``best_effort``, threshold 256 tokens, timeout 1 s + 0.25 s per 1024 tokens.
 
     Raises:
         InvalidArgumentError: bad ``page_size``, pool sizes that are not whole pages, a host pool of
             another page size, an unknown write policy or io backend, or Mamba pools that do not
             fit together (a host pool and a Mamba pool need a Mamba host pool over that Mamba
-            pool, and a Mamba host pool needs both).
+            pool, and a Mamba host pool needs both), or a storage backend without a host pool or
+            with a Mamba pool.
     """
 
     def __init__(
@@ -177,7 +203,15 @@ class HiCache:
         enable_kv_events: bool = False,
         mamba_pool: MambaStatePool | None = None,
         mamba_host_pool: MambaHostPool | None = None,
+        storage_backend: StorageBackend | None = None,
+        prefetch_config: PrefetchConfig | None = None,
     ) -> None:
+        if storage_backend is not None and (host_pool is None or mamba_pool is not None):
+            raise InvalidArgumentError(
+                "HiCache: a storage backend needs a host pool (pages move storage <-> host) and "
+                "is not supported with a Mamba pool yet (hybrid prefetch is all-or-nothing, "
+                "reference §3.11)"
+            )
         hybrid_host = host_pool is not None and mamba_pool is not None
         if hybrid_host != (mamba_host_pool is not None) or (
             mamba_host_pool is not None and mamba_host_pool.device_pool is not mamba_pool
@@ -212,6 +246,7 @@ class HiCache:
             mamba_pool is not None,
             mamba_pool.num_slots if mamba_pool is not None else 0,
             mamba_host_pool.num_slots if mamba_host_pool is not None else 0,
+            page_hashes=storage_backend is not None,
         )
         extra_pools = {"mamba": mamba_host_pool} if mamba_host_pool is not None else None
         self.controller = (
@@ -232,6 +267,26 @@ class HiCache:
         # in-flight transfer by ack id, so that its ack can report what was copied where.
         self.kv_events = KVEventPublisher(page_size) if enable_kv_events else None
         self._transfer_slots: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        # Storage (L3): None without a backend. Prefetches in flight by request id (each holds a
+        # host lock on its anchor), the host slots each holds outside the tree (written by the
+        # prefetch thread's callbacks and by termination, under _lock), the tokens the last
+        # terminated prefetch of a request inserted, and the host locks of storage backups by
+        # node id (one per backup queued).
+        self.storage: StorageController | None = None
+        self._ongoing_prefetch: dict[object, PrefetchOperation] = {}
+        self._prefetch_host: dict[PrefetchOperation, torch.Tensor] = {}
+        self._prefetch_loaded: dict[object, int] = {}
+        self._storage_backups: dict[int, int] = {}
+        if storage_backend is not None:
+            assert host_pool is not None
+            self.storage = StorageController(
+                storage_backend,
+                host_pool,
+                page_size,
+                prefetch_config or PrefetchConfig(),
+                self._attach_prefetch_host,
+                self._free_prefetch_host,
+            )
 
     @property
     def num_evicted_tokens(self) -> int:
@@ -498,6 +553,10 @@ class HiCache:
             self.controller.start_writing()
             self._apply_acks(self.controller.writing_check, self._finish_write, block, errors)
             self._apply_acks(self.controller.loading_check, self._finish_load, block, errors)
+            if self.storage is not None:
+                if block:
+                    self.storage.wait_backups()
+                self._apply_storage_acks()
             if errors:
                 raise errors[0]
 
@@ -557,6 +616,7 @@ class HiCache:
                 self._free_host_states()
         elif ok:
             self.tree.finish_backup(ack_id)
+            self._backup_to_storage(ack_id)
         else:
             freed = self.tree.abort_backup(ack_id)
             self.stats.backup_failed_tokens += int(freed.numel())
@@ -687,6 +747,251 @@ class HiCache:
         self._apply_acks(controller.writing_check, self._finish_write, True, errors)
         # A failed copy was undone (and counted): the node is unbacked again and gets dropped.
         return self.tree.node_info(node_id).has_host_value
+
+    # ---- storage (L3): prefetch and backup ------------------------------------------------------
+
+    def prefetch_from_storage(
+        self, req_id: object, last_host_node: int, new_input_tokens, extra_key: str | None = None
+    ) -> bool:
+        """Starts reading a request's next pages from storage into host memory.
+
+        SGLang's ``prefetch_from_storage`` (reference §3.8): ``new_input_tokens`` are the tokens
+        after the request's L1 + L2 match, whose anchor is ``last_host_node`` (a match's
+        ``last_host_node``: the root, or a node with a host copy). The anchor is host-locked
+        until the prefetch ends; the prefetch thread then asks the backend how many leading
+        pages it holds, allocates host pages for that hit only (evicting host leaves if
+        needed) and reads them in batches. Poll :meth:`check_prefetch_progress` before
+        scheduling the request; then match again (the prefetched pages are host hits, loaded
+        back by ``match_prefix(load_back=True)``).
+
+        Args:
+            req_id: the request's id (hashable); one prefetch per request at a time.
+            last_host_node: the match's ``last_host_node``.
+            new_input_tokens: ``[num_tokens]`` token ids after the match (list or CPU tensor);
+                only whole pages are prefetched.
+            extra_key: the request's namespace (as in :meth:`match_prefix`).
+
+        Returns:
+            bool: whether a prefetch was queued. False without a storage backend, when the
+            whole pages are fewer than the threshold (256 tokens by default), or when the
+            anchor has no host copy.
+
+        Raises:
+            InvalidArgumentError: ``req_id`` already has a prefetch in flight.
+            IndexOutOfRangeError: unknown ``last_host_node``.
+        """
+        if self.storage is None:
+            return False
+        tokens = torch.as_tensor(new_input_tokens, dtype=torch.int64).reshape(-1)
+        aligned = tokens.numel() - tokens.numel() % self.page_size
+        with self._lock, profiling.nvtx_range(profiling.PREFETCH, aligned):
+            if req_id in self._ongoing_prefetch:
+                raise InvalidArgumentError(
+                    f"prefetch_from_storage: request {req_id!r} already has a prefetch in flight"
+                )
+            if aligned < self.storage.threshold_tokens:
+                return False
+            info = self.tree.node_info(last_host_node)
+            if last_host_node == _ROOT_ID:
+                previous = namespace_seed(extra_key) if extra_key else None
+            elif not info.has_host_value or info.backup_pending:
+                return False  # SGLang prefetches only below a backed-up anchor (or the root)
+            else:
+                previous = self.tree.node_page_hashes(last_host_node)[-1]
+            self.tree.inc_host_lock_ref(last_host_node)
+            op = PrefetchOperation(
+                req_id,
+                last_host_node,
+                tokens[:aligned].clone(),
+                extra_key,
+                previous,
+                self.page_size,
+            )
+            self._ongoing_prefetch[req_id] = op
+            self._prefetch_loaded.pop(req_id, None)
+            self.storage.prefetch(op)
+            self.stats.storage_prefetches += 1
+            return True
+
+    def check_prefetch_progress(self, req_id: object) -> bool:
+        """Whether the request may be scheduled now; ends its prefetch when it may.
+
+        SGLang's ``check_prefetch_progress``: by the prefetch policy, ``best_effort`` ends the
+        prefetch at once with whatever pages are read; ``wait_complete`` waits until the
+        prefetch thread is done with it (every hit page read, or a failure); ``timeout`` waits
+        for that or for ``timeout_base + timeout_per_ki_token * tokens / 1024`` seconds. Ending
+        it inserts the read pages as host nodes (:meth:`terminate_prefetch`).
+
+        Returns:
+            bool: True when the request may go on (also when it has no prefetch in flight),
+            False when it should wait.
+        """
+        if self.storage is None:
+            return True
+        with self._lock:
+            op = self._ongoing_prefetch.get(req_id)
+            if op is None:
+                return True
+            config = self.storage.config
+            if not op.is_finished():
+                if config.policy == "wait_complete":
+                    return False
+                if config.policy == "timeout" and (
+                    time.monotonic() - op.created_s < config.timeout_s(op.num_tokens)
+                ):
+                    return False
+            self.terminate_prefetch(req_id)
+            return True
+
+    def terminate_prefetch(self, req_id: object) -> int:
+        """Ends a request's prefetch now and inserts the pages read so far.
+
+        SGLang's ``terminate_prefetch`` + ``_handle_prefetch_result``: the leading pages read and
+        verified become host-only nodes below the anchor (``RadixTree.insert_host``); host pages
+        duplicating pages the tree has meanwhile are freed, and so are pages not read (at once,
+        or by the prefetch thread when its batch in flight ends); the anchor's host lock is
+        released. A request that is aborted calls this too.
+
+        Returns:
+            int: tokens inserted in the tree (0 when none, or no prefetch in flight); also kept
+            for :meth:`pop_prefetch_loaded_tokens`.
+        """
+        if self.storage is None:
+            return 0
+        with self._lock:
+            op = self._ongoing_prefetch.pop(req_id, None)
+            if op is None:
+                return 0
+            with profiling.nvtx_range(profiling.PREFETCH_DONE):
+                pages, taken, rest, rest_is_ours = op.terminate()
+                inserted = 0
+                if taken is not None:
+                    if rest_is_ours:
+                        self._prefetch_host.pop(op, None)
+                        self._free_host(rest, count=False)
+                    else:  # the prefetch thread frees it (_free_prefetch_host)
+                        self._prefetch_host[op] = rest
+                    inserted = self._insert_prefetched(op, pages, taken)
+                self.tree.dec_host_lock_ref(op.anchor)
+                self._prefetch_loaded[req_id] = inserted
+                return inserted
+
+    def pop_prefetch_loaded_tokens(self, req_id: object) -> int:
+        """Tokens the request's last ended prefetch inserted; 0 if none.
+
+        SGLang's ``prefetch_loaded_tokens_by_reqid.pop(rid, 0)``.
+        """
+        with self._lock:
+            return self._prefetch_loaded.pop(req_id, 0)
+
+    def wait_prefetch(self, req_id: object, timeout: float | None = None) -> bool:
+        """Blocks until the prefetch thread is done with the request's prefetch (tests, tools).
+
+        Must not be called while holding the cache's lock (the prefetch thread needs it to
+        allocate host pages). True when done or when there is no prefetch in flight.
+        """
+        with self._lock:
+            op = self._ongoing_prefetch.get(req_id)
+        return True if op is None else op.wait(timeout)
+
+    def _insert_prefetched(self, op: PrefetchOperation, pages: int, taken: torch.Tensor) -> int:
+        """Inserts ``pages`` read pages below the anchor; frees the duplicates. Returns tokens."""
+        if pages == 0:
+            return 0
+        num = pages * self.page_size
+        try:
+            result = self.tree.insert_host(op.anchor, op.tokens[:num], taken, op.extra_key)
+        except InvalidArgumentError:
+            # The anchor's load-back failed meanwhile: nothing goes below garbage.
+            self._free_host(taken, count=False)
+            return 0
+        duplicates = torch.cat((taken[: result.prefix_len], taken[result.cached_len :]))
+        if duplicates.numel():
+            self._free_host(duplicates, count=False)
+        inserted = result.cached_len - result.prefix_len
+        self.stats.storage_hit_tokens += inserted
+        return inserted
+
+    def _attach_prefetch_host(
+        self, op: PrefetchOperation, num_tokens: int, min_tokens: int
+    ) -> torch.Tensor | None:
+        """The prefetch thread's host allocation for a storage hit (see StorageController)."""
+        with self._lock:
+            allocator = self._host_allocator()
+            room = allocator.available_size() + self.tree.host_evictable_size()
+            room -= room % self.page_size
+            take = min(num_tokens, room)
+            if take < min_tokens:
+                return None
+            host = self._alloc_host(take)
+            if host is None:
+                return None
+            if not op._attach(host):  # terminated meanwhile
+                self._free_host(host, count=False)
+                return None
+            self._prefetch_host[op] = host
+            return host
+
+    def _free_prefetch_host(self, op: PrefetchOperation, indices: torch.Tensor) -> None:
+        """The prefetch thread hands back host slots of a terminated prefetch."""
+        with self._lock:
+            self._prefetch_host.pop(op, None)
+            self._free_host(indices, count=False)
+
+    def _backup_to_storage(self, node_id: int) -> None:
+        """Queues the storage backup of the path to a node whose host copy was just acked.
+
+        SGLang's ``write_backup_storage``: the pages of every node on the path with a valid
+        host copy, keyed by their page hashes, minus those stored or queued already; the node
+        is host-locked (a path lock) until the backup thread's ack.
+        """
+        if self.storage is None:
+            return
+        plan = self.tree.storage_backup_plan(node_id)
+        if not plan.node_ids:
+            return
+        keys = [d.hex() for n in plan.node_ids for d in self.tree.node_page_hashes(n)]
+        self.tree.inc_host_lock_ref(node_id)
+        queued = self.storage.backup(node_id, keys, plan.indices)
+        if queued == 0:
+            self.tree.dec_host_lock_ref(node_id)
+            return
+        self._storage_backups[node_id] = self._storage_backups.get(node_id, 0) + 1
+        self.stats.storage_backup_tokens += queued * self.page_size
+
+    def _apply_storage_acks(self) -> None:
+        """Releases the host locks of finished storage backups."""
+        assert self.storage is not None
+        for node_id, _, failed in self.storage.pop_backup_acks():
+            self.stats.storage_backup_failed_tokens += failed * self.page_size
+            self.tree.dec_host_lock_ref(node_id)
+            left = self._storage_backups[node_id] - 1
+            if left:
+                self._storage_backups[node_id] = left
+            else:
+                del self._storage_backups[node_id]
+
+    def _end_storage_work(self) -> None:
+        """Ends every prefetch (inserting what was read) and waits for every storage backup.
+
+        Called without the lock held: the prefetch thread may need it to hand pages back.
+        """
+        if self.storage is None:
+            return
+        with self._lock:
+            for req_id in list(self._ongoing_prefetch):
+                self.terminate_prefetch(req_id)
+        self.storage.wait_backups()
+        deadline = time.monotonic() + 30.0
+        while True:  # prefetch threads still reading a terminated prefetch free its pages
+            with self._lock:
+                if not self._prefetch_host:
+                    break
+            if time.monotonic() > deadline:
+                raise InvariantError("the prefetch thread did not hand back its host pages")
+            time.sleep(0.001)
+        with self._lock:
+            self._apply_storage_acks()
 
     # ---- slots ----------------------------------------------------------------------------------
 
@@ -1123,6 +1428,7 @@ class HiCache:
         Raises:
             InvalidArgumentError: a running request still holds a lock.
         """
+        self._end_storage_work()
         with self._lock:
             self.flush()
             self._free_failed_load_slots()  # empty the tree's outboxes first
@@ -1144,7 +1450,14 @@ class HiCache:
                 self.kv_events.on_cleared()
 
     def close(self) -> None:
-        """Finishes in-flight transfers and stops the controller's workers. Idempotent."""
+        """Finishes in-flight transfers and stops the controller's workers. Idempotent.
+
+        With storage: ends every prefetch (inserting what was read), waits for the storage
+        backups, and stops the storage threads (the backend stays open: its owner closes it).
+        """
+        if self.storage is not None:
+            self._end_storage_work()
+            self.storage.close()
         with self._lock:
             if self.controller is not None:
                 try:
@@ -1164,8 +1477,9 @@ class HiCache:
         """Checks the tree's invariants and slot ownership (DESIGN.md invariant 3).
 
         Device: tree slots are never free; with ``request_slots``, tree slots, free slots and
-        ``request_slots`` partition the pool exactly. Host: tree host slots and free host slots
-        always partition the host pool exactly (in-flight transfers are committed in the tree).
+        ``request_slots`` partition the pool exactly. Host: tree host slots, free host slots and
+        the host slots of prefetches from storage in flight always partition the host pool
+        exactly (in-flight transfers are committed in the tree).
         Mamba: tree states are never free; with ``request_states``, tree states, free states and
         ``request_states`` partition the state pool exactly.
 
@@ -1207,8 +1521,11 @@ class HiCache:
             if self.host_pool is not None:
                 host_owned = self.tree.all_host_indices()
                 free_host = self.host_pool.allocator.free_slot_indices()
+                prefetching = list(self._prefetch_host.values())  # storage reads in flight
                 _check_partition(
-                    torch.cat((host_owned, free_host)), self.host_pool.num_slots, "host slot"
+                    torch.cat((host_owned, free_host, *prefetching)),
+                    self.host_pool.num_slots,
+                    "host slot",
                 )
             if request_slots is None:
                 return

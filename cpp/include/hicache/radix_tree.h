@@ -322,6 +322,10 @@ class RadixTree {
   // out_of_range: unknown anchor or a host slot outside the pool. O(len).
   InsertResult insert_host(NodeId anchor, const Token* key, size_t len, const SlotIndex* host,
                            size_t host_len, std::string_view extra_key);
+  // The nodes on the path root..id whose host KV is valid (a host value, no backup in flight),
+  // root-first, with their host slots: what a backup to storage may copy (SGLang's
+  // build_storage_backup_spec, over the path so that fragments of a split backup are included).
+  TransferPlan storage_backup_plan(NodeId id) const;
 
  private:
   using DeviceLru = LruList<Node, &Node::device_lru>;
