@@ -100,6 +100,8 @@ class FileStorage(StorageBackend):
         # The cap's bookkeeping: file name -> size in bytes, least recently used first, and the
         # total. Guarded by _lock; only used when max_bytes is set.
         self._lock = threading.Lock()
+        # Per-thread read buffers (see _staging).
+        self._local = threading.local()
         self._lru: OrderedDict[str, int] = OrderedDict()
         self._total_bytes = 0
         try:
@@ -170,7 +172,7 @@ class FileStorage(StorageBackend):
                 with open(path, "rb", buffering=0) as file:
                     size = os.fstat(file.fileno()).st_size
                     # One byte more than expected reveals an over-long file without reading it.
-                    buffer = np.empty(min(size, value_nbytes + 1), dtype=np.uint8)
+                    buffer = self._staging(min(size, value_nbytes + 1))
                     view = memoryview(buffer)
                     done = 0
                     while done < buffer.size:
@@ -185,6 +187,18 @@ class FileStorage(StorageBackend):
                 raise self._error("get", path, error) from error
             self._touch(path, size)
             yield buffer[:done]
+
+    def _staging(self, nbytes: int) -> np.ndarray:
+        """This thread's reusable read buffer, at least ``nbytes`` long (a view of that length).
+
+        Reusing it saves the page faults of a fresh buffer per page; it is safe because the
+        caller verifies and copies each value out before asking for the next one.
+        """
+        buffer = getattr(self._local, "staging", None)
+        if buffer is None or buffer.size < nbytes:
+            buffer = np.empty(nbytes, dtype=np.uint8)
+            self._local.staging = buffer
+        return buffer[:nbytes]
 
     def _set(
         self,
