@@ -21,7 +21,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from pathlib import Path
 
 import numpy as np
@@ -165,7 +165,9 @@ class FileStorage(StorageBackend):
             num += 1
         return num
 
-    def _get(self, storage_keys: list[str], value_nbytes: int) -> Iterator[np.ndarray | None]:
+    def _get(
+        self, storage_keys: list[str], value_nbytes: int
+    ) -> Generator[np.ndarray | None, None, None]:
         for key in storage_keys:
             path = self._path(key)
             try:
@@ -173,7 +175,7 @@ class FileStorage(StorageBackend):
                     size = os.fstat(file.fileno()).st_size
                     # One byte more than expected reveals an over-long file without reading it.
                     buffer = self._staging(min(size, value_nbytes + 1))
-                    view = memoryview(buffer)
+                    view = buffer.data
                     done = 0
                     while done < buffer.size:
                         count = file.readinto(view[done:])

@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import urllib.parse
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from typing import Any
 
 import numpy as np
@@ -126,22 +126,24 @@ class ValkeyStorage(StorageBackend):
         Raises:
             InvalidArgumentError: an unknown key or a value of the wrong type (named).
         """
-        kwargs = {
-            "host": config.get_str("host", "127.0.0.1"),
-            "port": config.get_int("port", 6379, minimum=1),
-            "url": config.get_str("url"),
-            "cluster": config.get_bool("cluster"),
-            "socket_timeout": config.get_float("socket_timeout", 5.0),
-            "password": config.get_str("password"),
-            "db": config.get_int("db", 0, minimum=0),
-            "max_batch_bytes": config.get_int("max_batch_bytes", _DEFAULT_BATCH_BYTES, minimum=1),
-        }
+        host = config.get_str("host", "127.0.0.1")
+        port = config.get_int("port", 6379, minimum=1)
+        url = config.get_str("url")
+        cluster = config.get_bool("cluster")
+        socket_timeout = config.get_float("socket_timeout", 5.0)
+        password = config.get_str("password")
+        db = config.get_int("db", 0, minimum=0)
+        max_batch_bytes = config.get_int("max_batch_bytes", _DEFAULT_BATCH_BYTES, minimum=1)
         config.finish()
-        if kwargs["port"] > 65535:
+        assert host is not None and port is not None and socket_timeout is not None
+        assert db is not None and max_batch_bytes is not None
+        if port > 65535:
             raise InvalidArgumentError(
-                f"valkey storage extra config: port: expected <= 65535, got {kwargs['port']}"
+                f"valkey storage extra config: port: expected <= 65535, got {port}"
             )
-        return cls(identity, **kwargs)
+        return cls(
+            identity, host, port, url, cluster, socket_timeout, password, db, max_batch_bytes
+        )
 
     @property
     def description(self) -> str:
@@ -183,7 +185,7 @@ class ValkeyStorage(StorageBackend):
             num += 1
         return num
 
-    def _get(self, storage_keys: list[str], value_nbytes: int) -> Iterator[Any]:
+    def _get(self, storage_keys: list[str], value_nbytes: int) -> Generator[Any, None, None]:
         batch = max(1, self._max_batch_bytes // value_nbytes)
         mget = self._client.mget_nonatomic if self._cluster else self._client.mget
         for begin in range(0, len(storage_keys), batch):
@@ -219,7 +221,7 @@ class ValkeyStorage(StorageBackend):
                         piece = np.frombuffer(buf, dtype=np.uint8)
                         arena[pos : pos + piece.size] = piece
                         pos += piece.size
-                    pipe.set(storage_keys[end], memoryview(arena[begin:pos]))
+                    pipe.set(storage_keys[end], arena[begin:pos].data)
                     batch.append(end)
                 end += 1
             results: list[Any] = []
