@@ -32,9 +32,10 @@ def _free_port() -> int:
 class ServerProcess:
     """A Valkey/Redis server process on ``127.0.0.1:port``, which tests may kill and restart."""
 
-    def __init__(self, binary: str, workdir: Path) -> None:
+    def __init__(self, binary: str, workdir: Path, extra_args: tuple[str, ...] = ()) -> None:
         self.binary = binary
         self.workdir = workdir
+        self.extra_args = extra_args
         self.host = "127.0.0.1"
         self.port = _free_port()
         self.proc: subprocess.Popen | None = None
@@ -53,6 +54,7 @@ class ServerProcess:
             "--protected-mode", "no",
             "--dir", str(self.workdir),
             "--logfile", "",
+            *self.extra_args,
         ]  # fmt: skip
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout_s
@@ -112,6 +114,40 @@ def valkey_server(tmp_path):
         server.start()
     yield server
     server.kill()
+
+
+CLI_BINARY = shutil.which("valkey-cli") or shutil.which("redis-cli")
+
+
+@pytest.fixture
+def valkey_cluster(tmp_path):
+    """A 3-node cluster (no replicas) on loopback ports; skips without server and CLI binaries."""
+    if SERVER_BINARY is None or CLI_BINARY is None:
+        pytest.skip("needs valkey-server/redis-server and valkey-cli/redis-cli on PATH")
+    nodes = []
+    try:
+        for i in range(3):
+            workdir = tmp_path / f"node{i}"
+            workdir.mkdir()
+            args = ("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf")
+            node = ServerProcess(SERVER_BINARY, workdir, args)
+            node.start()
+            nodes.append(node)
+        subprocess.run(
+            [CLI_BINARY, "--cluster", "create", *(n.address for n in nodes)]
+            + ["--cluster-replicas", "0", "--cluster-yes"],
+            check=True,
+            capture_output=True,
+            timeout=60,
+        )
+        deadline = time.monotonic() + 30
+        while b"cluster_state:ok" not in nodes[0].command("CLUSTER", "INFO"):
+            assert time.monotonic() < deadline, "the cluster did not become ok"
+            time.sleep(0.05)
+        yield nodes
+    finally:
+        for node in nodes:
+            node.kill()
 
 
 # --- pools ------------------------------------------------------------------------------------

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+import time
+
 import pytest
 import torch
 
@@ -144,3 +147,41 @@ def test_bad_config_names_the_key(config, message):
     identity = StorageIdentity("m", "page_first", "bfloat16", 4)
     with pytest.raises(InvalidArgumentError, match=message):
         create_backend("valkey", identity, config)
+
+
+def test_cluster_round_trip_dedup_and_corruption(valkey_cluster):
+    src = make_kv_pool(seed=1)
+    dst = make_kv_pool(seed=None)
+    value_nbytes = src.size_bytes // src.num_pages
+    node = valkey_cluster[0]
+    backend = _backend(node, src, cluster=True, max_batch_bytes=3 * value_nbytes)
+    assert backend.description == f"valkey cluster at {node.address}"
+    keys = make_keys(8)  # spread over the nodes' hash slots
+    assert backend.set(keys[:3], src, page_slots(src, [0, 1, 2])) == 3
+    assert backend.set(keys, src, page_slots(src, range(8))) == 8
+    assert backend.exists(keys) == 8
+    assert backend.get(keys, dst, page_slots(dst, range(8))) == 8
+    assert all(same_page(src, i, dst, i) for i in range(8))
+    backend.client.setrange(backend.storage_key(keys[5]), 100, b"\0\1\2")
+    fresh = make_kv_pool(seed=None)
+    assert backend.get(keys, fresh, page_slots(fresh, range(8))) == 5
+    stats = backend.stats_snapshot()
+    assert (stats.dedup_pages, stats.corrupt_pages) == (3, 1)
+    assert backend.exists(keys) == 5
+    backend.close()
+
+
+def test_unresponsive_server_times_out_with_a_storage_error(valkey_server):
+    pool = make_kv_pool(seed=1)
+    backend = _backend(valkey_server, pool, socket_timeout=0.3)
+    keys = make_keys(1)
+    assert backend.set(keys, pool, page_slots(pool, [0])) == 1
+    valkey_server.proc.send_signal(signal.SIGSTOP)  # alive, accepting, never answering
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(StorageError, match=f"{valkey_server.address}: exists failed: Timeout"):
+            backend.exists(keys)
+        assert time.monotonic() - t0 < 3
+    finally:
+        valkey_server.proc.send_signal(signal.SIGCONT)
+    assert backend.exists(keys) == 1
