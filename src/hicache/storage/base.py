@@ -46,7 +46,7 @@ import logging
 import re
 import struct
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Generator, Sequence
 from contextlib import closing
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -336,7 +336,7 @@ class _PageCodec:
             flat = (
                 region.reshape(-1) if self.contiguous else np.ascontiguousarray(region).reshape(-1)
             )
-            out.append(memoryview(flat))
+            out.append(flat.data)
         return out
 
     def store(self, start: int, payload: np.ndarray) -> None:
@@ -591,7 +591,7 @@ class StorageBackend(abc.ABC):
         """The number of leading storage keys present; raises StorageError on failure."""
 
     @abc.abstractmethod
-    def _get(self, storage_keys: list[str], value_nbytes: int) -> Iterator[Any]:
+    def _get(self, storage_keys: list[str], value_nbytes: int) -> Generator[Any, None, None]:
         """Yields each stored value (a bytes-like object) in order, ``None`` for a missing one.
 
         The caller stops iterating at the first ``None`` or bad value and closes the iterator,
@@ -634,7 +634,10 @@ class StorageBackend(abc.ABC):
                 f"{fn}: pool: a {type(pool).__name__} does not hold {ident.kind!r} pages "
                 "(the backend identity's kind)"
             )
-        checks = [("layout", codec.layout, ident.layout), ("dtype", codec.dtype, ident.dtype)]
+        checks: list[tuple[str, object, object]] = [
+            ("layout", codec.layout, ident.layout),
+            ("dtype", codec.dtype, ident.dtype),
+        ]
         checks.append(("page_size", codec.page_size, ident.page_size))
         if ident.page_shape:
             checks.append(("page_shape", codec.page_shape, ident.page_shape))
@@ -663,7 +666,7 @@ class StorageBackend(abc.ABC):
         if data.size != HEADER_SIZE + codec.page_nbytes:
             reason = f"size {data.size}, expected {HEADER_SIZE + codec.page_nbytes}"
         else:
-            magic, version, header_size, prefix, nbytes, checksum = _HEADER.unpack_from(data)
+            magic, version, header_size, prefix, nbytes, checksum = _HEADER.unpack_from(data.data)
             payload = data[HEADER_SIZE:]
             if (magic, version, header_size) != (_MAGIC, _VERSION, HEADER_SIZE):
                 reason = f"header {magic!r} v{version} ({header_size} B)"
@@ -673,7 +676,7 @@ class StorageBackend(abc.ABC):
                 reason = f"payload size {nbytes}, expected {codec.page_nbytes}"
             else:
                 digest = xxhash.xxh3_64(storage_key.encode())
-                digest.update(payload)
+                digest.update(payload.data)
                 if digest.intdigest() == checksum:
                     return payload
                 reason = "checksum mismatch"

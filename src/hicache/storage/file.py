@@ -21,7 +21,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +100,8 @@ class FileStorage(StorageBackend):
         # The cap's bookkeeping: file name -> size in bytes, least recently used first, and the
         # total. Guarded by _lock; only used when max_bytes is set.
         self._lock = threading.Lock()
+        # Per-thread read buffers (see _staging).
+        self._local = threading.local()
         self._lru: OrderedDict[str, int] = OrderedDict()
         self._total_bytes = 0
         try:
@@ -163,15 +165,17 @@ class FileStorage(StorageBackend):
             num += 1
         return num
 
-    def _get(self, storage_keys: list[str], value_nbytes: int) -> Iterator[np.ndarray | None]:
+    def _get(
+        self, storage_keys: list[str], value_nbytes: int
+    ) -> Generator[np.ndarray | None, None, None]:
         for key in storage_keys:
             path = self._path(key)
             try:
                 with open(path, "rb", buffering=0) as file:
                     size = os.fstat(file.fileno()).st_size
                     # One byte more than expected reveals an over-long file without reading it.
-                    buffer = np.empty(min(size, value_nbytes + 1), dtype=np.uint8)
-                    view = memoryview(buffer)
+                    buffer = self._staging(min(size, value_nbytes + 1))
+                    view = buffer.data
                     done = 0
                     while done < buffer.size:
                         count = file.readinto(view[done:])
@@ -185,6 +189,18 @@ class FileStorage(StorageBackend):
                 raise self._error("get", path, error) from error
             self._touch(path, size)
             yield buffer[:done]
+
+    def _staging(self, nbytes: int) -> np.ndarray:
+        """This thread's reusable read buffer, at least ``nbytes`` long (a view of that length).
+
+        Reusing it saves the page faults of a fresh buffer per page; it is safe because the
+        caller verifies and copies each value out before asking for the next one.
+        """
+        buffer = getattr(self._local, "staging", None)
+        if buffer is None or buffer.size < nbytes:
+            buffer = np.empty(nbytes, dtype=np.uint8)
+            self._local.staging = buffer
+        return buffer[:nbytes]
 
     def _set(
         self,
