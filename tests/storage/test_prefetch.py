@@ -15,10 +15,10 @@ import pytest
 import torch
 
 from hicache import metrics
-from hicache.cache import HiCache
+from hicache.cache import HiCache, Req
 from hicache.errors import InvalidArgumentError, StorageError
 from hicache.memory import DeviceKVPool, HostKVPool, MambaHostPool, MambaStatePool
-from hicache.storage import FileStorage, StorageIdentity
+from hicache.storage import FileStorage, StorageIdentity, page_hashes
 from hicache.storage.controller import PrefetchConfig
 from tests.regressions.helpers import NO_REQUEST_SLOTS, run_request
 
@@ -247,16 +247,12 @@ def test_a_failing_backend_means_recompute_counted_no_crash(tmp_path, op):
 def test_a_corrupt_page_ends_the_prefetch_before_it(tmp_path):
     store(tmp_path)
     cache, backend = make_cache(tmp_path)
-    # Page 5 of the chain: flip a payload byte of its file.
-    key = cache.storage  # the keys are the page hashes of the tokens
-    from hicache.storage import page_hashes
-
+    # Page 5 of the chain (its key is the page hash): flip a payload byte of its file.
     digest = page_hashes(TOKENS, PAGE)[5].hex()
     path = backend._path(backend.storage_key(digest))
     data = bytearray(path.read_bytes())
     data[-1] ^= 0xFF
     path.write_bytes(bytes(data))
-    assert key is not None
     assert start_prefetch(cache, "r", TOKENS)
     cache.wait_prefetch("r", 10)
     assert cache.check_prefetch_progress("r")
@@ -319,8 +315,6 @@ def test_pages_inserted_meanwhile_are_freed_as_duplicates(tmp_path):
 def test_namespaces_never_share_stored_pages(tmp_path):
     cache, _ = make_cache(tmp_path)
     slots = cache.alloc(64)
-    from hicache.cache import Req
-
     cache.cache_finished_req(Req(TOKENS, "tenant-a", kv_indices=slots))
     cache.flush()
     assert cache.stats.storage_backup_tokens == 64
