@@ -866,6 +866,7 @@ class HiCache:
                 pages, taken, rest, rest_is_ours = op.terminate()
                 inserted = 0
                 if taken is not None:
+                    assert rest is not None  # both or neither
                     if rest_is_ours:
                         self._prefetch_host.pop(op, None)
                         self._free_host(rest, count=False)

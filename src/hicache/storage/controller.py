@@ -430,7 +430,7 @@ class StorageController:
     def _prefetch_one(self, op: PrefetchOperation) -> None:
         ps = self.page_size
         with profiling.nvtx_range(profiling.STORAGE_QUERY, op.num_tokens):
-            digests = page_hashes(op.tokens, ps, prefix_digest=op.previous_digest)
+            digests = page_hashes(op.tokens.numpy(), ps, prefix_digest=op.previous_digest)
             op.keys = [d.hex() for d in digests]
             hit = 0
             try:
