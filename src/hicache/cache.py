@@ -772,15 +772,15 @@ class HiCache:
             extra_key: the request's namespace (as in :meth:`match_prefix`).
 
         Returns:
-            bool: whether a prefetch was queued. False without a storage backend, when the
-            whole pages are fewer than the threshold (256 tokens by default), or when the
-            anchor has no host copy.
+            bool: whether a prefetch was queued. False without a storage backend (or after
+            :meth:`close`), when the whole pages are fewer than the threshold (256 tokens by
+            default), or when the anchor has no host copy.
 
         Raises:
             InvalidArgumentError: ``req_id`` already has a prefetch in flight.
             IndexOutOfRangeError: unknown ``last_host_node``.
         """
-        if self.storage is None:
+        if self.storage is None or self.storage.closed:
             return False
         tokens = torch.as_tensor(new_input_tokens, dtype=torch.int64).reshape(-1)
         aligned = tokens.numel() - tokens.numel() % self.page_size
@@ -906,12 +906,29 @@ class HiCache:
             # The anchor's load-back failed meanwhile: nothing goes below garbage.
             self._free_host(taken, count=False)
             return 0
+        if self.kv_events is not None:
+            path = self._path_tokens(op.anchor)
+            self.kv_events.on_insert(
+                Medium.CPU,
+                torch.cat((path, op.tokens[: result.cached_len])),
+                taken[result.prefix_len : result.cached_len],
+                (len(path) + result.prefix_len) // self.page_size,
+                op.extra_key,
+            )
         duplicates = torch.cat((taken[: result.prefix_len], taken[result.cached_len :]))
         if duplicates.numel():
             self._free_host(duplicates, count=False)
         inserted = result.cached_len - result.prefix_len
         self.stats.storage_hit_tokens += inserted
         return inserted
+
+    def _path_tokens(self, node_id: int) -> torch.Tensor:
+        """The tokens from the root to the end of ``node_id`` (KV events only; O(depth))."""
+        parts = []
+        while node_id != _ROOT_ID:
+            parts.append(torch.tensor(self.tree.node_key(node_id), dtype=torch.int64))
+            node_id = self.tree.node_info(node_id).parent_id
+        return torch.cat(parts[::-1]) if parts else torch.empty(0, dtype=torch.int64)
 
     def _attach_prefetch_host(
         self, op: PrefetchOperation, num_tokens: int, min_tokens: int
@@ -1429,7 +1446,10 @@ class HiCache:
         Raises:
             InvalidArgumentError: a running request still holds a lock.
         """
-        self._end_storage_work()
+        if self.storage is not None:
+            with self._lock:
+                self.flush()  # applies the acks that queue the last storage backups
+            self._end_storage_work()
         with self._lock:
             self.flush()
             self._free_failed_load_slots()  # empty the tree's outboxes first
@@ -1456,9 +1476,13 @@ class HiCache:
         With storage: ends every prefetch (inserting what was read), waits for the storage
         backups, and stops the storage threads (the backend stays open: its owner closes it).
         """
-        if self.storage is not None:
-            self._end_storage_work()
-            self.storage.close()
+        if self.storage is not None and not self.storage.closed:
+            try:
+                with self._lock:
+                    self.flush()  # applies the acks that queue the last storage backups
+                self._end_storage_work()
+            finally:
+                self.storage.close()
         with self._lock:
             if self.controller is not None:
                 try:

@@ -319,3 +319,28 @@ def test_kernel_ranges_nest_in_their_batches(recorder, tmp_path, policy):
     assert len({r.tid for r in rec.ranges}) == 1
     assert {r.parent for r in rec.ranges if r.name == "load_batch"} == {None}
     assert {r.parent for r in rec.ranges if r.name == "write_batch"} <= {"ack", "evict"}
+
+
+# ---- a CPU replay with a storage tier: the storage stages --------------------------------------
+
+
+def test_storage_replay_runs_its_stages_on_the_storage_threads(recorder, tmp_path):
+    out, report = tmp_path / "events.tsv", tmp_path / "report.json"
+    config = json.dumps({"path": str(tmp_path / "l3"), "prefetch_threshold": 16})
+    argv = ["-m", "hicache.cli", "replay", *REPLAY_ARGS, "--device", "cpu", "--json", str(report)]
+    argv += ["--hicache-storage-backend", "file", "--hicache-storage-backend-extra-config", config]
+    argv += ["--hicache-storage-prefetch-policy", "wait_complete"]
+    _record(recorder, out, argv)
+    rec = _read(out)
+    _check_common(rec)
+    _check_emitted(rec, PY_STAGES | STORAGE_RUN_STAGES)
+    threads = {name: {r.tid for r in rec.ranges if r.name == name} for name in STORAGE_RUN_STAGES}
+    (scheduler,) = {r.tid for r in rec.ranges if r.name == "match_prefix"}
+    assert threads["prefetch"] == threads["prefetch_done"] == {scheduler}
+    (prefetcher,) = threads["storage_query"]
+    (backup,) = threads["storage_backup"]
+    assert threads["storage_get"] == {prefetcher}
+    assert len({scheduler, prefetcher, backup}) == 3
+    assert all(r.parent is None for r in rec.ranges if r.name in profiling.STORAGE_STAGES)
+    counters = json.loads(report.read_text())["storage_stats"]["controller"]
+    assert _tokens(rec, "storage_get") == counters["prefetch_read_pages"] > 0  # pages per batch

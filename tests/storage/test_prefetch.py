@@ -61,6 +61,7 @@ def make_cache(
     host_slots: int = 256,
     device_slots: int = 128,
     batch_pages: int | None = None,
+    enable_kv_events: bool = False,
     **backend_kwargs,
 ) -> tuple[HiCache, FaultyFile]:
     pool = DeviceKVPool(device_slots, 2, 2, 8, torch.float16, "cpu")
@@ -70,7 +71,13 @@ def make_cache(
     )
     config = PrefetchConfig(policy, threshold, timeout_base_s=0.2, timeout_per_ki_token_s=0.0)
     cache = HiCache(
-        pool, PAGE, host, "write_through", storage_backend=backend, prefetch_config=config
+        pool,
+        PAGE,
+        host,
+        "write_through",
+        enable_kv_events=enable_kv_events,
+        storage_backend=backend,
+        prefetch_config=config,
     )
     if batch_pages is not None:
         cache.storage.batch_pages = batch_pages
@@ -363,3 +370,39 @@ def test_storage_needs_a_host_pool_and_refuses_mamba(tmp_path):
     assert not plain.prefetch_from_storage("r", 0, TOKENS)
     assert plain.check_prefetch_progress("r") and plain.terminate_prefetch("r") == 0
     plain.close()
+
+
+def test_kv_events_report_prefetched_pages_as_host_stores(tmp_path):
+    from tests.test_events import Rebuilt, tree_contents
+
+    store(tmp_path)
+    cache, _ = make_cache(tmp_path, enable_kv_events=True)
+    rebuilt = Rebuilt()
+    cache.kv_events.subscribe(rebuilt)
+    run_request(cache, TOKENS[:24])
+    assert start_prefetch(cache, "r", TOKENS)
+    cache.wait_prefetch("r", 10)
+    assert cache.check_prefetch_progress("r")
+    assert cache.pop_prefetch_loaded_tokens("r") == 40
+    assert rebuilt.media == tree_contents(cache)
+    run_request(cache, TOKENS)
+    assert rebuilt.media == tree_contents(cache)
+    cache.close()
+
+
+def test_reset_and_close_end_prefetches_and_storage_backups(tmp_path):
+    store(tmp_path)
+    cache, backend = make_cache(tmp_path, policy="wait_complete", batch_pages=4)
+    run_request(cache, TOKENS[:8])
+    backend.get_gate = threading.Event()
+    assert start_prefetch(cache, "r", TOKENS)
+    assert backend.get_started.wait(10)
+    threading.Timer(0.05, backend.get_gate.set).start()  # the get in flight ends after reset began
+    cache.reset()
+    assert cache.tree.num_nodes() == 0 and not cache._ongoing_prefetch
+    assert_no_leaks(cache)
+    run_request(cache, torch.arange(300, 340))  # the cache still works, storage backups too
+    cache.close()
+    cache.close()
+    assert_no_leaks(cache)
+    assert not cache.prefetch_from_storage("late", 0, TOKENS)

@@ -343,8 +343,19 @@ class StorageController:
 
     # ---- scheduler side ---------------------------------------------------------------------
 
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called (nothing more is queued)."""
+        return self._closed
+
     def prefetch(self, op: PrefetchOperation) -> None:
-        """Queues a prefetch operation for the prefetch thread."""
+        """Queues a prefetch operation for the prefetch thread.
+
+        Raises:
+            InvalidArgumentError: the controller is closed.
+        """
+        if self._closed:
+            raise InvalidArgumentError("StorageController.prefetch: the controller is closed")
         self._count(prefetch_ops=1)
         self._prefetch_queue.put(op)
 
@@ -358,10 +369,13 @@ class StorageController:
             host_indices: ``[len(keys) * page_size]`` int64 CPU host slots, page by page.
 
         Returns:
-            The number of pages queued; 0 means nothing to do and no ack will come.
+            The number of pages queued; 0 means nothing to do (or the controller is closed) and
+            no ack will come.
         """
         ps = self.page_size
         with self._lock:
+            if self._closed:
+                return 0
             keep = [
                 i
                 for i, k in enumerate(keys)
@@ -399,9 +413,10 @@ class StorageController:
 
     def close(self, timeout: float = 30.0) -> None:
         """Stops both threads after the queued work. Idempotent."""
-        if self._closed:
-            return
-        self._closed = True
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
         self._prefetch_queue.put(None)
         self._backup_queue.put(None)
         self._prefetch_thread.join(timeout)
