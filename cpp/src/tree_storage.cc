@@ -103,10 +103,10 @@ void RadixTree::check_page_hashes() const {
   }
 }
 
-TransferPlan RadixTree::storage_backup_plan(NodeId id) const {
+TransferPlan RadixTree::storage_backup_plan(NodeId ack_id) const {
   std::vector<const Node*> path;
-  for (const Node* n = node_by_id(id, "storage_backup_plan"); !n->is_root(); n = n->parent) {
-    if (n->backuped() && n->backup_pending == kNoNode) path.push_back(n);
+  for (const Node* n = node_by_id(ack_id, "storage_backup_plan"); !n->is_root(); n = n->parent) {
+    if (n->backup_pending == ack_id) path.push_back(n);
   }
   TransferPlan plan;
   for (auto it = path.rbegin(); it != path.rend(); ++it) {

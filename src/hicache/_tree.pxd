@@ -89,7 +89,7 @@ cdef extern from "hicache/radix_tree.h" namespace "hicache" nogil:
         cbool has_mamba()
         CMatchResult match_prefix(const Token* key, size_t length,
                                   string_view extra_key) except +translate_cpp_exception
-        CTransferPlan storage_backup_plan(NodeId node_id) except +translate_cpp_exception
+        CTransferPlan storage_backup_plan(NodeId ack_id) except +translate_cpp_exception
         CInsertResult insert(const Token* key, size_t length, const SlotIndex* value,
                              size_t value_len, string_view extra_key,
                              SlotIndex mamba_value) except +translate_cpp_exception
@@ -149,7 +149,7 @@ cdef extern from "hicache/radix_tree.h" namespace "hicache" nogil:
         CInsertResult insert_host(NodeId anchor, const Token* key, size_t length,
                                   const SlotIndex* host, size_t host_len,
                                   string_view extra_key) except +translate_cpp_exception
-        CTransferPlan storage_backup_plan(NodeId node_id) except +translate_cpp_exception
+        CTransferPlan storage_backup_plan(NodeId ack_id) except +translate_cpp_exception
 
 
 cdef class Int64Buffer:

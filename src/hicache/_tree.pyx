@@ -857,21 +857,21 @@ cdef class RadixTree:
         return InsertResult(r.prefix_len, r.last_node, r.adopted_len, r.cached_len,
                             r.mamba_exist, r.mamba_taken)
 
-    def storage_backup_plan(self, int64_t node_id):
-        """The nodes on the path to ``node_id`` whose host KV may be backed up to storage.
+    def storage_backup_plan(self, int64_t ack_id):
+        """The nodes of backup ``ack_id`` whose host pages go to storage once it is acked.
 
-        SGLang's ``build_storage_backup_spec``, taken over the whole root path so that the
-        fragments of a node split while its device -> host copy was in flight are included:
-        every node with a host value whose backup is not pending (its host bytes are valid).
+        SGLang's ``write_backup_storage`` for every fragment: the node ``ack_id`` and the nodes
+        split off above it while its device -> host copy was in flight (the nodes on its root
+        path still backup-pending under ``ack_id``). Call it before :meth:`finish_backup`.
 
         Returns:
             TransferPlan: ``node_ids`` and ``lengths`` root-first, ``indices`` their host slots
-            concatenated (int64 CPU tensor).
+            concatenated (int64 CPU tensor); empty when no node is pending under ``ack_id``.
 
         Raises:
             IndexOutOfRangeError: unknown node id.
         """
-        cdef CTransferPlan plan = self._tree.get().storage_backup_plan(node_id)
+        cdef CTransferPlan plan = self._tree.get().storage_backup_plan(ack_id)
         return _plan(plan)
 
 

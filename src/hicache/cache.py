@@ -615,8 +615,8 @@ class HiCache:
                 self.tree.abort_state_backup(ack_id)
                 self._free_host_states()
         elif ok:
+            self._backup_to_storage(ack_id)  # its plan is read off the pending marks
             self.tree.finish_backup(ack_id)
-            self._backup_to_storage(ack_id)
         else:
             freed = self.tree.abort_backup(ack_id)
             self.stats.backup_failed_tokens += int(freed.numel())
@@ -957,11 +957,11 @@ class HiCache:
             self._free_host(indices, count=False)
 
     def _backup_to_storage(self, node_id: int) -> None:
-        """Queues the storage backup of the path to a node whose host copy was just acked.
+        """Queues the storage backup of the node whose host copy was just acked.
 
-        SGLang's ``write_backup_storage``: the pages of every node on the path with a valid
-        host copy, keyed by their page hashes, minus those stored or queued already; the node
-        is host-locked (a path lock) until the backup thread's ack.
+        SGLang's ``write_backup_storage`` for the node and its split-off fragments: their pages
+        keyed by their page hashes, minus keys queued already (the backend skips keys it
+        stores); the node is host-locked (a path lock) until the backup thread's ack.
         """
         if self.storage is None:
             return

@@ -81,3 +81,22 @@ def test_bad_arguments_change_nothing() -> None:
         RadixTree(1, mamba=True).insert_host(0, [1], torch.arange(1))
     assert tree.num_nodes() == 1 and tree.host_total_size() == 0
     tree.check_invariants()
+
+
+def test_storage_backup_plan_covers_the_fragments_of_a_split_backup() -> None:
+    tree = RadixTree(2, num_host_slots=64, page_hashes=True)
+    parent = tree.insert([9, 9], torch.arange(2)).last_node
+    tree.commit_backup(parent, torch.arange(50, 52))
+    tree.finish_backup(parent)
+    node = tree.insert([9, 9, 1, 2, 3, 4], torch.arange(6)).last_node
+    tree.commit_backup(node, torch.arange(10, 14))
+    upper = tree.match_prefix([9, 9, 1, 2]).last_device_node  # splits the pending node
+    assert upper != node
+    plan = tree.storage_backup_plan(node)
+    assert plan.node_ids == [upper, node]  # the fragments, root-first; not the parent
+    assert plan.indices.tolist() == [10, 11, 12, 13]
+    hashes = [d for n in plan.node_ids for d in tree.node_page_hashes(n)]
+    assert hashes == tree.path_page_hashes(node)[1:]
+    tree.finish_backup(node)
+    assert tree.storage_backup_plan(node).node_ids == []
+    tree.check_invariants()

@@ -322,10 +322,11 @@ class RadixTree {
   // out_of_range: unknown anchor or a host slot outside the pool. O(len).
   InsertResult insert_host(NodeId anchor, const Token* key, size_t len, const SlotIndex* host,
                            size_t host_len, std::string_view extra_key);
-  // The nodes on the path root..id whose host KV is valid (a host value, no backup in flight),
-  // root-first, with their host slots: what a backup to storage may copy (SGLang's
-  // build_storage_backup_spec, over the path so that fragments of a split backup are included).
-  TransferPlan storage_backup_plan(NodeId id) const;
+  // The nodes of backup `ack_id` (its node and the fragments split off above it: the nodes on
+  // the path root..ack_id marked backup-pending with ack_id), root-first, with their host slots:
+  // what goes to storage once that device -> host copy is acknowledged (SGLang's
+  // write_backup_storage for every fragment). Call it before finish_backup. Empty if none.
+  TransferPlan storage_backup_plan(NodeId ack_id) const;
 
  private:
   using DeviceLru = LruList<Node, &Node::device_lru>;

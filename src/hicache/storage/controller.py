@@ -15,10 +15,10 @@ pages, publishing the completed count after each batch. The cache's scheduler th
 once its batch in flight is done, so no page is freed while a ``get`` writes into it.
 
 Backup (``backup_thread_func``): after a device -> host copy is acknowledged, the cache queues
-the node's host pages with their page hashes; keys already stored or queued are dropped
-(deduplicated by key), and the thread ``set`` s the rest in batches, stopping at the first
-failure. The cache host-locks the node until the ack (:meth:`pop_backup_acks`) so that its host
-pages are not freed while they are read.
+the node's host pages with their page hashes; keys already queued are dropped (deduplicated by
+key; the backend itself skips keys it stores), and the thread ``set`` s the rest in batches,
+stopping at the first failure. The cache host-locks the node until the ack
+(:meth:`pop_backup_acks`) so that its host pages are not freed while they are read.
 
 Faults never propagate: a :class:`~hicache.errors.StorageError`, a short ``get`` (a missing or
 corrupt page) or a short ``set`` (a full backend) ends that operation's I/O early, is counted in
@@ -35,7 +35,6 @@ import logging
 import queue
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 
@@ -66,10 +65,6 @@ BATCH_PAGES = 128
 #: ``wait_complete``: only once every hit page is read; ``timeout``: once every hit page is read
 #: or ``timeout_base + timeout_per_ki_token * tokens / 1024`` seconds have passed.
 PREFETCH_POLICIES = ("best_effort", "wait_complete", "timeout")
-
-# How many stored keys the backup thread remembers for deduplication (a bound on its memory;
-# a forgotten key is deduplicated by the backend itself, which skips stored keys).
-_MAX_REMEMBERED_KEYS = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -147,8 +142,8 @@ class StorageCounters:
             (a missing or corrupt page).
         backup_ops: backup operations queued (after deduplication left something to store).
         backup_pages: pages stored (or found stored) by the backend.
-        backup_dedup_pages: pages dropped before queueing because their key was stored or
-            queued already.
+        backup_dedup_pages: pages dropped before queueing because their key was queued already
+            (pages the backend finds stored count in its ``stats.dedup_pages``).
         backup_failed_pages: pages not stored: a failure, or a full backend.
         backup_failed_ops: backup operations cut short.
     """
@@ -323,8 +318,7 @@ class StorageController:
         self._alloc_host = alloc_host
         self._free_host = free_host
         self.counters = StorageCounters()
-        self._lock = threading.Lock()  # guards counters, the key sets and the ack list
-        self._stored_keys: OrderedDict[str, None] = OrderedDict()
+        self._lock = threading.Lock()  # guards counters, the queued keys and the ack list
         self._queued_keys: set[str] = set()
         self._backup_acks: list[tuple[int, int, int]] = []
         self._backups_in_flight = 0
@@ -360,7 +354,7 @@ class StorageController:
         self._prefetch_queue.put(op)
 
     def backup(self, node_id: int, keys: Sequence[str], host_indices: torch.Tensor) -> int:
-        """Queues pages of a backed-up node for storage, dropping keys stored or queued.
+        """Queues pages of a backed-up node for storage, dropping keys queued already.
 
         Args:
             node_id: the ack id (the cache host-locks this node until :meth:`pop_backup_acks`
@@ -376,11 +370,7 @@ class StorageController:
         with self._lock:
             if self._closed:
                 return 0
-            keep = [
-                i
-                for i, k in enumerate(keys)
-                if k not in self._stored_keys and k not in self._queued_keys
-            ]
+            keep = [i for i, k in enumerate(keys) if k not in self._queued_keys]
             self.counters.backup_dedup_pages += len(keys) - len(keep)
             if not keep:
                 return 0
@@ -444,6 +434,8 @@ class StorageController:
 
     def _prefetch_one(self, op: PrefetchOperation) -> None:
         ps = self.page_size
+        if op._is_terminated():  # ended (e.g. best_effort) before the thread got to it
+            return
         with profiling.nvtx_range(profiling.STORAGE_QUERY, op.num_tokens):
             digests = page_hashes(op.tokens.numpy(), ps, prefix_digest=op.previous_digest)
             op.keys = [d.hex() for d in digests]
@@ -502,10 +494,6 @@ class StorageController:
             failed = len(keys) - stored
             with self._lock:
                 self._queued_keys.difference_update(keys)
-                for key in keys[:stored]:
-                    self._stored_keys[key] = None
-                while len(self._stored_keys) > _MAX_REMEMBERED_KEYS:
-                    self._stored_keys.popitem(last=False)
                 self.counters.backup_pages += stored
                 self.counters.backup_failed_pages += failed
                 self.counters.backup_failed_ops += int(failed > 0)
