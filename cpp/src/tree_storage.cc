@@ -120,16 +120,25 @@ TransferPlan RadixTree::storage_backup_plan(NodeId ack_id) const {
 
 InsertResult RadixTree::insert_host(NodeId anchor, const Token* key, size_t len,
                                     const SlotIndex* host, size_t host_len,
-                                    std::string_view extra_key) {
+                                    std::string_view extra_key, SlotIndex mamba_host_value) {
   Node* node = node_by_id(anchor, "insert_host");
   if (host_len != len) {
     throw std::invalid_argument("insert_host: key has " + std::to_string(len) +
                                 " tokens but host has " + std::to_string(host_len) +
                                 " slots; they must be equal");
   }
-  if (mamba_) {
-    // A host-only node without a host state would be a useless Mamba tombstone at once.
-    throw std::invalid_argument("insert_host: not supported on a tree with the Mamba component");
+  if (mamba_ != (mamba_host_value != -1)) {
+    // In a Mamba tree a host-only leaf without a host state would be a useless tombstone at once.
+    throw std::invalid_argument(mamba_ ? "insert_host: a Mamba tree needs mamba_host_value, the "
+                                         "host state after the key"
+                                       : "insert_host: mamba_host_value given to a tree without "
+                                         "the Mamba component");
+  }
+  if (mamba_ && (mamba_host_value < 0 ||
+                 (num_mamba_host_slots_ > 0 && mamba_host_value >= num_mamba_host_slots_))) {
+    throw std::out_of_range("insert_host: mamba_host_value " + std::to_string(mamba_host_value) +
+                            " is out of range for a host Mamba pool of " +
+                            std::to_string(num_mamba_host_slots_) + " slots");
   }
   if (node->load_failed) {
     throw std::invalid_argument(describe_node("insert_host", anchor, "is load-failed"));
@@ -179,6 +188,18 @@ InsertResult RadixTree::insert_host(NodeId anchor, const Token* key, size_t len,
     host_evictable_size_ += leaf->num_tokens();
     node = leaf;
     pos = aligned;
+  }
+  if (mamba_ && !stopped && aligned > 0) {
+    // The state after the key goes to the node ending it, if that node has host KV and no host
+    // state yet (a new leaf always does); otherwise the caller frees its copy.
+    ComponentData& mamba = node->mamba();
+    if (mamba.has_host_value) {
+      result.mamba_exist = true;
+    } else if (node->backuped()) {
+      mamba.host_value.assign(1, mamba_host_value);
+      mamba.has_host_value = true;
+      result.mamba_taken = true;
+    }
   }
   touch_path(node);
   result.last_node = node->id;

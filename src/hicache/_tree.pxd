@@ -148,7 +148,8 @@ cdef extern from "hicache/radix_tree.h" namespace "hicache" nogil:
         vector[Digest] path_page_hashes(NodeId node_id) except +translate_cpp_exception
         CInsertResult insert_host(NodeId anchor, const Token* key, size_t length,
                                   const SlotIndex* host, size_t host_len,
-                                  string_view extra_key) except +translate_cpp_exception
+                                  string_view extra_key,
+                                  SlotIndex mamba_host_value) except +translate_cpp_exception
         CTransferPlan storage_backup_plan(NodeId ack_id) except +translate_cpp_exception
 
 

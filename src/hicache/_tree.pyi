@@ -97,5 +97,6 @@ class RadixTree:
         key: TokenSeq,
         host_indices: TokenSeq,
         extra_key: str | None = None,
+        mamba_host_value: int = -1,
     ) -> InsertResult: ...
     def storage_backup_plan(self, ack_id: int) -> TransferPlan: ...

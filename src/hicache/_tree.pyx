@@ -818,7 +818,8 @@ cdef class RadixTree:
         """
         return _digests(self._tree.get().path_page_hashes(node_id))
 
-    def insert_host(self, int64_t anchor, key, host_indices, extra_key=None):
+    def insert_host(self, int64_t anchor, key, host_indices, extra_key=None,
+                    int64_t mamba_host_value=-1):
         """Inserts pages prefetched from storage below ``anchor`` as host-only nodes.
 
         SGLang's ``insert_host`` (reference §3.8): ``key`` holds the tokens that follow the path
@@ -833,18 +834,24 @@ cdef class RadixTree:
             key: ``[num_tokens]`` token ids; only whole pages are inserted.
             host_indices: ``[num_tokens]`` int64 host slot indices, whole pages.
             extra_key: the namespace (must be the anchor's below the root).
+            mamba_host_value: Mamba trees (required there, -1 elsewhere): the host state slot
+                holding the recurrent state after the aligned key (a hybrid prefetch is
+                all-or-nothing: KV and the state at its end, reference §3.11).
 
         Returns:
             InsertResult: ``prefix_len`` tokens were in the tree already (the caller frees
             ``host_indices[:prefix_len]``) and ``host_indices[cached_len:]`` were not taken
             (the unaligned tail, or everything after a stop); the tree owns the rest.
-            ``last_node`` is the node ending the inserted key.
+            ``last_node`` is the node ending the inserted key. Mamba trees: ``mamba_taken``
+            (the node ending the key took the state) or not (the caller frees it;
+            ``mamba_exist`` when that node had a host state already).
 
         Raises:
             InvalidArgumentError: bad arrays, ``len(host_indices) != len(key)``, a load-failed
-                anchor, another namespace than the anchor's, or a Mamba tree (a host-only node
-                there needs a host state).
-            IndexOutOfRangeError: unknown anchor, a slot ``>= num_host_slots``.
+                anchor, another namespace than the anchor's, a Mamba tree without
+                ``mamba_host_value`` or another tree with one.
+            IndexOutOfRangeError: unknown anchor, a slot ``>= num_host_slots``, a state
+                outside the host Mamba pool.
         """
         cdef const Token* tokens
         cdef const SlotIndex* slots
@@ -853,7 +860,8 @@ cdef class RadixTree:
         cdef string_view ns = _view(holder)
         self._as_tokens(key, &tokens, &n)
         self._as_slots(host_indices, &slots, &m)
-        cdef CInsertResult r = self._tree.get().insert_host(anchor, tokens, n, slots, m, ns)
+        cdef CInsertResult r = self._tree.get().insert_host(anchor, tokens, n, slots, m, ns,
+                                                            mamba_host_value)
         return InsertResult(r.prefix_len, r.last_node, r.adopted_len, r.cached_len,
                             r.mamba_exist, r.mamba_taken)
 

@@ -77,8 +77,10 @@ def test_bad_arguments_change_nothing() -> None:
         tree.insert_host(node, [3, 4], torch.arange(8, 10), "tenant")
     with pytest.raises(IndexOutOfRangeError, match="unknown node"):
         tree.insert_host(12345, [3, 4], torch.arange(2))
-    with pytest.raises(InvalidArgumentError, match="Mamba"):
+    with pytest.raises(InvalidArgumentError, match="needs mamba_host_value"):
         RadixTree(1, mamba=True).insert_host(0, [1], torch.arange(1))
+    with pytest.raises(InvalidArgumentError, match="without the Mamba component"):
+        tree.insert_host(node, [3, 4], torch.arange(2), "tenant", mamba_host_value=0)
     assert tree.num_nodes() == 1 and tree.host_total_size() == 0
     tree.check_invariants()
 
@@ -99,4 +101,24 @@ def test_storage_backup_plan_covers_the_fragments_of_a_split_backup() -> None:
     assert hashes == tree.path_page_hashes(node)[1:]
     tree.finish_backup(node)
     assert tree.storage_backup_plan(node).node_ids == []
+    tree.check_invariants()
+
+
+def test_mamba_tree_takes_the_host_state_at_the_end_of_the_prefetched_key() -> None:
+    tree = RadixTree(1, num_host_slots=64, mamba=True, num_mamba_host_slots=4)
+    result = tree.insert_host(tree.root_id, [1, 2, 3], torch.arange(10, 13), mamba_host_value=2)
+    assert (result.cached_len, result.mamba_taken, result.mamba_exist) == (3, True, False)
+    info = tree.node_info(result.last_node)
+    assert (info.has_mamba_host_value, info.mamba_host_value) == (True, 2)
+    match = tree.match_prefix([1, 2, 3, 4])
+    assert match.host_hit_length == 3 and match.best_match_node == result.last_node
+    assert tree.load_back_plan(match.best_match_node).states == (2,)
+    again = tree.insert_host(tree.root_id, [1, 2, 3], torch.arange(20, 23), mamba_host_value=3)
+    assert (again.prefix_len, again.mamba_taken, again.mamba_exist) == (3, False, True)
+    # Ending inside the node: the split-off upper part takes it (it has host KV).
+    upper = tree.insert_host(tree.root_id, [1, 2], torch.arange(30, 32), mamba_host_value=3)
+    assert upper.mamba_taken and upper.last_node != result.last_node
+    tree.check_invariants()
+    with pytest.raises(IndexOutOfRangeError, match="mamba_host_value"):
+        tree.insert_host(tree.root_id, [5], torch.arange(40, 41), mamba_host_value=4)
     tree.check_invariants()

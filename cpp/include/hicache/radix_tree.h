@@ -317,11 +317,15 @@ class RadixTree {
   // tail node is host-only (evicted + backuped), host-unlocked, in the host LRU, and gets page
   // hashes. Stops, like insert, at a load-pending or load-failed node (cached_len < aligned).
   // No hit is counted; the path is touched. extra_key: the namespace, used below the root and
-  // checked against the anchor's elsewhere. host_len must equal len. invalid_argument: lengths,
-  // a load-failed anchor, another namespace, a Mamba tree (its host-only nodes need states);
-  // out_of_range: unknown anchor or a host slot outside the pool. O(len).
+  // checked against the anchor's elsewhere. host_len must equal len. Mamba trees: required
+  // mamba_host_value, the host state after the aligned key; the node ending the key takes it
+  // (mamba_taken) if that node has host KV and no host state (a new leaf always takes it), else
+  // the caller frees it (mamba_exist: the node had one). invalid_argument: lengths, a
+  // load-failed anchor, another namespace, a state missing in a Mamba tree or given to another;
+  // out_of_range: unknown anchor, a host slot or state outside its pool. O(len).
   InsertResult insert_host(NodeId anchor, const Token* key, size_t len, const SlotIndex* host,
-                           size_t host_len, std::string_view extra_key);
+                           size_t host_len, std::string_view extra_key,
+                           SlotIndex mamba_host_value = -1);
   // The nodes of backup `ack_id` (its node and the fragments split off above it: the nodes on
   // the path root..ack_id marked backup-pending with ack_id), root-first, with their host slots:
   // what goes to storage once that device -> host copy is acknowledged (SGLang's
