@@ -179,18 +179,24 @@ class HiCache:
             host pages host-locked until the storage ack), and :meth:`prefetch_from_storage`
             reads a request's pages from storage into host pages. A
             :class:`~hicache.storage.controller.StorageController` runs both on its own threads.
-            Not supported with a Mamba pool yet (a hybrid prefetch must be all-or-nothing,
-            reference §3.11). The cache does not close the backend.
+            The cache does not close the backend.
         prefetch_config: the prefetch policy and its knobs (SGLang's
             ``--hicache-storage-prefetch-policy`` and extra-config keys); default
             ``best_effort``, threshold 256 tokens, timeout 1 s + 0.25 s per 1024 tokens.
+        mamba_storage_backend: with ``storage_backend`` and a Mamba pool (required then): the
+            backend of node states, whose identity is ``mamba_host_pool``'s (SGLang stores them
+            as ``{last_page_hash}.mamba``, reference §3.11). A node's host state is stored under
+            its last page's hash after its backup; a prefetch is all-or-nothing: it stops at
+            the deepest stored page whose state is stored too, and inserts its pages only when
+            all of them and that state were read.
 
     Raises:
         InvalidArgumentError: bad ``page_size``, pool sizes that are not whole pages, a host pool of
             another page size, an unknown write policy or io backend, or Mamba pools that do not
             fit together (a host pool and a Mamba pool need a Mamba host pool over that Mamba
-            pool, and a Mamba host pool needs both), or a storage backend without a host pool or
-            with a Mamba pool.
+            pool, and a Mamba host pool needs both), a storage backend without a host pool, or
+            a Mamba pool with a storage backend but no ``mamba_storage_backend`` (or the
+            reverse).
     """
 
     def __init__(
@@ -205,12 +211,18 @@ class HiCache:
         mamba_host_pool: MambaHostPool | None = None,
         storage_backend: StorageBackend | None = None,
         prefetch_config: PrefetchConfig | None = None,
+        mamba_storage_backend: StorageBackend | None = None,
     ) -> None:
-        if storage_backend is not None and (host_pool is None or mamba_pool is not None):
+        if storage_backend is not None and host_pool is None:
             raise InvalidArgumentError(
-                "HiCache: a storage backend needs a host pool (pages move storage <-> host) and "
-                "is not supported with a Mamba pool yet (hybrid prefetch is all-or-nothing, "
-                "reference §3.11)"
+                "HiCache: a storage backend needs a host pool (pages move storage <-> host)"
+            )
+        if (mamba_storage_backend is not None) != (
+            storage_backend is not None and mamba_pool is not None
+        ):
+            raise InvalidArgumentError(
+                "HiCache: a storage backend with a Mamba pool needs mamba_storage_backend (node "
+                "states are stored beside the KV pages), and mamba_storage_backend needs both"
             )
         hybrid_host = host_pool is not None and mamba_pool is not None
         if hybrid_host != (mamba_host_pool is not None) or (
@@ -275,6 +287,7 @@ class HiCache:
         self.storage: StorageController | None = None
         self._ongoing_prefetch: dict[object, PrefetchOperation] = {}
         self._prefetch_host: dict[PrefetchOperation, torch.Tensor] = {}
+        self._prefetch_state: dict[PrefetchOperation, int] = {}  # hybrid: host state slots
         self._prefetch_loaded: dict[object, int] = {}
         self._storage_backups: dict[int, int] = {}
         if storage_backend is not None:
@@ -286,6 +299,8 @@ class HiCache:
                 prefetch_config or PrefetchConfig(),
                 self._attach_prefetch_host,
                 self._free_prefetch_host,
+                state_backend=mamba_storage_backend,
+                state_pool=mamba_host_pool if mamba_storage_backend is not None else None,
             )
 
     @property
@@ -611,6 +626,7 @@ class HiCache:
             self._state_writes.remove(ack_id)
             if ok:
                 self.tree.finish_state_backup(ack_id)
+                self._backup_state_to_storage(ack_id)
             else:
                 self.tree.abort_state_backup(ack_id)
                 self._free_host_states()
@@ -806,6 +822,7 @@ class HiCache:
                 extra_key,
                 previous,
                 self.page_size,
+                needs_state=self.mamba_pool is not None,
             )
             self._ongoing_prefetch[req_id] = op
             self._prefetch_loaded.pop(req_id, None)
@@ -870,6 +887,8 @@ class HiCache:
                     if rest_is_ours:
                         self._prefetch_host.pop(op, None)
                         self._free_host(rest, count=False)
+                        if pages == 0:
+                            self._free_prefetch_state(op)
                     else:  # the prefetch thread frees it (_free_prefetch_host)
                         self._prefetch_host[op] = rest
                     inserted = self._insert_prefetched(op, pages, taken)
@@ -900,12 +919,17 @@ class HiCache:
         if pages == 0:
             return 0
         num = pages * self.page_size
+        state = self._prefetch_state.pop(op, -1)
         try:
-            result = self.tree.insert_host(op.anchor, op.tokens[:num], taken, op.extra_key)
+            result = self.tree.insert_host(op.anchor, op.tokens[:num], taken, op.extra_key, state)
         except InvalidArgumentError:
             # The anchor's load-back failed meanwhile: nothing goes below garbage.
             self._free_host(taken, count=False)
+            if state >= 0:
+                self._mamba_host().free(torch.tensor([state], dtype=torch.int64))
             return 0
+        if state >= 0 and not result.mamba_taken:
+            self._mamba_host().free(torch.tensor([state], dtype=torch.int64))
         if self.kv_events is not None:
             path = self._path_tokens(op.anchor)
             self.kv_events.on_insert(
@@ -941,20 +965,42 @@ class HiCache:
             take = min(num_tokens, room)
             if take < min_tokens:
                 return None
+            if op.needs_state and self._mamba_host().available_size() == 0:
+                return None  # no host slot for the state: an all-or-nothing prefetch cannot run
             host = self._alloc_host(take)
             if host is None:
                 return None
-            if not op._attach(host):  # terminated meanwhile
+            state = -1
+            if op.needs_state:
+                state = int(self._mamba_host().alloc(1)[0])
+            if not op._attach(host, state):  # terminated meanwhile
                 self._free_host(host, count=False)
+                if state >= 0:
+                    self._mamba_host().free(torch.tensor([state], dtype=torch.int64))
                 return None
             self._prefetch_host[op] = host
+            if state >= 0:
+                self._prefetch_state[op] = state
             return host
 
     def _free_prefetch_host(self, op: PrefetchOperation, indices: torch.Tensor) -> None:
-        """The prefetch thread hands back host slots of a terminated prefetch."""
+        """The prefetch thread hands back host slots (and state) of a terminated prefetch."""
         with self._lock:
             self._prefetch_host.pop(op, None)
             self._free_host(indices, count=False)
+            if op.taken_pages() == 0:
+                self._free_prefetch_state(op)
+
+    def _free_prefetch_state(self, op: PrefetchOperation) -> None:
+        """Frees the host state slot of a hybrid prefetch that inserted nothing (if any)."""
+        state = self._prefetch_state.pop(op, -1)
+        if state >= 0:
+            self._mamba_host().free(torch.tensor([state], dtype=torch.int64))
+
+    def _mamba_host(self) -> MambaHostPool:
+        if self.mamba_host_pool is None:
+            raise InvariantError("a host Mamba state operation ran on a cache without one")
+        return self.mamba_host_pool
 
     def _backup_to_storage(self, node_id: int) -> None:
         """Queues the storage backup of the node whose host copy was just acked.
@@ -968,10 +1014,35 @@ class HiCache:
         plan = self.tree.storage_backup_plan(node_id)
         if not plan.node_ids:
             return
-        keys = [d.hex() for n in plan.node_ids for d in self.tree.node_page_hashes(n)]
+        keys: list[str] = []
+        states: list[tuple[str, int]] = []
+        for n in plan.node_ids:
+            digests = [d.hex() for d in self.tree.node_page_hashes(n)]
+            keys += digests
+            if self.storage.state_backend is not None:
+                info = self.tree.node_info(n)
+                if info.has_mamba_host_value:  # stored under the node's last page hash
+                    states.append((digests[-1], info.mamba_host_value))
+        self._queue_storage_backup(node_id, keys, plan.indices, states)
+
+    def _backup_state_to_storage(self, node_id: int) -> None:
+        """Queues the storage backup of a node state backed up to host on its own (hybrid)."""
+        if self.storage is None or self.storage.state_backend is None:
+            return
+        info = self.tree.node_info(node_id)
+        if not info.has_mamba_host_value:
+            return
+        key = self.tree.node_page_hashes(node_id)[-1].hex()
+        self._queue_storage_backup(node_id, [], _empty_slots(), [(key, info.mamba_host_value)])
+
+    def _queue_storage_backup(
+        self, node_id: int, keys: list[str], host: torch.Tensor, states: list[tuple[str, int]]
+    ) -> None:
+        """Host-locks ``node_id`` and queues its storage backup (unlocks if nothing is queued)."""
+        assert self.storage is not None
         self.tree.inc_host_lock_ref(node_id)
-        queued = self.storage.backup(node_id, keys, plan.indices)
-        if queued == 0:
+        queued = self.storage.backup(node_id, keys, host, states)
+        if queued == 0 and self.storage.num_queued_states() == 0:
             self.tree.dec_host_lock_ref(node_id)
             return
         self._storage_backups[node_id] = self._storage_backups.get(node_id, 0) + 1
@@ -1518,11 +1589,15 @@ class HiCache:
         with self._lock:
             self.tree.check_invariants()
             if self.mamba_host_pool is not None:
+                prefetch_states = torch.tensor(
+                    list(self._prefetch_state.values()), dtype=torch.int64
+                )
                 _check_partition(
                     torch.cat(
                         (
                             self.tree.all_mamba_host_indices(),
                             self.mamba_host_pool.allocator.free_slot_indices(),
+                            prefetch_states,
                         )
                     ),
                     self.mamba_host_pool.num_slots,

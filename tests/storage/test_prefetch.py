@@ -354,7 +354,7 @@ def test_metrics_report_l3_hits_and_storage_faults(tmp_path):
     cache.close()
 
 
-def test_storage_needs_a_host_pool_and_refuses_mamba(tmp_path):
+def test_storage_needs_a_host_pool_and_a_state_backend_with_mamba(tmp_path):
     pool = DeviceKVPool(64, 2, 2, 8, torch.float16, "cpu")
     host = HostKVPool(pool, 64, PAGE, "page_first")
     backend = FileStorage(StorageIdentity.from_host_pool(host, "m"), tmp_path)
@@ -362,10 +362,12 @@ def test_storage_needs_a_host_pool_and_refuses_mamba(tmp_path):
         HiCache(pool, PAGE, storage_backend=backend)
     mamba = MambaStatePool(4, 2, (3, 2), (2, 2), torch.float32, torch.float32, "cpu")
     mamba_host = MambaHostPool(mamba, 4)
-    with pytest.raises(InvalidArgumentError, match="Mamba"):
+    with pytest.raises(InvalidArgumentError, match="mamba_storage_backend"):
         HiCache(
             pool, PAGE, host, mamba_pool=mamba, mamba_host_pool=mamba_host, storage_backend=backend
         )
+    with pytest.raises(InvalidArgumentError, match="mamba_storage_backend"):
+        HiCache(pool, PAGE, host, mamba_storage_backend=backend)
     plain = HiCache(pool, PAGE, host)
     assert not plain.prefetch_from_storage("r", 0, TOKENS)
     assert plain.check_prefetch_progress("r") and plain.terminate_prefetch("r") == 0

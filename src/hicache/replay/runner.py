@@ -79,7 +79,9 @@ class ReplayConfig:
             the states that fit in 0.9x the KV memory at Qwen3-Next-80B-A3B's 3,144 KV tokens per
             state, SGLang's default (``--mamba-full-memory-ratio``), and at least 5.
         storage_backend: the storage (L3) tier (SGLang's ``--hicache-storage-backend``):
-            ``"file"``, ``"valkey"`` (``"redis"``) or None for none; needs the host tier.
+            ``"file"``, ``"valkey"`` (``"redis"``) or None for none; needs the host tier. With
+            ``mamba-hybrid`` a second backend of the same kind stores node states, and a
+            prefetch is all-or-nothing (pages and the state at their end).
             Pages backed up to host are stored too, and every request first prefetches from
             storage what follows its L1 + L2 match (see :meth:`HiCache.prefetch_from_storage`).
         storage_extra_config: the backend's config and the prefetch knobs (SGLang's
@@ -430,7 +432,7 @@ def run_replay(
         # The host tier holds states in the proportion it holds KV.
         num_host_states = max(2, mamba.pool.num_slots * host_pool.num_slots // pool.num_slots)
         mamba_host = MambaHostPool(mamba.pool, num_host_states, "page_first")
-    backend = prefetch_config = None
+    backend = state_backend = prefetch_config = None
     if config.storage_backend is not None:
         if host_pool is None:
             raise InvalidArgumentError(
@@ -441,6 +443,9 @@ def run_replay(
         prefetch_config = PrefetchConfig.from_extra_config(config.prefetch_policy, extra)
         identity = StorageIdentity.from_host_pool(host_pool, config.model_name)
         backend = create_backend(config.storage_backend, identity, extra)
+        if mamba_host is not None:  # node states beside the pages, under their own identity
+            state_identity = StorageIdentity.from_host_pool(mamba_host, config.model_name)
+            state_backend = create_backend(config.storage_backend, state_identity, extra)
     try:
         cache = HiCache(
             pool,
@@ -452,10 +457,12 @@ def run_replay(
             mamba_host_pool=mamba_host,
             storage_backend=backend,
             prefetch_config=prefetch_config,
+            mamba_storage_backend=state_backend,
         )
     except BaseException:
-        if backend is not None:
-            backend.close()
+        for b in (backend, state_backend):
+            if b is not None:
+                b.close()
         raise
     report = ReplayReport(
         trace=trace_name,
@@ -578,6 +585,9 @@ def run_replay(
                 "controller": cache.storage.counters.as_dict() if cache.storage else {},
             }
             backend.close()
+        if state_backend is not None:
+            report.storage_stats["state_backend"] = state_backend.stats_snapshot().as_dict()
+            state_backend.close()
     report.wall_seconds = clock() - start
     report.evicted_blocks = cache.num_evicted_tokens / bt
     report.load_back_tokens = cache.stats.load_back_tokens

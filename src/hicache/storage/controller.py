@@ -20,6 +20,11 @@ key; the backend itself skips keys it stores), and the thread ``set`` s the rest
 stopping at the first failure. The cache host-locks the node until the ack
 (:meth:`pop_backup_acks`) so that its host pages are not freed while they are read.
 
+Hybrid (Mamba) models (reference §3.11): a node's host state is stored under its last page's
+hash in a second backend whose identity is the Mamba host pool's, and a prefetch is
+all-or-nothing: it is cut back to the deepest stored page that also has a stored state, and
+publishes its pages only once every page and that state are read.
+
 Faults never propagate: a :class:`~hicache.errors.StorageError`, a short ``get`` (a missing or
 corrupt page) or a short ``set`` (a full backend) ends that operation's I/O early, is counted in
 :attr:`StorageController.counters`, and the request proceeds with what completed.
@@ -42,7 +47,7 @@ import torch
 
 from hicache import profiling
 from hicache.errors import InvalidArgumentError, StorageError
-from hicache.memory import HostKVPool
+from hicache.memory import HostKVPool, MambaHostPool
 from hicache.storage.base import StorageBackend
 from hicache.storage.page_hash import page_hashes
 
@@ -65,6 +70,10 @@ BATCH_PAGES = 128
 #: ``wait_complete``: only once every hit page is read; ``timeout``: once every hit page is read
 #: or ``timeout_base + timeout_per_ki_token * tokens / 1024`` seconds have passed.
 PREFETCH_POLICIES = ("best_effort", "wait_complete", "timeout")
+
+
+# A queued backup: (ack node id, page keys, their host slots, (state key, host state slot)s).
+_BackupItem = tuple[int, list[str], torch.Tensor, list[tuple[str, int]]]
 
 
 @dataclass(frozen=True)
@@ -146,6 +155,9 @@ class StorageCounters:
             (pages the backend finds stored count in its ``stats.dedup_pages``).
         backup_failed_pages: pages not stored: a failure, or a full backend.
         backup_failed_ops: backup operations cut short.
+        prefetch_states: hybrid: states read with their prefetch.
+        backup_states: hybrid: node states stored (or found stored).
+        backup_failed_states: hybrid: node states not stored.
     """
 
     prefetch_ops: int = 0
@@ -158,6 +170,9 @@ class StorageCounters:
     backup_dedup_pages: int = 0
     backup_failed_pages: int = 0
     backup_failed_ops: int = 0
+    prefetch_states: int = 0
+    backup_states: int = 0
+    backup_failed_states: int = 0
 
     def as_dict(self) -> dict[str, int]:
         """The counters as a plain dict."""
@@ -179,6 +194,7 @@ class PrefetchOperation:
         previous_digest: the page hash the chain continues from (the anchor's last page hash,
             or the namespace seed below the root; None: unseeded).
         page_size: tokens per page.
+        needs_state: a hybrid (Mamba) prefetch: all-or-nothing, with the state at its end.
         created_s: ``time.monotonic()`` at creation.
     """
 
@@ -190,8 +206,11 @@ class PrefetchOperation:
         extra_key: str | None,
         previous_digest: bytes | None,
         page_size: int,
+        needs_state: bool = False,
     ) -> None:
         self.req_id = req_id
+        self.needs_state = needs_state
+        self.state_slot = -1  # hybrid: the host state slot, set with the host slots
         self.page_size = page_size
         self.anchor = anchor
         self.tokens = tokens
@@ -245,12 +264,18 @@ class PrefetchOperation:
 
     # ---- prefetch thread side (under _lock) ----
 
-    def _attach(self, host: torch.Tensor) -> bool:
+    def taken_pages(self) -> int:
+        """Pages the scheduler took at termination (0 before it)."""
+        with self._lock:
+            return self._taken_pages
+
+    def _attach(self, host: torch.Tensor, state_slot: int = -1) -> bool:
         """Gives the operation its host slots; False (the caller frees them) if terminated."""
         with self._lock:
             if self._terminated:
                 return False
             self._host_indices = host
+            self.state_slot = state_slot
             return True
 
     def _is_terminated(self) -> bool:
@@ -287,8 +312,12 @@ class StorageController:
             as fit), attaches them to ``op`` (``op._attach``, under the cache's lock, so that
             slot ownership is never unaccounted for) and returns them; returns None when fewer
             than ``min_tokens`` fit or ``op`` was terminated meanwhile (then it frees them).
-        free_host: ``free_host(op, indices)``: frees host slots of ``op`` that nobody uses.
+        free_host: ``free_host(op, indices)``: frees host slots of ``op`` that nobody uses
+            (and its state slot, for a hybrid prefetch that took no page).
         batch_pages: pages per backend call.
+        state_backend: hybrid models: the backend of node states (its identity describes
+            ``state_pool``); None otherwise.
+        state_pool: hybrid models: the host Mamba state pool.
 
     Raises:
         InvalidArgumentError: bad ``page_size`` or ``batch_pages``.
@@ -303,14 +332,22 @@ class StorageController:
         alloc_host: Callable[[PrefetchOperation, int, int], torch.Tensor | None],
         free_host: Callable[[PrefetchOperation, torch.Tensor], None],
         batch_pages: int = BATCH_PAGES,
+        state_backend: StorageBackend | None = None,
+        state_pool: MambaHostPool | None = None,
     ) -> None:
         if page_size < 1 or batch_pages < 1:
             raise InvalidArgumentError(
                 f"StorageController: page_size and batch_pages must be >= 1, got {page_size} "
                 f"and {batch_pages}"
             )
+        if (state_backend is None) != (state_pool is None):
+            raise InvalidArgumentError(
+                "StorageController: state_backend and state_pool go together (hybrid models)"
+            )
         self.backend = backend
         self.host_pool = host_pool
+        self.state_backend = state_backend
+        self.state_pool = state_pool
         self.page_size = page_size
         self.config = config
         self.threshold_tokens = max(config.threshold_tokens, page_size)
@@ -320,11 +357,12 @@ class StorageController:
         self.counters = StorageCounters()
         self._lock = threading.Lock()  # guards counters, the queued keys and the ack list
         self._queued_keys: set[str] = set()
+        self._last_queued_states = 0
         self._backup_acks: list[tuple[int, int, int]] = []
         self._backups_in_flight = 0
         self._backups_done = threading.Condition(self._lock)
         self._prefetch_queue: queue.Queue[PrefetchOperation | None] = queue.Queue()
-        self._backup_queue: queue.Queue[tuple[int, list[str], torch.Tensor] | None] = queue.Queue()
+        self._backup_queue: queue.Queue[_BackupItem | None] = queue.Queue()
         self._closed = False
         self._prefetch_thread = threading.Thread(
             target=self._prefetch_loop, name="hicache-prefetch", daemon=True
@@ -353,37 +391,52 @@ class StorageController:
         self._count(prefetch_ops=1)
         self._prefetch_queue.put(op)
 
-    def backup(self, node_id: int, keys: Sequence[str], host_indices: torch.Tensor) -> int:
-        """Queues pages of a backed-up node for storage, dropping keys queued already.
+    def backup(
+        self,
+        node_id: int,
+        keys: Sequence[str],
+        host_indices: torch.Tensor,
+        states: Sequence[tuple[str, int]] = (),
+    ) -> int:
+        """Queues pages (and node states) of a backed-up node for storage, minus queued keys.
 
         Args:
             node_id: the ack id (the cache host-locks this node until :meth:`pop_backup_acks`
                 returns it).
             keys: one hex page hash per page.
             host_indices: ``[len(keys) * page_size]`` int64 CPU host slots, page by page.
+            states: hybrid models: ``(key, host state slot)`` per node state to store (the key
+                is the node's last page hash).
 
         Returns:
-            The number of pages queued; 0 means nothing to do (or the controller is closed) and
-            no ack will come.
+            The number of pages queued; 0 with no state queued means nothing to do (or the
+            controller is closed) and no ack will come; see :meth:`num_queued_states`.
         """
         ps = self.page_size
         with self._lock:
             if self._closed:
                 return 0
             keep = [i for i, k in enumerate(keys) if k not in self._queued_keys]
+            kept_states = [(k, slot) for k, slot in states if "state:" + k not in self._queued_keys]
             self.counters.backup_dedup_pages += len(keys) - len(keep)
-            if not keep:
+            self._last_queued_states = len(kept_states)
+            if not keep and not kept_states:
                 return 0
             kept_keys = [keys[i] for i in keep]
             self._queued_keys.update(kept_keys)
+            self._queued_keys.update("state:" + k for k, _ in kept_states)
             self._backups_in_flight += 1
             self.counters.backup_ops += 1
         if len(keep) == len(keys):
             pages = host_indices
         else:
-            pages = host_indices.view(-1, ps)[torch.tensor(keep)].reshape(-1)
-        self._backup_queue.put((node_id, kept_keys, pages))
+            pages = host_indices.view(-1, ps)[torch.tensor(keep, dtype=torch.int64)].reshape(-1)
+        self._backup_queue.put((node_id, kept_keys, pages, kept_states))
         return len(keep)
+
+    def num_queued_states(self) -> int:
+        """States the last :meth:`backup` call queued (scheduler thread only)."""
+        return self._last_queued_states
 
     def pop_backup_acks(self) -> list[tuple[int, int, int]]:
         """The finished backups since the last call: ``(node_id, stored_pages, failed_pages)``."""
@@ -451,14 +504,20 @@ class StorageController:
                 logger.warning("prefetch of request %r: exists failed: %s", op.req_id, e)
                 self._count(prefetch_failed_ops=1)
         self._count(prefetch_query_pages=hit)
+        if op.needs_state:
+            hit = self._deepest_state(op, hit)
         if hit * ps < self.threshold_tokens:
             self._count(prefetch_revoked_ops=1)
             return
-        host = self._alloc_host(op, hit * ps, self.threshold_tokens)
+        # A hybrid prefetch is all-or-nothing: exactly the pages up to its state, or none.
+        host = self._alloc_host(op, hit * ps, hit * ps if op.needs_state else self.threshold_tokens)
         if host is None:
             self._count(prefetch_revoked_ops=1)
             return
         num_pages = host.numel() // ps
+        if op.needs_state:
+            self._read_all_or_nothing(op, host, num_pages)
+            return
         for start in range(0, num_pages, self.batch_pages):
             count = min(self.batch_pages, num_pages - start)
             if op._is_terminated():
@@ -481,25 +540,94 @@ class StorageController:
                 self._count(prefetch_failed_ops=1)
                 return
 
+    def _deepest_state(self, op: PrefetchOperation, hit: int) -> int:
+        """Hybrid: the deepest of the ``hit`` leading pages whose state is stored (0: none).
+
+        One ``exists`` per page, deepest first, down to the threshold (states are stored at node
+        ends only, so most pages have none).
+        """
+        assert self.state_backend is not None
+        min_pages = -(-self.threshold_tokens // self.page_size)
+        try:
+            for pages in range(hit, min_pages - 1, -1):
+                if op._is_terminated():
+                    return 0
+                if self.state_backend.exists([op.keys[pages - 1]]) == 1:
+                    return pages
+        except StorageError as e:
+            logger.warning("prefetch of request %r: state exists failed: %s", op.req_id, e)
+            self._count(prefetch_failed_ops=1)
+        return 0
+
+    def _read_all_or_nothing(self, op: PrefetchOperation, host: torch.Tensor, pages: int) -> None:
+        """Hybrid: reads every page, then the state; publishes the pages only if all arrived."""
+        assert self.state_backend is not None and self.state_pool is not None
+        ps = self.page_size
+        try:
+            for start in range(0, pages, self.batch_pages):
+                count = min(self.batch_pages, pages - start)
+                if op._is_terminated():
+                    return
+                with profiling.nvtx_range(profiling.STORAGE_GET, count):
+                    read = self.backend.get(
+                        op.keys[start : start + count],
+                        self.host_pool,
+                        host[start * ps : (start + count) * ps],
+                    )
+                self._count(prefetch_read_pages=read)
+                if read < count:
+                    self._count(prefetch_failed_ops=1)
+                    return
+            state = torch.tensor([op.state_slot], dtype=torch.int64)
+            with profiling.nvtx_range(profiling.STORAGE_GET, 1):
+                if self.state_backend.get([op.keys[pages - 1]], self.state_pool, state) != 1:
+                    self._count(prefetch_failed_ops=1)
+                    return
+        except StorageError as e:
+            logger.warning("prefetch of request %r: get failed: %s", op.req_id, e)
+            self._count(prefetch_failed_ops=1)
+            return
+        if op._advance(pages):
+            self._count(prefetch_states=1)
+
     # ---- backup thread ------------------------------------------------------------------------
 
     def _backup_loop(self) -> None:
         while (item := self._backup_queue.get()) is not None:
-            node_id, keys, host = item
-            stored = 0
+            node_id, keys, host, states = item
+            stored = stored_states = 0
             try:
                 stored = self._backup_one(keys, host)
+                if stored == len(keys):
+                    stored_states = self._backup_states(states)
             except Exception:  # as in _prefetch_loop: count, ack, go on
                 logger.exception("storage backup of node %d failed", node_id)
             failed = len(keys) - stored
             with self._lock:
                 self._queued_keys.difference_update(keys)
+                self._queued_keys.difference_update("state:" + k for k, _ in states)
+                self.counters.backup_states += stored_states
+                self.counters.backup_failed_states += len(states) - stored_states
                 self.counters.backup_pages += stored
                 self.counters.backup_failed_pages += failed
                 self.counters.backup_failed_ops += int(failed > 0)
                 self._backup_acks.append((node_id, stored, failed))
                 self._backups_in_flight -= 1
                 self._backups_done.notify_all()
+
+    def _backup_states(self, states: list[tuple[str, int]]) -> int:
+        """Stores node states (hybrid); stops at the first failure. Returns states stored."""
+        if not states:
+            return 0
+        assert self.state_backend is not None and self.state_pool is not None
+        keys = [k for k, _ in states]
+        slots = torch.tensor([slot for _, slot in states], dtype=torch.int64)
+        with profiling.nvtx_range(profiling.STORAGE_BACKUP, len(keys)):
+            try:
+                return self.state_backend.set(keys, self.state_pool, slots)
+            except StorageError as e:
+                logger.warning("storage backup: state set failed: %s", e)
+                return 0
 
     def _backup_one(self, keys: list[str], host: torch.Tensor) -> int:
         """Stores the pages in batches; stops at the first short batch. Returns pages stored."""
