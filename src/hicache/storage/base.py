@@ -545,6 +545,12 @@ class StorageBackend(abc.ABC):
             InvalidArgumentError: bad ``keys``, ``pool`` or ``indices`` (the message names it).
             IndexOutOfRangeError: a slot is outside the pool.
             StorageError: the backend failed before storing any page (see the failure rule).
+
+        Note:
+            The pages are read from pool memory while they are written out (no snapshot), so
+            they must not change during the call (the controller holds a host lock on them). If
+            they do, the checksum, computed first, no longer matches what was written, and the
+            page is a corrupt miss on read: never wrong KV.
         """
         fn = f"{self.name}.set"
         keys = _check_keys(keys, fn)
