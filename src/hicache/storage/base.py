@@ -548,9 +548,10 @@ class StorageBackend(abc.ABC):
 
         Note:
             The pages are read from pool memory while they are written out (no snapshot), so
-            they must not change during the call (the controller holds a host lock on them). If
-            they do, the checksum, computed first, no longer matches what was written, and the
-            page is a corrupt miss on read: never wrong KV.
+            they must not change during the call: the caller holds a host lock on them (as
+            SGLang's backup does). Not checked: a page changed meanwhile usually fails its
+            checksum on read, but it can also be stored torn (part old, part new bytes) with a
+            matching checksum.
         """
         fn = f"{self.name}.set"
         keys = _check_keys(keys, fn)
