@@ -7,6 +7,7 @@ saying so, when neither binary exists. Nothing about the server is mocked.
 
 from __future__ import annotations
 
+import random
 import shutil
 import socket
 import subprocess
@@ -23,10 +24,26 @@ SERVER_BINARY = shutil.which("valkey-server") or shutil.which("redis-server")
 SKIP_REASON = "needs valkey-server or redis-server on PATH (e.g. apt-get install redis-server)"
 
 
-def _free_port() -> int:
+def _port_is_free(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def _free_port(cluster: bool = False) -> int:
+    """A free loopback port; for a cluster node, one <= 55535 whose bus port (+10000) is free."""
+    if not cluster:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
+    for _ in range(200):
+        port = random.randint(20000, 55535)
+        if _port_is_free(port) and _port_is_free(port + 10000):
+            return port
+    raise RuntimeError("no free port pair (port, port + 10000) for a cluster node")
 
 
 class ServerProcess:
@@ -37,7 +54,7 @@ class ServerProcess:
         self.workdir = workdir
         self.extra_args = extra_args
         self.host = "127.0.0.1"
-        self.port = _free_port()
+        self.port = _free_port(cluster="--cluster-enabled" in extra_args)
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -141,7 +158,7 @@ def valkey_cluster(tmp_path):
             timeout=60,
         )
         deadline = time.monotonic() + 30
-        while b"cluster_state:ok" not in nodes[0].command("CLUSTER", "INFO"):
+        while not all(b"cluster_state:ok" in n.command("CLUSTER", "INFO") for n in nodes):
             assert time.monotonic() < deadline, "the cluster did not become ok"
             time.sleep(0.05)
         yield nodes

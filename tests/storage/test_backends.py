@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import threading
 
 import pytest
 import torch
@@ -255,3 +256,34 @@ def test_bad_arguments_are_rejected_and_name_the_problem(make_backend, backend_n
     assert backend.exists(keys) == 0
     stats = backend.stats_snapshot()
     assert (stats.get_calls, stats.set_calls, stats.failed_ops) == (0, 0, 0)
+
+
+@pytest.mark.parametrize("backend_name", BACKENDS)
+def test_one_backend_shared_by_threads(make_backend, backend_name):
+    src = make_kv_pool(num_pages=32, seed=1)
+    dst = make_kv_pool(num_pages=32, seed=None)
+    backend = make_backend(backend_name, StorageIdentity.from_host_pool(src, "m"))
+    keys = make_keys(32)
+    errors = []
+
+    def worker(first: int) -> None:
+        try:
+            for rep in range(5):
+                pages = list(range(first, first + 8))
+                mine = [keys[p] for p in pages]
+                assert backend.set(mine, src, page_slots(src, pages)) == 8
+                assert backend.exists(mine) == 8
+                assert backend.get(mine, dst, page_slots(dst, pages)) == 8, rep
+        except BaseException as error:  # reported by the main thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker, args=(8 * t,)) for t in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    assert all(same_page(src, p, dst, p) for p in range(32))
+    stats = backend.stats_snapshot()
+    assert (stats.set_calls, stats.set_pages, stats.dedup_pages) == (20, 32, 128)
+    assert (stats.get_pages, stats.exists_pages, stats.corrupt_pages) == (160, 160, 0)

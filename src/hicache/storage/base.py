@@ -545,6 +545,13 @@ class StorageBackend(abc.ABC):
             InvalidArgumentError: bad ``keys``, ``pool`` or ``indices`` (the message names it).
             IndexOutOfRangeError: a slot is outside the pool.
             StorageError: the backend failed before storing any page (see the failure rule).
+
+        Note:
+            The pages are read from pool memory while they are written out (no snapshot), so
+            they must not change during the call: the caller holds a host lock on them (as
+            SGLang's backup does). Not checked: a page changed meanwhile usually fails its
+            checksum on read, but it can also be stored torn (part old, part new bytes) with a
+            matching checksum.
         """
         fn = f"{self.name}.set"
         keys = _check_keys(keys, fn)

@@ -44,7 +44,9 @@ _DEFAULT_BATCH_BYTES = 64 << 20
 class ValkeyStorage(StorageBackend):
     """Pages as values of a Valkey/Redis server (``valkey.Valkey``) or cluster (``ValkeyCluster``).
 
-    Thread-safe: the client's connection pool hands each call its own connection.
+    Thread-safe: the client's connection pool hands each call its own connection. Each thread
+    that calls ``set`` keeps one reusable value buffer of up to ``max_batch_bytes`` (see
+    :meth:`_arena`).
     """
 
     name = "valkey"
@@ -169,10 +171,19 @@ class ValkeyStorage(StorageBackend):
         )
 
     def _exists_flags(self, storage_keys: list[str], op: str) -> list[bool]:
-        pipe = self._client.pipeline(transaction=False)
-        for key in storage_keys:
-            pipe.exists(key)
+        """Whether each key is stored.
+
+        One multi-key ``EXISTS`` answers when all or none are (the usual cases), else one
+        pipeline of single-key ``EXISTS`` does.
+        """
         try:
+            if not self._cluster:  # a cluster's multi-key EXISTS would span hash slots
+                count = self._client.exists(*storage_keys)
+                if count in (0, len(storage_keys)):
+                    return [count > 0] * len(storage_keys)
+            pipe = self._client.pipeline(transaction=False)
+            for key in storage_keys:
+                pipe.exists(key)
             return [bool(r) for r in pipe.execute()]
         except _CLIENT_ERRORS as error:
             raise self._error(op, error) from error
