@@ -9,7 +9,10 @@ its ``token_to_kv_pool_allocator``, so that "every slot is owned exactly once" (
 transfer plans; the cache hands slots back to the allocators and queues copies on the
 :class:`~hicache.controller.CacheController`, whose acks it feeds back to the tree.
 
-Without a host pool the cache is SGLang's plain ``RadixCache`` (the device tier only).
+Without a host pool the cache is SGLang's plain ``RadixCache`` (the device tier only). With a
+storage backend (L3) it also backs acknowledged host pages up to storage and prefetches requests'
+pages from it (``prefetch_from_storage`` / ``check_prefetch_progress`` / ``terminate_prefetch``,
+SGLang's HiCache storage; see :mod:`hicache.storage.controller`).
 
 Threading: the C++ tree is single-threaded; one re-entrant lock serialises every tree call
 (DESIGN.md, threading contract). The controller's workers (or CUDA streams) only copy KV; acks are

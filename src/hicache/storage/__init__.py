@@ -6,6 +6,9 @@
 - :mod:`hicache.storage.file`: :class:`FileStorage` (``"file"``, the default).
 - :mod:`hicache.storage.valkey`: ``ValkeyStorage`` (``"valkey"``, alias ``"redis"``), imported
   on first use by :func:`create_backend`.
+- :mod:`hicache.storage.controller`: :class:`StorageController` (the prefetch and backup
+  threads that :class:`hicache.HiCache` runs with a ``storage_backend``) and
+  :class:`PrefetchConfig` (SGLang's prefetch policies and knobs).
 """
 
 from hicache.storage.base import (
@@ -15,11 +18,15 @@ from hicache.storage.base import (
     create_backend,
     parse_extra_config,
 )
+from hicache.storage.controller import PREFETCH_POLICIES, PrefetchConfig, StorageController
 from hicache.storage.file import FileStorage
 from hicache.storage.page_hash import block_hash, namespace_seed, page_hashes
 
 __all__ = [
+    "PREFETCH_POLICIES",
     "FileStorage",
+    "PrefetchConfig",
+    "StorageController",
     "StorageBackend",
     "StorageIdentity",
     "StorageStats",
