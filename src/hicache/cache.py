@@ -292,6 +292,7 @@ class HiCache:
         self._prefetch_host: dict[PrefetchOperation, torch.Tensor] = {}
         self._prefetch_state: dict[PrefetchOperation, int] = {}  # hybrid: host state slots
         self._prefetch_loaded: dict[object, int] = {}
+        self._prefetch_tokens_occupied = 0  # tokens of the prefetches in flight
         self._storage_backups: dict[int, int] = {}
         if storage_backend is not None:
             assert host_pool is not None
@@ -793,7 +794,8 @@ class HiCache:
         Returns:
             bool: whether a prefetch was queued. False without a storage backend (or after
             :meth:`close`), when the whole pages are fewer than the threshold (256 tokens by
-            default), or when the anchor has no host copy.
+            default), when the prefetches in flight would then ask for more than half the host
+            pool (SGLang's ``prefetch_capacity_limit``), or when the anchor has no host copy.
 
         Raises:
             InvalidArgumentError: ``req_id`` already has a prefetch in flight.
@@ -809,6 +811,11 @@ class HiCache:
                     f"prefetch_from_storage: request {req_id!r} already has a prefetch in flight"
                 )
             if aligned < self.storage.threshold_tokens:
+                return False
+            # SGLang's rate limiter: prefetches in flight take at most half the host pool
+            # (prefetch_capacity_limit in cache mode, reference §6.4).
+            capacity = self._host_allocator().num_slots // 2
+            if self._prefetch_tokens_occupied + aligned > capacity:
                 return False
             info = self.tree.node_info(last_host_node)
             if last_host_node == _ROOT_ID:
@@ -828,6 +835,7 @@ class HiCache:
                 needs_state=self.mamba_pool is not None,
             )
             self._ongoing_prefetch[req_id] = op
+            self._prefetch_tokens_occupied += aligned
             self._prefetch_loaded.pop(req_id, None)
             self.storage.prefetch(op)
             self.stats.storage_prefetches += 1
@@ -882,6 +890,7 @@ class HiCache:
             op = self._ongoing_prefetch.pop(req_id, None)
             if op is None:
                 return 0
+            self._prefetch_tokens_occupied -= op.num_tokens
             with profiling.nvtx_range(profiling.PREFETCH_DONE):
                 pages, taken, rest, rest_is_ours = op.terminate()
                 inserted = 0

@@ -408,3 +408,19 @@ def test_reset_and_close_end_prefetches_and_storage_backups(tmp_path):
     cache.close()
     assert_no_leaks(cache)
     assert not cache.prefetch_from_storage("late", 0, TOKENS)
+
+
+def test_prefetches_in_flight_take_at_most_half_the_host_pool(tmp_path):
+    store(tmp_path)
+    cache, backend = make_cache(tmp_path, policy="wait_complete", host_slots=96)
+    backend.get_gate = threading.Event()
+    assert start_prefetch(cache, "a", TOKENS[:40])  # 40 of the 48-token limit
+    assert not start_prefetch(cache, "b", TOKENS[:16])  # would exceed SGLang's capacity limit
+    backend.get_gate.set()
+    cache.wait_prefetch("a", 10)
+    assert cache.check_prefetch_progress("a")
+    assert start_prefetch(cache, "b", torch.arange(500, 540))  # room again (nothing stored)
+    cache.wait_prefetch("b", 10)
+    assert cache.check_prefetch_progress("b")
+    assert_no_leaks(cache)
+    cache.close()

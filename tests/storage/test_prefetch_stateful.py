@@ -46,7 +46,7 @@ class StorageTraffic(RuleBasedStateMachine):
 
         self.dir = tempfile.TemporaryDirectory()
         pool = DeviceKVPool(64, 2, 2, 8, torch.float16, "cpu")
-        host = HostKVPool(pool, 40, PAGE, "page_first")
+        host = HostKVPool(pool, 64, PAGE, "page_first")  # prefetch limit: 32 tokens
         self.backend = FaultyFile(StorageIdentity.from_host_pool(host, "m"), self.dir.name)
         self.cache = HiCache(
             pool,
