@@ -38,7 +38,11 @@ def test_dict_and_prometheus_report_the_same_values():
     assert values["hicache_queue_depth{direction=backup}"] == 0  # run_request flushes
     assert values["hicache_tokens{state=evictable,tier=L1}"] == cache.tree.evictable_size()
     assert values["hicache_capacity_tokens{tier=L2}"] == 16384
-    names = {name for name in metrics.METRICS if not name.startswith("hicache_mamba")}
+    names = {
+        name
+        for name in metrics.METRICS
+        if not name.startswith(("hicache_mamba", "hicache_storage"))
+    }
     assert set(s.name for s in metrics.collect(cache)) == names  # no Mamba pool: no Mamba rows
 
     text = metrics.prometheus_text(cache, const_labels={"tp_rank": "0"})
@@ -96,5 +100,7 @@ def test_mamba_cache_reports_its_states():
     assert values["hicache_mamba_published_total"] == 1
     assert values["hicache_hit_tokens_total{component=full,tier=L1}"] == 8
     assert set(s.name for s in metrics.collect(cache)) == set(metrics.METRICS) - {
-        name for name in metrics.METRICS if "direction" in name or "transfer" in name
+        name
+        for name in metrics.METRICS
+        if "direction" in name or "transfer" in name or name.startswith("hicache_storage")
     } - {"hicache_queue_depth", "hicache_failed_tokens_total"}

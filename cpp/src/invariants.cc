@@ -397,6 +397,7 @@ void RadixTree::check_invariants() const {
     fail(kRootId, "child index holds " + std::to_string(indexed) + " entries for " +
                       std::to_string(nodes_.size()) + " nodes");
   }
+  if (page_hashes_) check_page_hashes();
 }
 
 }  // namespace hicache

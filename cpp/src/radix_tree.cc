@@ -203,6 +203,7 @@ Node* RadixTree::split(Node* node, size_t prefix_len) {
   upper->ns = node->ns;
   upper->key.assign(node->key.begin(), node->key.begin() + prefix_len);
   node->key.erase(node->key.begin(), node->key.begin() + prefix_len);
+  if (page_hashes_) slice_page_hashes(node, upper, prefix_len);
   for (int c = 0; c < kNumComponents; ++c) {
     // A Mamba state (and its single-node lock) belongs to the end of the key: it stays below.
     if (c == static_cast<int>(Component::kMamba)) continue;
@@ -423,6 +424,7 @@ void RadixTree::trim_tail(Node* node, size_t keep) {
   }
   free_swa_host(node, keep);
   node->key.resize(keep);
+  if (page_hashes_) node->page_hashes.resize(keep / static_cast<size_t>(page_size_));
   ComponentData& full = node->full();
   if (full.has_value) full.value.resize(keep);
   if (full.has_host_value) full.host_value.resize(keep);
@@ -733,6 +735,7 @@ Node* RadixTree::add_leaf(Node* parent, int32_t ns, const Token* key, const Slot
   nodes_.emplace(leaf->id, std::move(owned));
   link_child(parent, leaf);
   index_child(parent, leaf);
+  if (page_hashes_) hash_new_node(leaf);
   device_lru_.push_front(leaf);
   evictable_size_ += leaf->num_tokens();
   if (swa_live) set_swa(leaf);

@@ -25,6 +25,7 @@ int main(int argc, char** argv) {
   for (const int64_t page_size : {1, 4, 16})
   for (const bool mamba : {false, true}) {
     RadixTree tree(page_size, 0, 0, mamba);
+    if (!mamba) tree.enable_page_hashes();  // checked by check_invariants after every step
     SlotIndex next_mamba_slot = 0;       // fresh Mamba state slots (never reused)
     SlotIndex next_mamba_host_slot = 0;  // fresh host Mamba state slots
     std::vector<LockReceipt> locked;  // lock receipts
@@ -72,7 +73,7 @@ int main(int argc, char** argv) {
       }
       for (int i = uniform(0, static_cast<int>(page_size) - 1); i > 0; --i) key.push_back(7);
       const std::string& extra_key = extra_keys[uniform(0, 2)];
-      switch (uniform(0, 10)) {
+      switch (uniform(0, 11)) {
         case 0: {
           const auto value = fresh(next_slot, key.size());
           const SlotIndex state = mamba && uniform(0, 3) > 0 ? next_mamba_slot++ : -1;
@@ -104,6 +105,7 @@ int main(int argc, char** argv) {
             const SlotIndex host_state =
                 plan.states[i] >= 0 && uniform(0, 3) > 0 ? next_mamba_host_slot++ : -1;
             tree.commit_backup(plan.nodes[i], host.data(), host.size(), host_state);
+            if (!mamba) tree.storage_backup_plan(plan.nodes[i]);  // what storage would get
             // The copy either finishes or fails; either way the node leaves the pending state.
             if (uniform(0, 3) == 0) {
               tree.abort_backup(plan.nodes[i]);
@@ -155,6 +157,16 @@ int main(int argc, char** argv) {
           break;
         case 9:
           if (!loads.empty()) ack_oldest_load(uniform(0, 1) == 0);
+          break;
+        case 10:
+          if (!mamba) {
+            // Pages prefetched from storage: the key's tail inserted host-only below the match.
+            const auto m = tree.match_prefix(key.data(), key.size(), extra_key);
+            const size_t skip = static_cast<size_t>(uniform(0, static_cast<int>(key.size())));
+            const auto host = fresh(next_host_slot, key.size() - skip);
+            tree.insert_host(m.last_host_node, key.data() + skip, key.size() - skip, host.data(),
+                             host.size(), extra_key);
+          }
           break;
         case 8:
           if (mamba) {

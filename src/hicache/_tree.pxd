@@ -1,5 +1,5 @@
 # Declarations of the C++ tree core (cpp/include/hicache/radix_tree.h) and of its Cython wrapper.
-from libc.stdint cimport int32_t, int64_t, uint64_t
+from libc.stdint cimport int32_t, int64_t, uint8_t, uint64_t
 from libcpp cimport bool as cbool
 from libcpp.memory cimport unique_ptr
 from libcpp.string cimport string
@@ -10,6 +10,11 @@ from libcpp.vector cimport vector
 cdef extern from "_exception_bridge.h":
     void set_hicache_error_types(object invalid, object index, object invariant)
     void translate_cpp_exception()
+
+
+cdef extern from "hicache/page_hash.h" namespace "hicache" nogil:
+    cdef cppclass Digest "hicache::Digest":
+        uint8_t* data()
 
 
 cdef extern from "hicache/radix_tree.h" namespace "hicache" nogil:
@@ -98,6 +103,7 @@ cdef extern from "hicache/radix_tree.h" namespace "hicache" nogil:
         int64_t sliding_window_size()
         CMatchResult match_prefix(const Token* key, size_t length,
                                   string_view extra_key) except +translate_cpp_exception
+        CTransferPlan storage_backup_plan(NodeId ack_id) except +translate_cpp_exception
         CInsertResult insert(const Token* key, size_t length, const SlotIndex* value,
                              size_t value_len, string_view extra_key,
                              SlotIndex mamba_value,
@@ -160,6 +166,15 @@ cdef extern from "hicache/radix_tree.h" namespace "hicache" nogil:
         vector[SlotIndex] reset() except +translate_cpp_exception
         string pretty_print() except +translate_cpp_exception
         void check_invariants() except +translate_cpp_exception
+        void enable_page_hashes() except +translate_cpp_exception
+        cbool has_page_hashes()
+        vector[Digest] node_page_hashes(NodeId node_id) except +translate_cpp_exception
+        vector[Digest] path_page_hashes(NodeId node_id) except +translate_cpp_exception
+        CInsertResult insert_host(NodeId anchor, const Token* key, size_t length,
+                                  const SlotIndex* host, size_t host_len,
+                                  string_view extra_key,
+                                  SlotIndex mamba_host_value) except +translate_cpp_exception
+        CTransferPlan storage_backup_plan(NodeId ack_id) except +translate_cpp_exception
 
 
 cdef class Int64Buffer:

@@ -8,6 +8,7 @@ call (``hicache.cache.HiCache`` holds one lock for that).
 """
 
 from cpython.buffer cimport PyBUF_FORMAT, PyBUF_ND, PyBUF_STRIDES
+from cpython.bytes cimport PyBytes_FromStringAndSize
 from libc.stdint cimport int32_t, int64_t, uint64_t, uintptr_t
 from libc.string cimport memcpy
 from libcpp.string_view cimport string_view
@@ -180,6 +181,10 @@ cdef class RadixTree:
         num_mamba_host_slots: the same for host Mamba state slots.
         sliding_window_size: > 0 adds the SWA component with this window, in tokens.
         num_swa_host_slots: the slot check for host SWA slots (0 disables it).
+        page_hashes: give every node SGLang's chained SHA-256 digest of each page (the storage
+            tier's keys, :mod:`hicache.storage.page_hash`), computed in C++ when a node is
+            created and sliced by a split; see :meth:`node_page_hashes`. Off by default: without
+            a storage tier the insert path hashes nothing.
 
     Raises:
         InvalidArgumentError: ``page_size < 1`` or a negative pool size or window.
@@ -188,12 +193,14 @@ cdef class RadixTree:
     def __cinit__(self, int64_t page_size=1, int64_t num_device_slots=0,
                   int64_t num_host_slots=0, bint mamba=False, int64_t num_mamba_slots=0,
                   int64_t num_mamba_host_slots=0, int64_t sliding_window_size=0,
-                  int64_t num_swa_host_slots=0):
+                  int64_t num_swa_host_slots=0, bint page_hashes=False):
         self._tree.reset(new CRadixTree(page_size, num_device_slots, num_host_slots, mamba,
                                         num_mamba_slots, num_mamba_host_slots,
                                         sliding_window_size, num_swa_host_slots))
         self.sliding_window_size = sliding_window_size
         self.num_swa_host_slots = num_swa_host_slots
+        if page_hashes:
+            self._tree.get().enable_page_hashes()
         self.page_size = page_size
         self.num_device_slots = num_device_slots
         self.num_host_slots = num_host_slots
@@ -870,3 +877,108 @@ cdef class RadixTree:
             InvariantError: an invariant is broken; the message names the node and the rule.
         """
         self._tree.get().check_invariants()
+
+    # ---- storage tier (L3) ----------------------------------------------------------------------
+
+    @property
+    def has_page_hashes(self) -> bool:
+        """Whether nodes carry page hashes (the ``page_hashes`` constructor flag)."""
+        return self._tree.get().has_page_hashes()
+
+    def node_page_hashes(self, int64_t node_id):
+        """The page hashes of a node's own key: one 32-byte SHA-256 digest per page.
+
+        Digest ``i`` is SGLang's ``get_hash_str`` chain value of the node's page ``i`` (it covers
+        every page of the path above it and the namespace seed of its ``extra_key``), equal to
+        :func:`hicache.storage.page_hashes` over the path's tokens. The root has none.
+
+        Raises:
+            InvalidArgumentError: the tree was built without ``page_hashes=True``.
+            IndexOutOfRangeError: unknown node id.
+        """
+        return _digests(self._tree.get().node_page_hashes(node_id))
+
+    def path_page_hashes(self, int64_t node_id):
+        """The page hashes of every page on the path root..``node_id``, root-first.
+
+        For a match's ``last_host_node`` these are the storage keys of the matched prefix; the
+        last one chains a prefetch of the tokens after it (SGLang's ``get_last_hash_value``).
+
+        Raises:
+            InvalidArgumentError: the tree was built without ``page_hashes=True``.
+            IndexOutOfRangeError: unknown node id.
+        """
+        return _digests(self._tree.get().path_page_hashes(node_id))
+
+    def insert_host(self, int64_t anchor, key, host_indices, extra_key=None,
+                    int64_t mamba_host_value=-1):
+        """Inserts pages prefetched from storage below ``anchor`` as host-only nodes.
+
+        SGLang's ``insert_host`` (reference §3.8): ``key`` holds the tokens that follow the path
+        of ``anchor`` (a match's ``last_host_node``), ``host_indices`` the host slots their KV
+        was read into. Nodes already on that path keep their values; the new tail node is
+        host-only (evicted + backuped), host-unlocked, in the host LRU, with page hashes when
+        the tree has them. The walk stops, as :meth:`insert` does, at a node whose load-back is
+        in flight or has failed. No hit is counted; the path is touched.
+
+        Args:
+            anchor: node id whose path the key continues (the root for a key from the start).
+            key: ``[num_tokens]`` token ids; only whole pages are inserted.
+            host_indices: ``[num_tokens]`` int64 host slot indices, whole pages.
+            extra_key: the namespace (must be the anchor's below the root).
+            mamba_host_value: Mamba trees (required there, -1 elsewhere): the host state slot
+                holding the recurrent state after the aligned key (a hybrid prefetch is
+                all-or-nothing: KV and the state at its end, reference §3.11).
+
+        Returns:
+            InsertResult: ``prefix_len`` tokens were in the tree already (the caller frees
+            ``host_indices[:prefix_len]``) and ``host_indices[cached_len:]`` were not taken
+            (the unaligned tail, or everything after a stop); the tree owns the rest.
+            ``last_node`` is the node ending the inserted key. Mamba trees: ``mamba_taken``
+            (the node ending the key took the state) or not (the caller frees it;
+            ``mamba_exist`` when that node had a host state already).
+
+        Raises:
+            InvalidArgumentError: bad arrays, ``len(host_indices) != len(key)``, a load-failed
+                anchor, another namespace than the anchor's, a Mamba tree without
+                ``mamba_host_value`` or another tree with one.
+            IndexOutOfRangeError: unknown anchor, a slot ``>= num_host_slots``, a state
+                outside the host Mamba pool.
+        """
+        cdef const Token* tokens
+        cdef const SlotIndex* slots
+        cdef size_t n, m
+        cdef bytes holder = _encode_extra_key(extra_key)
+        cdef string_view ns = _view(holder)
+        self._as_tokens(key, &tokens, &n)
+        self._as_slots(host_indices, &slots, &m)
+        cdef CInsertResult r = self._tree.get().insert_host(anchor, tokens, n, slots, m, ns,
+                                                            mamba_host_value)
+        return InsertResult(r.prefix_len, r.last_node, r.adopted_len, r.cached_len,
+                            r.mamba_exist, r.mamba_taken)
+
+    def storage_backup_plan(self, int64_t ack_id):
+        """The nodes of backup ``ack_id`` whose host pages go to storage once it is acked.
+
+        SGLang's ``write_backup_storage`` for every fragment: the node ``ack_id`` and the nodes
+        split off above it while its device -> host copy was in flight (the nodes on its root
+        path still backup-pending under ``ack_id``). Call it before :meth:`finish_backup`.
+
+        Returns:
+            TransferPlan: ``node_ids`` and ``lengths`` root-first, ``indices`` their host slots
+            concatenated (int64 CPU tensor); empty when no node is pending under ``ack_id``.
+
+        Raises:
+            IndexOutOfRangeError: unknown node id.
+        """
+        cdef CTransferPlan plan = self._tree.get().storage_backup_plan(ack_id)
+        return _plan(plan)
+
+
+cdef list _digests(vector[Digest]& digests):
+    """Each 32-byte digest as a ``bytes`` object."""
+    cdef list out = []
+    cdef size_t i
+    for i in range(digests.size()):
+        out.append(PyBytes_FromStringAndSize(<const char*>digests[i].data(), 32))
+    return out

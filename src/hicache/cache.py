@@ -9,7 +9,10 @@ its ``token_to_kv_pool_allocator``, so that "every slot is owned exactly once" (
 transfer plans; the cache hands slots back to the allocators and queues copies on the
 :class:`~hicache.controller.CacheController`, whose acks it feeds back to the tree.
 
-Without a host pool the cache is SGLang's plain ``RadixCache`` (the device tier only).
+Without a host pool the cache is SGLang's plain ``RadixCache`` (the device tier only). With a
+storage backend (L3) it also backs acknowledged host pages up to storage and prefetches requests'
+pages from it (``prefetch_from_storage`` / ``check_prefetch_progress`` / ``terminate_prefetch``,
+SGLang's HiCache storage; see :mod:`hicache.storage.controller`).
 
 Threading: the C++ tree is single-threaded; one re-entrant lock serialises every tree call
 (DESIGN.md, threading contract). The controller's workers (or CUDA streams) only copy KV; acks are
@@ -19,6 +22,7 @@ applied by :meth:`HiCache.check_hicache_events` on the caller's thread.
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -43,6 +47,9 @@ from hicache.memory import (
     SWAKVPool,
 )
 from hicache.results import EvictResult, InsertResult, LockReceipt, MatchResult
+from hicache.storage.base import StorageBackend
+from hicache.storage.controller import PrefetchConfig, PrefetchOperation, StorageController
+from hicache.storage.page_hash import namespace_seed
 from hicache.transfer import KVTransfer
 
 __all__ = ["WRITE_POLICIES", "CacheStats", "HiCache", "Req"]
@@ -84,6 +91,12 @@ class CacheStats:
         swa_recovered_tokens: SWA tombstone tokens that took a request's SWA KV on insert.
         swa_window_freed_tokens: request tokens whose SWA KV left the window
             (:meth:`HiCache.free_swa_out_of_window`).
+        storage_prefetches: :meth:`HiCache.prefetch_from_storage` calls that queued a prefetch.
+        storage_hit_tokens: tokens prefetched from storage (L3) and inserted in the tree as host
+            nodes (duplicates of pages the tree already had are not counted).
+        storage_backup_tokens: tokens queued for host -> storage backup (after deduplication).
+        storage_backup_failed_tokens: of those, tokens the backend did not store (a failure,
+            or a full backend).
     """
 
     match_calls: int = 0
@@ -105,6 +118,10 @@ class CacheStats:
     swa_tombstoned_tokens: int = 0
     swa_recovered_tokens: int = 0
     swa_window_freed_tokens: int = 0
+    storage_prefetches: int = 0
+    storage_hit_tokens: int = 0
+    storage_backup_tokens: int = 0
+    storage_backup_failed_tokens: int = 0
 
     def as_dict(self) -> dict[str, int]:
         """The counters as a plain dict."""
@@ -185,13 +202,31 @@ class HiCache:
             KV (an ``"swa"`` :class:`~hicache.memory.PoolTransfer`), demotion keeps it, and a
             load-back brings it back.
         sliding_window_size: the SWA window in tokens (> 0 with ``swa_pool``).
+        storage_backend: the storage (L3) tier, with ``host_pool`` (SGLang's
+            ``--hicache-storage-backend``): every node then carries its page hashes (the storage
+            keys), a node whose device -> host copy is acknowledged is backed up to storage (its
+            host pages host-locked until the storage ack), and :meth:`prefetch_from_storage`
+            reads a request's pages from storage into host pages. A
+            :class:`~hicache.storage.controller.StorageController` runs both on its own threads.
+            The cache does not close the backend.
+        prefetch_config: the prefetch policy and its knobs (SGLang's
+            ``--hicache-storage-prefetch-policy`` and extra-config keys); default
+            ``best_effort``, threshold 256 tokens, timeout 1 s + 0.25 s per 1024 tokens.
+        mamba_storage_backend: with ``storage_backend`` and a Mamba pool (required then): the
+            backend of node states, whose identity is ``mamba_host_pool``'s (SGLang stores them
+            as ``{last_page_hash}.mamba``, reference §3.11). A node's host state is stored under
+            its last page's hash after its backup; a prefetch is all-or-nothing: it stops at
+            the deepest stored page whose state is stored too, and inserts its pages only when
+            all of them and that state were read.
 
     Raises:
         InvalidArgumentError: bad ``page_size``, pool sizes that are not whole pages, a host pool of
             another page size, an unknown write policy or io backend, or Mamba pools that do not
             fit together (a host pool and a Mamba pool need a Mamba host pool over that Mamba
-            pool, and a Mamba host pool needs both), or SWA pools that do not fit together (the
-            same rule, a window <= 0, an SWA pool over another full pool size or page size).
+            pool, and a Mamba host pool needs both), SWA pools that do not fit together (the
+            same rule, a window <= 0, an SWA pool over another full pool size or page size), a
+            storage backend without a host pool or with an SWA pool (not supported yet), or a
+            Mamba pool with a storage backend but no ``mamba_storage_backend`` (or the reverse).
     """
 
     def __init__(
@@ -207,10 +242,29 @@ class HiCache:
         swa_pool: SWAKVPool | None = None,
         swa_host_pool: HostKVPool | None = None,
         sliding_window_size: int = 0,
+        storage_backend: StorageBackend | None = None,
+        prefetch_config: PrefetchConfig | None = None,
+        mamba_storage_backend: StorageBackend | None = None,
     ) -> None:
         _check_swa_pools(
             device_pool, page_size, host_pool, swa_pool, swa_host_pool, sliding_window_size
         )
+        if storage_backend is not None and host_pool is None:
+            raise InvalidArgumentError(
+                "HiCache: a storage backend needs a host pool (pages move storage <-> host)"
+            )
+        if (mamba_storage_backend is not None) != (
+            storage_backend is not None and mamba_pool is not None
+        ):
+            raise InvalidArgumentError(
+                "HiCache: a storage backend with a Mamba pool needs mamba_storage_backend (node "
+                "states are stored beside the KV pages), and mamba_storage_backend needs both"
+            )
+        if storage_backend is not None and swa_pool is not None:
+            raise InvalidArgumentError(
+                "HiCache: a storage backend with an SWA pool is not supported yet (SWA windows "
+                "are not stored)"
+            )
         hybrid_host = host_pool is not None and mamba_pool is not None
         if hybrid_host != (mamba_host_pool is not None) or (
             mamba_host_pool is not None and mamba_host_pool.device_pool is not mamba_pool
@@ -247,6 +301,7 @@ class HiCache:
             mamba_host_pool.num_slots if mamba_host_pool is not None else 0,
             sliding_window_size if swa_pool is not None else 0,
             swa_host_pool.num_slots if swa_host_pool is not None else 0,
+            page_hashes=storage_backend is not None,
         )
         self.swa_pool = swa_pool
         self.swa_host_pool = swa_host_pool
@@ -274,6 +329,30 @@ class HiCache:
         # in-flight transfer by ack id, so that its ack can report what was copied where.
         self.kv_events = KVEventPublisher(page_size) if enable_kv_events else None
         self._transfer_slots: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        # Storage (L3): None without a backend. Prefetches in flight by request id (each holds a
+        # host lock on its anchor), the host slots each holds outside the tree (written by the
+        # prefetch thread's callbacks and by termination, under _lock), the tokens the last
+        # terminated prefetch of a request inserted, and the host locks of storage backups by
+        # node id (one per backup queued).
+        self.storage: StorageController | None = None
+        self._ongoing_prefetch: dict[object, PrefetchOperation] = {}
+        self._prefetch_host: dict[PrefetchOperation, torch.Tensor] = {}
+        self._prefetch_state: dict[PrefetchOperation, int] = {}  # hybrid: host state slots
+        self._prefetch_loaded: dict[object, int] = {}
+        self._prefetch_tokens_occupied = 0  # tokens of the prefetches in flight
+        self._storage_backups: dict[int, int] = {}
+        if storage_backend is not None:
+            assert host_pool is not None
+            self.storage = StorageController(
+                storage_backend,
+                host_pool,
+                page_size,
+                prefetch_config or PrefetchConfig(),
+                self._attach_prefetch_host,
+                self._free_prefetch_host,
+                state_backend=mamba_storage_backend,
+                state_pool=mamba_host_pool if mamba_storage_backend is not None else None,
+            )
 
     @property
     def num_evicted_tokens(self) -> int:
@@ -588,6 +667,10 @@ class HiCache:
             self.controller.start_writing()
             self._apply_acks(self.controller.writing_check, self._finish_write, block, errors)
             self._apply_acks(self.controller.loading_check, self._finish_load, block, errors)
+            if self.storage is not None:
+                if block:
+                    self.storage.wait_backups()
+                self._apply_storage_acks()
             if errors:
                 raise errors[0]
 
@@ -642,10 +725,12 @@ class HiCache:
             self._state_writes.remove(ack_id)
             if ok:
                 self.tree.finish_state_backup(ack_id)
+                self._backup_state_to_storage(ack_id)
             else:
                 self.tree.abort_state_backup(ack_id)
                 self._free_host_states()
         elif ok:
+            self._backup_to_storage(ack_id)  # its plan is read off the pending marks
             self.tree.finish_backup(ack_id)
         else:
             freed = self.tree.abort_backup(ack_id)
@@ -803,6 +888,332 @@ class HiCache:
         self._apply_acks(controller.writing_check, self._finish_write, True, errors)
         # A failed copy was undone (and counted): the node is unbacked again and gets dropped.
         return self.tree.node_info(node_id).has_host_value
+
+    # ---- storage (L3): prefetch and backup ------------------------------------------------------
+
+    def prefetch_from_storage(
+        self, req_id: object, last_host_node: int, new_input_tokens, extra_key: str | None = None
+    ) -> bool:
+        """Starts reading a request's next pages from storage into host memory.
+
+        SGLang's ``prefetch_from_storage`` (reference §3.8): ``new_input_tokens`` are the tokens
+        after the request's L1 + L2 match, whose anchor is ``last_host_node`` (a match's
+        ``last_host_node``: the root, or a node with a host copy). The anchor is host-locked
+        until the prefetch ends; the prefetch thread then asks the backend how many leading
+        pages it holds, allocates host pages for that hit only (evicting host leaves if
+        needed) and reads them in batches. Poll :meth:`check_prefetch_progress` before
+        scheduling the request; then match again (the prefetched pages are host hits, loaded
+        back by ``match_prefix(load_back=True)``).
+
+        Args:
+            req_id: the request's id (hashable); one prefetch per request at a time.
+            last_host_node: the match's ``last_host_node``.
+            new_input_tokens: ``[num_tokens]`` token ids after the match (list or CPU tensor);
+                only whole pages are prefetched.
+            extra_key: the request's namespace (as in :meth:`match_prefix`).
+
+        Returns:
+            bool: whether a prefetch was queued. False without a storage backend (or after
+            :meth:`close`), when the whole pages are fewer than the threshold (256 tokens by
+            default), when the prefetches in flight would then ask for more than half the host
+            pool (SGLang's ``prefetch_capacity_limit``), or when the anchor has no host copy.
+
+        Raises:
+            InvalidArgumentError: ``req_id`` already has a prefetch in flight.
+            IndexOutOfRangeError: unknown ``last_host_node``.
+        """
+        if self.storage is None or self.storage.closed:
+            return False
+        tokens = torch.as_tensor(new_input_tokens, dtype=torch.int64).reshape(-1)
+        aligned = tokens.numel() - tokens.numel() % self.page_size
+        with self._lock, profiling.nvtx_range(profiling.PREFETCH, aligned):
+            if req_id in self._ongoing_prefetch:
+                raise InvalidArgumentError(
+                    f"prefetch_from_storage: request {req_id!r} already has a prefetch in flight"
+                )
+            if aligned < self.storage.threshold_tokens:
+                return False
+            # SGLang's rate limiter: prefetches in flight take at most half the host pool
+            # (prefetch_capacity_limit in cache mode, reference §6.4).
+            capacity = self._host_allocator().num_slots // 2
+            if self._prefetch_tokens_occupied + aligned > capacity:
+                return False
+            info = self.tree.node_info(last_host_node)
+            if last_host_node == _ROOT_ID:
+                previous = namespace_seed(extra_key) if extra_key else None
+            elif not info.has_host_value or info.backup_pending:
+                return False  # SGLang prefetches only below a backed-up anchor (or the root)
+            else:
+                previous = self.tree.node_page_hashes(last_host_node)[-1]
+            self.tree.inc_host_lock_ref(last_host_node)
+            op = PrefetchOperation(
+                req_id,
+                last_host_node,
+                tokens[:aligned].clone(),
+                extra_key,
+                previous,
+                self.page_size,
+                needs_state=self.mamba_pool is not None,
+            )
+            self._ongoing_prefetch[req_id] = op
+            self._prefetch_tokens_occupied += aligned
+            self._prefetch_loaded.pop(req_id, None)
+            self.storage.prefetch(op)
+            self.stats.storage_prefetches += 1
+            return True
+
+    def check_prefetch_progress(self, req_id: object) -> bool:
+        """Whether the request may be scheduled now; ends its prefetch when it may.
+
+        SGLang's ``check_prefetch_progress``: by the prefetch policy, ``best_effort`` ends the
+        prefetch at once with whatever pages are read; ``wait_complete`` waits until the
+        prefetch thread is done with it (every hit page read, or a failure); ``timeout`` waits
+        for that or for ``timeout_base + timeout_per_ki_token * tokens / 1024`` seconds. Ending
+        it inserts the read pages as host nodes (:meth:`terminate_prefetch`).
+
+        Returns:
+            bool: True when the request may go on (also when it has no prefetch in flight),
+            False when it should wait.
+        """
+        if self.storage is None:
+            return True
+        with self._lock:
+            op = self._ongoing_prefetch.get(req_id)
+            if op is None:
+                return True
+            config = self.storage.config
+            if not op.is_finished():
+                if config.policy == "wait_complete":
+                    return False
+                if config.policy == "timeout" and (
+                    time.monotonic() - op.created_s < config.timeout_s(op.num_tokens)
+                ):
+                    return False
+            self.terminate_prefetch(req_id)
+            return True
+
+    def terminate_prefetch(self, req_id: object) -> int:
+        """Ends a request's prefetch now and inserts the pages read so far.
+
+        SGLang's ``terminate_prefetch`` + ``_handle_prefetch_result``: the leading pages read and
+        verified become host-only nodes below the anchor (``RadixTree.insert_host``); host pages
+        duplicating pages the tree has meanwhile are freed, and so are pages not read (at once,
+        or by the prefetch thread when its batch in flight ends); the anchor's host lock is
+        released. A request that is aborted calls this too.
+
+        Returns:
+            int: tokens inserted in the tree (0 when none, or no prefetch in flight); also kept
+            for :meth:`pop_prefetch_loaded_tokens`.
+        """
+        if self.storage is None:
+            return 0
+        with self._lock:
+            op = self._ongoing_prefetch.pop(req_id, None)
+            if op is None:
+                return 0
+            self._prefetch_tokens_occupied -= op.num_tokens
+            with profiling.nvtx_range(profiling.PREFETCH_DONE):
+                pages, taken, rest, rest_is_ours = op.terminate()
+                inserted = 0
+                if taken is not None:
+                    assert rest is not None  # both or neither
+                    if rest_is_ours:
+                        self._prefetch_host.pop(op, None)
+                        self._free_host(rest, count=False)
+                        if pages == 0:
+                            self._free_prefetch_state(op)
+                    else:  # the prefetch thread frees it (_free_prefetch_host)
+                        self._prefetch_host[op] = rest
+                    inserted = self._insert_prefetched(op, pages, taken)
+                self.tree.dec_host_lock_ref(op.anchor)
+                self._prefetch_loaded[req_id] = inserted
+                return inserted
+
+    def pop_prefetch_loaded_tokens(self, req_id: object) -> int:
+        """Tokens the request's last ended prefetch inserted; 0 if none.
+
+        SGLang's ``prefetch_loaded_tokens_by_reqid.pop(rid, 0)``.
+        """
+        with self._lock:
+            return self._prefetch_loaded.pop(req_id, 0)
+
+    def wait_prefetch(self, req_id: object, timeout: float | None = None) -> bool:
+        """Blocks until the prefetch thread is done with the request's prefetch (tests, tools).
+
+        Must not be called while holding the cache's lock (the prefetch thread needs it to
+        allocate host pages). True when done or when there is no prefetch in flight.
+        """
+        with self._lock:
+            op = self._ongoing_prefetch.get(req_id)
+        return True if op is None else op.wait(timeout)
+
+    def _insert_prefetched(self, op: PrefetchOperation, pages: int, taken: torch.Tensor) -> int:
+        """Inserts ``pages`` read pages below the anchor; frees the duplicates. Returns tokens."""
+        if pages == 0:
+            return 0
+        num = pages * self.page_size
+        state = self._prefetch_state.pop(op, -1)
+        try:
+            result = self.tree.insert_host(op.anchor, op.tokens[:num], taken, op.extra_key, state)
+        except InvalidArgumentError:
+            # The anchor's load-back failed meanwhile: nothing goes below garbage.
+            self._free_host(taken, count=False)
+            if state >= 0:
+                self._mamba_host().free(torch.tensor([state], dtype=torch.int64))
+            return 0
+        if state >= 0 and not result.mamba_taken:
+            self._mamba_host().free(torch.tensor([state], dtype=torch.int64))
+        if self.kv_events is not None:
+            path = self._path_tokens(op.anchor)
+            self.kv_events.on_insert(
+                Medium.CPU,
+                torch.cat((path, op.tokens[: result.cached_len])),
+                taken[result.prefix_len : result.cached_len],
+                (len(path) + result.prefix_len) // self.page_size,
+                op.extra_key,
+            )
+        duplicates = torch.cat((taken[: result.prefix_len], taken[result.cached_len :]))
+        if duplicates.numel():
+            self._free_host(duplicates, count=False)
+        inserted = result.cached_len - result.prefix_len
+        self.stats.storage_hit_tokens += inserted
+        return inserted
+
+    def _path_tokens(self, node_id: int) -> torch.Tensor:
+        """The tokens from the root to the end of ``node_id`` (KV events only; O(depth))."""
+        parts = []
+        while node_id != _ROOT_ID:
+            parts.append(torch.tensor(self.tree.node_key(node_id), dtype=torch.int64))
+            node_id = self.tree.node_info(node_id).parent_id
+        return torch.cat(parts[::-1]) if parts else torch.empty(0, dtype=torch.int64)
+
+    def _attach_prefetch_host(
+        self, op: PrefetchOperation, num_tokens: int, min_tokens: int
+    ) -> torch.Tensor | None:
+        """The prefetch thread's host allocation for a storage hit (see StorageController)."""
+        with self._lock:
+            allocator = self._host_allocator()
+            room = allocator.available_size() + self.tree.host_evictable_size()
+            room -= room % self.page_size
+            take = min(num_tokens, room)
+            if take < min_tokens:
+                return None
+            if op.needs_state and self._mamba_host().available_size() == 0:
+                return None  # no host slot for the state: an all-or-nothing prefetch cannot run
+            host = self._alloc_host(take)
+            if host is None:
+                return None
+            state = -1
+            if op.needs_state:
+                state = int(self._mamba_host().alloc(1)[0])
+            if not op._attach(host, state):  # terminated meanwhile
+                self._free_host(host, count=False)
+                if state >= 0:
+                    self._mamba_host().free(torch.tensor([state], dtype=torch.int64))
+                return None
+            self._prefetch_host[op] = host
+            if state >= 0:
+                self._prefetch_state[op] = state
+            return host
+
+    def _free_prefetch_host(self, op: PrefetchOperation, indices: torch.Tensor) -> None:
+        """The prefetch thread hands back host slots (and state) of a terminated prefetch."""
+        with self._lock:
+            self._prefetch_host.pop(op, None)
+            self._free_host(indices, count=False)
+            if op.taken_pages() == 0:
+                self._free_prefetch_state(op)
+
+    def _free_prefetch_state(self, op: PrefetchOperation) -> None:
+        """Frees the host state slot of a hybrid prefetch that inserted nothing (if any)."""
+        state = self._prefetch_state.pop(op, -1)
+        if state >= 0:
+            self._mamba_host().free(torch.tensor([state], dtype=torch.int64))
+
+    def _mamba_host(self) -> MambaHostPool:
+        if self.mamba_host_pool is None:
+            raise InvariantError("a host Mamba state operation ran on a cache without one")
+        return self.mamba_host_pool
+
+    def _backup_to_storage(self, node_id: int) -> None:
+        """Queues the storage backup of the node whose host copy was just acked.
+
+        SGLang's ``write_backup_storage`` for the node and its split-off fragments: their pages
+        keyed by their page hashes, minus keys queued already (the backend skips keys it
+        stores); the node is host-locked (a path lock) until the backup thread's ack.
+        """
+        if self.storage is None:
+            return
+        plan = self.tree.storage_backup_plan(node_id)
+        if not plan.node_ids:
+            return
+        keys: list[str] = []
+        states: list[tuple[str, int]] = []
+        for n in plan.node_ids:
+            digests = [d.hex() for d in self.tree.node_page_hashes(n)]
+            keys += digests
+            if self.storage.state_backend is not None:
+                info = self.tree.node_info(n)
+                if info.has_mamba_host_value:  # stored under the node's last page hash
+                    states.append((digests[-1], info.mamba_host_value))
+        self._queue_storage_backup(node_id, keys, plan.indices, states)
+
+    def _backup_state_to_storage(self, node_id: int) -> None:
+        """Queues the storage backup of a node state backed up to host on its own (hybrid)."""
+        if self.storage is None or self.storage.state_backend is None:
+            return
+        info = self.tree.node_info(node_id)
+        if not info.has_mamba_host_value:
+            return
+        key = self.tree.node_page_hashes(node_id)[-1].hex()
+        self._queue_storage_backup(node_id, [], _empty_slots(), [(key, info.mamba_host_value)])
+
+    def _queue_storage_backup(
+        self, node_id: int, keys: list[str], host: torch.Tensor, states: list[tuple[str, int]]
+    ) -> None:
+        """Host-locks ``node_id`` and queues its storage backup (unlocks if nothing is queued)."""
+        assert self.storage is not None
+        self.tree.inc_host_lock_ref(node_id)
+        queued = self.storage.backup(node_id, keys, host, states)
+        if queued == 0 and self.storage.num_queued_states() == 0:
+            self.tree.dec_host_lock_ref(node_id)
+            return
+        self._storage_backups[node_id] = self._storage_backups.get(node_id, 0) + 1
+        self.stats.storage_backup_tokens += queued * self.page_size
+
+    def _apply_storage_acks(self) -> None:
+        """Releases the host locks of finished storage backups."""
+        assert self.storage is not None
+        for node_id, _, failed in self.storage.pop_backup_acks():
+            self.stats.storage_backup_failed_tokens += failed * self.page_size
+            self.tree.dec_host_lock_ref(node_id)
+            left = self._storage_backups[node_id] - 1
+            if left:
+                self._storage_backups[node_id] = left
+            else:
+                del self._storage_backups[node_id]
+
+    def _end_storage_work(self) -> None:
+        """Ends every prefetch (inserting what was read) and waits for every storage backup.
+
+        Called without the lock held: the prefetch thread may need it to hand pages back.
+        """
+        if self.storage is None:
+            return
+        with self._lock:
+            for req_id in list(self._ongoing_prefetch):
+                self.terminate_prefetch(req_id)
+        self.storage.wait_backups()
+        deadline = time.monotonic() + 30.0
+        while True:  # prefetch threads still reading a terminated prefetch free its pages
+            with self._lock:
+                if not self._prefetch_host:
+                    break
+            if time.monotonic() > deadline:
+                raise InvariantError("the prefetch thread did not hand back its host pages")
+            time.sleep(0.001)
+        with self._lock:
+            self._apply_storage_acks()
 
     # ---- slots ----------------------------------------------------------------------------------
 
@@ -1370,6 +1781,10 @@ class HiCache:
         Raises:
             InvalidArgumentError: a running request still holds a lock.
         """
+        if self.storage is not None:
+            with self._lock:
+                self.flush()  # applies the acks that queue the last storage backups
+            self._end_storage_work()
         with self._lock:
             self.flush()
             self._free_failed_load_slots()  # empty the tree's outboxes first
@@ -1394,7 +1809,18 @@ class HiCache:
                 self.kv_events.on_cleared()
 
     def close(self) -> None:
-        """Finishes in-flight transfers and stops the controller's workers. Idempotent."""
+        """Finishes in-flight transfers and stops the controller's workers. Idempotent.
+
+        With storage: ends every prefetch (inserting what was read), waits for the storage
+        backups, and stops the storage threads (the backend stays open: its owner closes it).
+        """
+        if self.storage is not None and not self.storage.closed:
+            try:
+                with self._lock:
+                    self.flush()  # applies the acks that queue the last storage backups
+                self._end_storage_work()
+            finally:
+                self.storage.close()
         with self._lock:
             if self.controller is not None:
                 try:
@@ -1414,8 +1840,9 @@ class HiCache:
         """Checks the tree's invariants and slot ownership (DESIGN.md invariant 3).
 
         Device: tree slots are never free; with ``request_slots``, tree slots, free slots and
-        ``request_slots`` partition the pool exactly. Host: tree host slots and free host slots
-        always partition the host pool exactly (in-flight transfers are committed in the tree).
+        ``request_slots`` partition the pool exactly. Host: tree host slots, free host slots and
+        the host slots of prefetches from storage in flight always partition the host pool
+        exactly (in-flight transfers are committed in the tree).
         Mamba: tree states are never free; with ``request_states``, tree states, free states and
         ``request_states`` partition the state pool exactly.
 
@@ -1434,11 +1861,15 @@ class HiCache:
         with self._lock:
             self.tree.check_invariants()
             if self.mamba_host_pool is not None:
+                prefetch_states = torch.tensor(
+                    list(self._prefetch_state.values()), dtype=torch.int64
+                )
                 _check_partition(
                     torch.cat(
                         (
                             self.tree.all_mamba_host_indices(),
                             self.mamba_host_pool.allocator.free_slot_indices(),
+                            prefetch_states,
                         )
                     ),
                     self.mamba_host_pool.num_slots,
@@ -1464,8 +1895,11 @@ class HiCache:
             if self.host_pool is not None:
                 host_owned = self.tree.all_host_indices()
                 free_host = self.host_pool.allocator.free_slot_indices()
+                prefetching = list(self._prefetch_host.values())  # storage reads in flight
                 _check_partition(
-                    torch.cat((host_owned, free_host)), self.host_pool.num_slots, "host slot"
+                    torch.cat((host_owned, free_host, *prefetching)),
+                    self.host_pool.num_slots,
+                    "host slot",
                 )
             if request_slots is None:
                 return

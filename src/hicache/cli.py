@@ -80,6 +80,34 @@ def _add_replay_parser(sub: argparse._SubParsersAction) -> None:
         help="host<->device transfer backend: kernel (hicache's CUDA kernels), direct (torch "
         "copies), auto (kernel where it can run; default). The report says which ran.",
     )
+    p.add_argument(
+        "--hicache-storage-backend",
+        choices=("file", "valkey", "redis"),
+        default=None,
+        help="storage (L3) tier below the host tier (needs --hicache-ratio, --hicache-size or "
+        "--host-blocks): file (a directory) or valkey (a Valkey/Redis server); pages backed up "
+        "to host are stored, and each request first prefetches what follows its L1+L2 match",
+    )
+    p.add_argument(
+        "--hicache-storage-backend-extra-config",
+        default=None,
+        help='JSON object: the backend\'s config (file: {"path": DIR, "max_bytes": N}; valkey: '
+        '{"host": H, "port": P, ...}) and the prefetch knobs prefetch_threshold (tokens, default '
+        "256), prefetch_timeout_base (s, 1), prefetch_timeout_per_ki_token (s, 0.25)",
+    )
+    p.add_argument(
+        "--hicache-storage-prefetch-policy",
+        choices=("best_effort", "wait_complete", "timeout"),
+        default="best_effort",
+        help="when a request stops waiting for its prefetch (SGLang's policies; default "
+        "best_effort: at once, which in this sequential replay finds little read)",
+    )
+    p.add_argument(
+        "--model-name",
+        default="hicache-replay",
+        help="model name in the storage key identity (replays share stored pages when it and "
+        "the KV shape, dtype, page size and layout agree)",
+    )
     p.add_argument("--layers", type=int, default=2, help="KV layers (default 2)")
     p.add_argument("--heads", type=int, default=2, help="KV heads (default 2; MLA uses 1)")
     p.add_argument("--head-dim", type=int, default=8, help="KV head dim (default 8)")
@@ -159,6 +187,23 @@ def _print_report(report) -> None:
                 f"{stats['demoted_tokens']:,} / {stats['dropped_tokens']:,}",
             ),
             ("host-evicted tokens", f"{stats['host_evicted_tokens']:,}"),
+        ]
+    if report.storage:
+        backend = report.storage_stats.get("backend", {})
+        counters = report.storage_stats.get("controller", {})
+        rows += [
+            ("storage (L3)", f"{report.storage} / {report.config['prefetch_policy']}"),
+            ("storage (L3) hit blocks", f"{report.storage_hit_blocks:,}"),
+            (
+                "L3 pages read / stored / deduplicated",
+                f"{counters.get('prefetch_read_pages', 0):,} / "
+                f"{counters.get('backup_pages', 0):,} / {counters.get('backup_dedup_pages', 0):,}",
+            ),
+            (
+                "L3 failed ops / corrupt pages / not stored",
+                f"{backend.get('failed_ops', 0):,} / {backend.get('corrupt_pages', 0):,} / "
+                f"{counters.get('backup_failed_pages', 0):,}",
+            ),
         ]
     if report.mamba_states:
         stats = report.cache_stats
@@ -251,6 +296,10 @@ def _replay(args: argparse.Namespace) -> int:
         max_mamba_cache_size=args.max_mamba_cache_size,
         sliding_window_size=args.sliding_window_size,
         swa_full_tokens_ratio=args.swa_full_tokens_ratio,
+        storage_backend=args.hicache_storage_backend,
+        storage_extra_config=args.hicache_storage_backend_extra_config,
+        prefetch_policy=args.hicache_storage_prefetch_policy,
+        model_name=args.model_name,
     )
     with Progress(
         "[progress.description]{task.description}",

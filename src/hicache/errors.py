@@ -54,3 +54,19 @@ class TransferError(HiCacheError, RuntimeError):
     def __init__(self, message: str, ack_ids: tuple[int, ...] = ()) -> None:
         super().__init__(message)
         self.ack_ids = tuple(ack_ids)
+
+
+class StorageError(HiCacheError, RuntimeError):
+    """A storage (L3) backend could not do an operation: server down, timeout, disk full, ...
+
+    The message names the backend (``file at /path`` or ``valkey at host:port``), the operation and
+    the cause. The operation left no partial state: no page of the host pool was written with
+    unverified bytes, and no partially written value is visible in storage.
+
+    Attributes:
+        backend: the backend's description, e.g. ``"valkey at 127.0.0.1:6379"``.
+    """
+
+    def __init__(self, message: str, backend: str = "") -> None:
+        super().__init__(message)
+        self.backend = backend

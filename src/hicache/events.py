@@ -176,12 +176,27 @@ class KVEventPublisher:
             first_page: pages of ``key`` that were already on device (not reported again).
             extra_key: the key's namespace.
         """
+        self.on_insert(Medium.GPU, key, slots, first_page, extra_key)
+
+    def on_insert(
+        self,
+        medium: Medium,
+        key: torch.Tensor,
+        slots: torch.Tensor,
+        first_page: int,
+        extra_key: str | None,
+    ) -> None:
+        """Pages ``first_page..`` of ``key`` were inserted on ``medium`` in ``slots``.
+
+        :meth:`on_device_insert` for any medium: the host (CPU) one when pages prefetched from
+        storage are inserted as host-only nodes. Arguments as there.
+        """
         if slots.numel() == 0:
             return
         tokens = np.asarray(key, dtype=np.int64)
         digests = page_hashes(tokens, self.page_size, namespace_seed(extra_key))
         hashes = [block_hash(d) for d in digests]
-        pages = self._pages[Medium.GPU]
+        pages = self._pages[medium]
         ps = self.page_size
         parent = hashes[first_page - 1] if first_page > 0 else None
         for i, slot in enumerate(self._first_slots(slots), start=first_page):
@@ -193,7 +208,7 @@ class KVEventPublisher:
                 parent,
                 tuple(tokens[first_page * ps : len(hashes) * ps].tolist()),
                 ps,
-                Medium.GPU,
+                medium,
                 extra_key,
             )
         )

@@ -31,12 +31,21 @@ hicache_mamba_capacity_states       gauge   the Mamba state pool's size
 hicache_mamba_forks_total           counter request states copied from cached ones
 hicache_mamba_published_total       counter request states the tree took (checkpoints)
 hicache_mamba_evicted_states_total  counter states freed by eviction
+hicache_storage_pages_total         counter ``op`` query_hit (leading pages ``exists`` found) /
+                                            read (prefetched into host) / stored / deduplicated
+                                            / not_stored (a failure or a full backend)
+hicache_storage_prefetches_total    counter ``outcome`` queued / revoked (hit below the
+                                            threshold, or no host room) / cut (a failure or a
+                                            missing/corrupt page ended it early)
+hicache_storage_failures_total      counter ``kind`` backend_ops (calls that failed) /
+                                            corrupt_pages (pages that failed verification)
+hicache_storage_queue_depth         gauge   ``direction`` prefetch / backup: operations in flight
 =================================== ======= ===================================================
 
 With a Mamba pool, ``hit_tokens`` count what every component accepted (the match ends at a
-cached state).
-
-Storage (L3) prefetch outcomes join this table with the storage tier.
+cached state). With a storage backend, ``hit_tokens{tier=L3}`` counts the tokens prefetched from
+storage into the tree (they are then matched as L2 hits and loaded back), and the
+``hicache_storage_*`` rows appear.
 """
 
 from __future__ import annotations
@@ -89,6 +98,10 @@ METRICS: dict[str, tuple[str, str]] = {
     "hicache_mamba_forks_total": ("counter", "request states copied from cached ones"),
     "hicache_mamba_published_total": ("counter", "request states the tree took"),
     "hicache_mamba_evicted_states_total": ("counter", "Mamba states freed by eviction"),
+    "hicache_storage_pages_total": ("counter", "storage (L3) pages per operation outcome"),
+    "hicache_storage_prefetches_total": ("counter", "storage prefetches per outcome"),
+    "hicache_storage_failures_total": ("counter", "storage backend failures per kind"),
+    "hicache_storage_queue_depth": ("gauge", "storage operations in flight per direction"),
 }
 
 
@@ -156,6 +169,28 @@ def collect(cache: HiCache) -> list[Sample]:
             add("hicache_mamba_forks_total", stats.mamba_forks)
             add("hicache_mamba_published_total", stats.mamba_published)
             add("hicache_mamba_evicted_states_total", stats.mamba_evicted_states)
+        storage = cache.storage
+        if storage is not None:
+            add("hicache_hit_tokens_total", stats.storage_hit_tokens, tier="L3", component="full")
+            with storage._lock:
+                c = storage.counters.as_dict()
+            pages = (
+                ("query_hit", c["prefetch_query_pages"]),
+                ("read", c["prefetch_read_pages"]),
+                ("stored", c["backup_pages"]),
+                ("deduplicated", c["backup_dedup_pages"]),
+                ("not_stored", c["backup_failed_pages"]),
+            )
+            for op, value in pages:
+                add("hicache_storage_pages_total", value, op=op)
+            add("hicache_storage_prefetches_total", c["prefetch_ops"], outcome="queued")
+            add("hicache_storage_prefetches_total", c["prefetch_revoked_ops"], outcome="revoked")
+            add("hicache_storage_prefetches_total", c["prefetch_failed_ops"], outcome="cut")
+            backend = storage.backend.stats_snapshot()
+            add("hicache_storage_failures_total", backend.failed_ops, kind="backend_ops")
+            add("hicache_storage_failures_total", backend.corrupt_pages, kind="corrupt_pages")
+            add("hicache_storage_queue_depth", len(cache._ongoing_prefetch), direction="prefetch")
+            add("hicache_storage_queue_depth", storage.num_pending_backups(), direction="backup")
     return samples
 
 

@@ -22,6 +22,12 @@ ack_write      ``CacheController.writing_check``
 ack_load       ``CacheController.loading_check``
 kernel_backup  C++ (``cuda/transfer.cu``): one device -> host launch of the transfer kernel
 kernel_load    C++ (``cuda/transfer.cu``): one host -> device launch (a layer, or all layers)
+prefetch       ``HiCache.prefetch_from_storage``: an L3 prefetch checked and queued (tokens)
+prefetch_done  ``HiCache.check_prefetch_progress`` / ``terminate_prefetch`` ending a prefetch:
+               its pages inserted as host nodes, duplicates freed (tokens inserted)
+storage_query  prefetch thread: page hashes and ``exists`` batches of one prefetch (tokens)
+storage_get    prefetch thread: one ``get`` batch from storage into host pages (pages)
+storage_backup backup thread: one ``set`` batch from host pages into storage (pages)
 ============== ===================================================================================
 
 How they nest is :data:`NESTING` (and ``profiling/README.md``, which a test keeps equal to it):
@@ -29,7 +35,10 @@ the stages each range may open directly inside, on the same thread. Where the ba
 depends on the device pool: on CUDA, ``write_batch`` and ``load_batch`` are issued on the calling
 thread (the ranges time the issue of the copies onto the side streams; the copies themselves are
 on the streams' rows of the timeline); without CUDA they run on the controller's worker threads
-(``hicache-write``, ``hicache-load``), outermost there (:data:`WORKER_STAGES`).
+(``hicache-write``, ``hicache-load``), outermost there (:data:`WORKER_STAGES`). The storage
+stages run on the storage controller's threads (``hicache-prefetch``,
+``hicache-storage-backup``), outermost there (:data:`STORAGE_STAGES`); that prefetch thread also
+opens ``evict_host`` when it makes host room for a storage hit.
 
 The ``kernel_*`` ranges are pushed by the CUDA module, not by Python: their names are listed in
 :data:`CPP_STAGES` and, once more, in ``cpp/include/hicache/nvtx.h``; a test checks that the two
@@ -45,7 +54,15 @@ from contextlib import AbstractContextManager, nullcontext
 
 import nvtx
 
-__all__ = ["CPP_STAGES", "DOMAIN", "NESTING", "STAGES", "WORKER_STAGES", "nvtx_range"]
+__all__ = [
+    "CPP_STAGES",
+    "DOMAIN",
+    "NESTING",
+    "STAGES",
+    "STORAGE_STAGES",
+    "WORKER_STAGES",
+    "nvtx_range",
+]
 
 DOMAIN = "hicache"
 
@@ -64,6 +81,11 @@ ACK_WRITE = "ack_write"
 ACK_LOAD = "ack_load"
 KERNEL_BACKUP = "kernel_backup"
 KERNEL_LOAD = "kernel_load"
+PREFETCH = "prefetch"
+PREFETCH_DONE = "prefetch_done"
+STORAGE_QUERY = "storage_query"
+STORAGE_GET = "storage_get"
+STORAGE_BACKUP = "storage_backup"
 
 STAGES = (
     MATCH_PREFIX,
@@ -81,6 +103,11 @@ STAGES = (
     ACK_LOAD,
     KERNEL_BACKUP,
     KERNEL_LOAD,
+    PREFETCH,
+    PREFETCH_DONE,
+    STORAGE_QUERY,
+    STORAGE_GET,
+    STORAGE_BACKUP,
 )
 
 # The stages that C++ code emits (hicache::nvtx in cpp/include/hicache/nvtx.h).
@@ -109,11 +136,19 @@ NESTING: dict[str, frozenset[str | None]] = {
     ACK_LOAD: frozenset({ACK}),
     KERNEL_BACKUP: frozenset({WRITE_BATCH}),
     KERNEL_LOAD: frozenset({LOAD_LAYER}),
+    PREFETCH: frozenset({None}),
+    PREFETCH_DONE: frozenset({None}),
+    STORAGE_QUERY: frozenset({None}),
+    STORAGE_GET: frozenset({None}),
+    STORAGE_BACKUP: frozenset({None}),
 }
 
 # The stages that, without CUDA, run on the controller's worker threads (one per direction) and
 # open outermost there; on CUDA they run on the submitting thread, nested as NESTING says.
 WORKER_STAGES = (WRITE_BATCH, LOAD_BATCH)
+
+# The stages of the storage (L3) controller's threads (prefetch, backup), outermost there.
+STORAGE_STAGES = (STORAGE_QUERY, STORAGE_GET, STORAGE_BACKUP)
 
 
 # Whether a tool (Nsight Systems, an NVTX injection library) collects the domain: the nvtx package

@@ -28,7 +28,12 @@ import pytest
 from hicache import profiling, transfer
 
 RECORDER_SOURCE = Path(__file__).with_name("nvtx_recorder.c")
-PY_STAGES = frozenset(profiling.STAGES) - frozenset(profiling.CPP_STAGES)
+# Without a storage backend (these replays have none) the storage stages never run.
+STORAGE_RUN_STAGES = frozenset(profiling.STORAGE_STAGES) | {
+    profiling.PREFETCH,
+    profiling.PREFETCH_DONE,
+}
+PY_STAGES = frozenset(profiling.STAGES) - frozenset(profiling.CPP_STAGES) - STORAGE_RUN_STAGES
 NUM_LAYERS = 3  # not the replay's default of 2, so that a per-layer count cannot match by chance
 # Small enough for a few seconds on 2 cores; the bundled trace's first 400 requests at this size
 # evict to host, evict host leaves and load some host hits back (both policies).
@@ -303,7 +308,7 @@ def test_kernel_ranges_nest_in_their_batches(recorder, tmp_path, policy):
     rec = _read(out)
     assert json.loads(report.read_text())["io_backend"] == "kernel"
     _check_common(rec)
-    _check_emitted(rec, frozenset(profiling.STAGES))
+    _check_emitted(rec, frozenset(profiling.STAGES) - STORAGE_RUN_STAGES)
     count = Counter(r.name for r in rec.ranges)
     # One launch per write batch (all layers) and per layer of a load batch.
     assert count["kernel_backup"] == count["write_batch"]
@@ -314,3 +319,28 @@ def test_kernel_ranges_nest_in_their_batches(recorder, tmp_path, policy):
     assert len({r.tid for r in rec.ranges}) == 1
     assert {r.parent for r in rec.ranges if r.name == "load_batch"} == {None}
     assert {r.parent for r in rec.ranges if r.name == "write_batch"} <= {"ack", "evict"}
+
+
+# ---- a CPU replay with a storage tier: the storage stages --------------------------------------
+
+
+def test_storage_replay_runs_its_stages_on_the_storage_threads(recorder, tmp_path):
+    out, report = tmp_path / "events.tsv", tmp_path / "report.json"
+    config = json.dumps({"path": str(tmp_path / "l3"), "prefetch_threshold": 16})
+    argv = ["-m", "hicache.cli", "replay", *REPLAY_ARGS, "--device", "cpu", "--json", str(report)]
+    argv += ["--hicache-storage-backend", "file", "--hicache-storage-backend-extra-config", config]
+    argv += ["--hicache-storage-prefetch-policy", "wait_complete"]
+    _record(recorder, out, argv)
+    rec = _read(out)
+    _check_common(rec)
+    _check_emitted(rec, PY_STAGES | STORAGE_RUN_STAGES)
+    threads = {name: {r.tid for r in rec.ranges if r.name == name} for name in STORAGE_RUN_STAGES}
+    (scheduler,) = {r.tid for r in rec.ranges if r.name == "match_prefix"}
+    assert threads["prefetch"] == threads["prefetch_done"] == {scheduler}
+    (prefetcher,) = threads["storage_query"]
+    (backup,) = threads["storage_backup"]
+    assert threads["storage_get"] == {prefetcher}
+    assert len({scheduler, prefetcher, backup}) == 3
+    assert all(r.parent is None for r in rec.ranges if r.name in profiling.STORAGE_STAGES)
+    counters = json.loads(report.read_text())["storage_stats"]["controller"]
+    assert _tokens(rec, "storage_get") == counters["prefetch_read_pages"] > 0  # pages per batch

@@ -433,6 +433,44 @@ class ReferenceTree:
             tuple(remap_src),
         )
 
+    def insert_host(
+        self, anchor: list[int], key: list[int], host: list[int], extra_key: str | None = None
+    ) -> InsertOutcome:
+        """Caches the pages of ``key`` after the cached prefix ``anchor`` as host-only pages.
+
+        Prefetched pages (``RadixTree.insert_host``): a page already cached keeps its slots (its
+        slots in ``host`` are the caller's duplicates); a new page takes its slots from ``host``,
+        has no device copy and no hit. Stops at the first load-pending or load-failed page. Node
+        ends and touches as :meth:`insert` (the anchor's pages are touched too).
+
+        Returns:
+            ``prefix_len`` (tokens already cached), ``adopted_len`` (0) and ``cached_len``
+            (tokens of ``key`` cached: all its whole pages, or up to the stop).
+        """
+        assert len(key) == len(host)
+        anchor_pages = self._page_keys(anchor, extra_key)
+        offset = len(anchor_pages)
+        prefix_len = 0
+        walked: list[PageKey] = []
+        existed = None
+        for k, page_key in enumerate(self._page_keys(anchor + key, extra_key)[offset:]):
+            page = self.pages.get(page_key)
+            if page is not None and (page.load_pending or page.load_failed):
+                break
+            walked.append(page_key)
+            if page is None:
+                slots = list(host[k * self.page_size : (k + 1) * self.page_size])
+                self.pages[page_key] = Page(None, tick=0, host=slots, hit_count=0)
+                continue
+            existed = page_key
+            prefix_len += self.page_size
+        if existed is not None:
+            self.ends.add(existed)
+        if walked:
+            self.ends.add(walked[-1])
+        self._touch(anchor_pages + walked)
+        return InsertOutcome(prefix_len, 0, len(walked) * self.page_size)
+
     def lock(self, prefix: list[int], extra_key: str | None = None) -> LockOutcome:
         """Locks every page of ``prefix`` (cached, on device, ending a node), the state of its last
         page, and (SWA models) the SWA window segment ending there."""

@@ -1,21 +1,21 @@
 """Differential property tests: ``RadixTree`` against the page-level ``ReferenceTree``.
 
-A hypothesis state machine drives both with the same random inserts, matches, locks, unlocks,
-host locks, backups (write-through plans and their commits), device evictions (write-through and
-write-back: demotion, drops, backup requests), host evictions, load-backs (kept in flight while
-other operations run, inserts over them and loads chained under them included) and their acks
-(finished or failed, oldest first as the controller delivers them, a failed one possibly locked by
-requests) and resets, in any interleaving, and after every step checks the tree's own invariants
-and that every size and every held device and host slot agree with the model, including the
-slots of failed loads handed back when their last lock goes, and that the tree's nodes are the
-model's: the same paths (so splits happen where the model says), each with the model's tiers,
-locks, hits and in-flight marks. Node ids in results (match anchors, insert's last node, lock
-receipts, backup plans, write-back requests) are checked to name the node at the model's path.
-Keys are built from a few page-sized blocks out of a small pool so that prefixes are shared,
-nodes split and branches compete in eviction. The machine also runs Mamba trees
-(``test_differential_mamba``) and SWA trees (``test_differential_swa``): then the model predicts
-the states, the SWA KV, window locks and host SWA copies too (every step compares them; they are
-empty in trees without those components).
+A hypothesis state machine drives both with the same random inserts, matches, locks, unlocks, host
+locks, backups (write-through plans and their commits), host inserts of prefetched pages, device
+evictions (write-through and write-back: demotion, drops, backup requests), host evictions, load-
+backs (kept in flight while other operations run, inserts over them and loads chained under them
+included) and their acks (finished or failed, oldest first as the controller delivers them, a failed
+one possibly locked by requests) and resets, in any interleaving, and after every step checks the
+tree's own invariants and that every size and every held device and host slot agree with the model,
+including the slots of failed loads handed back when their last lock goes, and that the tree's nodes
+are the model's: the same paths (so splits happen where the model says), each with the model's
+tiers, locks, hits and in-flight marks. Node ids in results (match anchors, insert's last node, lock
+receipts, backup plans, write-back requests) are checked to name the node at the model's path. Keys
+are built from a few page-sized blocks out of a small pool so that prefixes are shared, nodes split
+and branches compete in eviction. The machine also runs Mamba trees (``test_differential_mamba``)
+and SWA trees (``test_differential_swa``): then the model predicts the states, the SWA KV, window
+locks and host SWA copies too (every step compares them; they are empty in trees without those
+components).
 
 Profiles: ``ci`` (default) and ``long``; pick one with ``HYPOTHESIS_PROFILE=long``.
 """
@@ -377,6 +377,27 @@ class TreeVsModel(RuleBasedStateMachine):
         assert not self.tree.node_info(anchor).load_pending
         self._unlock(receipt, extra_key, prefix)
         assert self.tree.dec_host_lock_ref(anchor) == self.model.host_unlock(prefix, extra_key)
+
+    @precondition(lambda self: not self.mamba)
+    @rule(
+        blocks=blocks_st,
+        tail_len=tail_st,
+        extra_index=extra_st,
+        rest=st.lists(st.integers(0, NUM_BLOCKS_IN_POOL - 1), min_size=0, max_size=4),
+        rest_tail=tail_st,
+    )
+    def prefetch_insert_host(
+        self, blocks: list[int], tail_len: int, extra_index: int, rest: list[int], rest_tail: int
+    ) -> None:
+        # Pages prefetched from storage, inserted host-only below a match's last_host_node.
+        result, extra_key, _, validated, _ = self._match(blocks, tail_len, extra_index)
+        anchor = result.last_host_node
+        key = self._key(rest, rest_tail)
+        host = self._fresh(len(key), host=True)
+        got = self.tree.insert_host(anchor, key, torch.tensor(host, dtype=torch.int64), extra_key)
+        out = self.model.insert_host(validated, key, host, extra_key)
+        assert (got.prefix_len, got.adopted_len, got.cached_len) == out[:3]
+        assert got.last_node == self._node_at(extra_key, validated + key[: got.cached_len])
 
     def _check_evicted(self, result, out) -> None:
         assert result.device_indices.dtype == torch.int64

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "hicache/lru_list.h"
+#include "hicache/page_hash.h"
 #include "hicache/types.h"
 
 namespace hicache {
@@ -67,6 +68,9 @@ struct Node {
   bool load_failed = false;
   Tick last_access = 0;
   Tick creation_time = 0;
+  // Trees with page hashes (the storage tier): one chained digest per page of key, the page's
+  // storage key (hicache/page_hash.h). Set when the node is created, sliced by a split.
+  std::vector<Digest> page_hashes;
 
   // Member of the device LRU while it has a Full device value and Full lock_ref == 0.
   LruHook<Node> device_lru;

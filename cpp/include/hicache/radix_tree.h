@@ -380,6 +380,39 @@ class RadixTree {
   // Checks every invariant of DESIGN.md that applies; throws logic_error naming the node.
   void check_invariants() const;
 
+  // ---- storage tier (cpp/src/tree_storage.cc) ----
+  // Page hashes (SGLang's hash_value, reference §6.1): from now on every node created gets one
+  // chained SHA-256 digest per page of its key, seeded by namespace_seed(extra_key) under a
+  // namespace, and a split slices them. Off by default (the insert path then hashes nothing).
+  // invalid_argument unless the tree is empty.
+  void enable_page_hashes();
+  bool has_page_hashes() const { return page_hashes_; }
+  // The digests of a node's pages / of every page on the path root..node, root-first.
+  // invalid_argument without page hashes; out_of_range for an unknown id.
+  std::vector<Digest> node_page_hashes(NodeId id) const;
+  std::vector<Digest> path_page_hashes(NodeId id) const;
+  // Inserts key[0:floor(len)] below `anchor` (the tokens that follow anchor's path) as
+  // host-only nodes holding the host slots host[0:floor(len)]: pages prefetched from storage
+  // (SGLang's insert_host / _insert_helper_host, reference §3.8). Nodes already there keep their
+  // values (the caller frees host[0:prefix_len], its duplicates, and host[cached_len:]); the new
+  // tail node is host-only (evicted + backuped), host-unlocked, in the host LRU, and gets page
+  // hashes. Stops, like insert, at a load-pending or load-failed node (cached_len < aligned).
+  // No hit is counted; the path is touched. extra_key: the namespace, used below the root and
+  // checked against the anchor's elsewhere. host_len must equal len. Mamba trees: required
+  // mamba_host_value, the host state after the aligned key; the node ending the key takes it
+  // (mamba_taken) if that node has host KV and no host state (a new leaf always takes it), else
+  // the caller frees it (mamba_exist: the node had one). invalid_argument: lengths, a
+  // load-failed anchor, another namespace, a state missing in a Mamba tree or given to another;
+  // out_of_range: unknown anchor, a host slot or state outside its pool. O(len).
+  InsertResult insert_host(NodeId anchor, const Token* key, size_t len, const SlotIndex* host,
+                           size_t host_len, std::string_view extra_key,
+                           SlotIndex mamba_host_value = -1);
+  // The nodes of backup `ack_id` (its node and the fragments split off above it: the nodes on
+  // the path root..ack_id marked backup-pending with ack_id), root-first, with their host slots:
+  // what goes to storage once that device -> host copy is acknowledged (SGLang's
+  // write_backup_storage for every fragment). Call it before finish_backup. Empty if none.
+  TransferPlan storage_backup_plan(NodeId ack_id) const;
+
  private:
   using DeviceLru = LruList<Node, &Node::device_lru>;
   using HostLru = LruList<Node, &Node::host_lru>;
@@ -419,6 +452,9 @@ class RadixTree {
   void check_slots(const char* caller, const SlotIndex* slots, size_t len, int64_t num_slots,
                    const char* pool) const;
   NodeId mint_id() { return next_id_++; }
+  void hash_new_node(Node* node);
+  void slice_page_hashes(Node* lower, Node* upper, size_t prefix_len);
+  void check_page_hashes() const;
 
   const int64_t page_size_;
   const int64_t num_device_slots_;
@@ -462,6 +498,7 @@ class RadixTree {
   std::vector<SlotIndex> freed_mamba_host_;
   NodeId next_id_ = kRootId + 1;
   Tick tick_ = 0;
+  bool page_hashes_ = false;  // set once, on an empty tree, by enable_page_hashes
 };
 
 }  // namespace hicache

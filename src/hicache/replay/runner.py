@@ -14,6 +14,8 @@ from hicache.cache import WRITE_POLICIES, HiCache, Req
 from hicache.errors import HiCacheError, InvalidArgumentError
 from hicache.memory import DeviceKVPool, HostKVPool, MambaHostPool, MambaStatePool, SWAKVPool
 from hicache.replay.trace import TRACE_BLOCK_TOKENS, TraceRequest, block_tokens
+from hicache.storage.base import StorageIdentity, create_backend, parse_extra_config
+from hicache.storage.controller import PrefetchConfig
 
 __all__ = [
     "KVIntegrityError",
@@ -29,6 +31,7 @@ MODELS = ("plain", "mamba-hybrid", "swa-hybrid", "swa-mamba-hybrid")
 
 OPERATIONS = (
     "match_prefix",
+    "prefetch",
     "load_back",
     "inc_lock_ref",
     "alloc",
@@ -83,6 +86,21 @@ class ReplayConfig:
             ``block_tokens`` 16), the baseline's default.
         swa_full_tokens_ratio: SWA pool tokens / full pool tokens (SGLang's
             ``--swa-full-tokens-ratio``, default 0.8).
+        storage_backend: the storage (L3) tier (SGLang's ``--hicache-storage-backend``):
+            ``"file"``, ``"valkey"`` (``"redis"``) or None for none; needs the host tier. With
+            ``mamba-hybrid`` a second backend of the same kind stores node states, and a
+            prefetch is all-or-nothing (pages and the state at their end).
+            Pages backed up to host are stored too, and every request first prefetches from
+            storage what follows its L1 + L2 match (see :meth:`HiCache.prefetch_from_storage`).
+        storage_extra_config: the backend's config and the prefetch knobs (SGLang's
+            ``--hicache-storage-backend-extra-config``): a dict or a JSON object string, e.g.
+            ``{"path": "/tmp/hicache", "prefetch_threshold": 64}``.
+        prefetch_policy: SGLang's ``--hicache-storage-prefetch-policy``. The replay is
+            sequential, so it polls ``check_prefetch_progress`` until it says go: under
+            ``best_effort`` that is at once, and only pages already read count (usually none);
+            ``wait_complete`` waits for every stored page; ``timeout`` for at most its limit.
+        model_name: the model name in the storage identity (two replays share stored pages
+            when it, the KV shape, dtype, page size and host layout agree).
     """
 
     block_tokens: int = 16
@@ -108,6 +126,10 @@ class ReplayConfig:
     max_mamba_cache_size: int | None = None
     sliding_window_size: int | None = None
     swa_full_tokens_ratio: float = 0.8
+    storage_backend: str | None = None
+    storage_extra_config: dict | str | None = None
+    prefetch_policy: str = "best_effort"
+    model_name: str = "hicache-replay"
 
 
 @dataclass
@@ -115,7 +137,8 @@ class ReplayReport:
     """Results of a replay. Hit counts follow the block-level rule of traces/README.md.
 
     ``hit_blocks`` = ``device_hit_blocks`` (L1, on device at match time) + ``host_hit_blocks``
-    (L2, host-only at match time and loaded back).
+    (L2, host-only at match time and loaded back) + ``storage_hit_blocks`` (L3, prefetched from
+    storage, then loaded back). The KV of every hit, L3 hits included, is verified.
     """
 
     trace: str
@@ -139,8 +162,9 @@ class ReplayReport:
     op_seconds: dict = field(default_factory=lambda: dict.fromkeys(OPERATIONS, 0.0))
     device: str = ""
     # One dict per window of requests: "requests" (requests done at the window's end), "blocks",
-    # "l1_hit_blocks", "l2_hit_blocks", and per direction the window's "backup_bytes",
-    # "backup_seconds", "load_back_bytes", "load_back_seconds" (bandwidth = bytes / seconds).
+    # "l1_hit_blocks", "l2_hit_blocks", "l3_hit_blocks", and per direction the window's
+    # "backup_bytes", "backup_seconds", "load_back_bytes", "load_back_seconds" (bandwidth =
+    # bytes / seconds).
     timeline: list = field(default_factory=list)
     # hicache.metrics.as_dict(collect(cache)) at the end of the replay.
     metrics: dict = field(default_factory=dict)
@@ -160,6 +184,11 @@ class ReplayReport:
     swa_verified_tokens: int = 0
     swa_branch_checkpoints: int = 0
     swa_tombstones_at_end: int = 0
+    # Storage (L3): where ("file at /path"), L3 hit blocks, and the backend's and the storage
+    # controller's counters at the end (StorageStats and StorageCounters as dicts).
+    storage: str = ""
+    storage_hit_blocks: int = 0
+    storage_stats: dict = field(default_factory=dict)
 
     @property
     def block_hit_ratio(self) -> float:
@@ -538,18 +567,41 @@ def run_replay(
         # The host tier holds states in the proportion it holds KV.
         num_host_states = max(2, mamba.pool.num_slots * host_pool.num_slots // pool.num_slots)
         mamba_host = MambaHostPool(mamba.pool, num_host_states, "page_first")
-    cache = HiCache(
-        pool,
-        ps,
-        host_pool,
-        config.write_policy,
-        config.io_backend,
-        mamba_pool=mamba.pool if mamba is not None else None,
-        mamba_host_pool=mamba_host,
-        swa_pool=swa.pool if swa is not None else None,
-        swa_host_pool=swa.host_pool if swa is not None else None,
-        sliding_window_size=swa.window if swa is not None else 0,
-    )
+    backend = state_backend = prefetch_config = None
+    if config.storage_backend is not None:
+        if host_pool is None:
+            raise InvalidArgumentError(
+                "a storage backend needs the host tier: give --hicache-ratio, --hicache-size or "
+                "--host-blocks"
+            )
+        extra = parse_extra_config(config.storage_extra_config)
+        prefetch_config = PrefetchConfig.from_extra_config(config.prefetch_policy, extra)
+        identity = StorageIdentity.from_host_pool(host_pool, config.model_name)
+        backend = create_backend(config.storage_backend, identity, extra)
+        if mamba_host is not None:  # node states beside the pages, under their own identity
+            state_identity = StorageIdentity.from_host_pool(mamba_host, config.model_name)
+            state_backend = create_backend(config.storage_backend, state_identity, extra)
+    try:
+        cache = HiCache(
+            pool,
+            ps,
+            host_pool,
+            config.write_policy,
+            config.io_backend,
+            mamba_pool=mamba.pool if mamba is not None else None,
+            mamba_host_pool=mamba_host,
+            swa_pool=swa.pool if swa is not None else None,
+            swa_host_pool=swa.host_pool if swa is not None else None,
+            sliding_window_size=swa.window if swa is not None else 0,
+            storage_backend=backend,
+            prefetch_config=prefetch_config,
+            mamba_storage_backend=state_backend,
+        )
+    except BaseException:
+        for b in (backend, state_backend):
+            if b is not None:
+                b.close()
+        raise
     report = ReplayReport(
         trace=trace_name,
         config=asdict(config),
@@ -563,6 +615,7 @@ def run_replay(
         sliding_window_size=swa.window if swa is not None else 0,
         swa_slots=swa.pool.num_slots if swa is not None else 0,
         swa_host_slots=swa.host_pool.num_slots if swa is not None and swa.host_pool else 0,
+        storage=backend.description if backend is not None else "",
     )
     ops = report.op_seconds
     window = -(-len(requests) // config.timeline_points) if config.timeline_points > 0 else 0
@@ -577,6 +630,15 @@ def run_replay(
             match = cache.match_prefix(tokens)
             t1 = clock()
             device_hit = match.device_prefix_len
+            below_l3 = device_hit + match.host_hit_length  # tokens hit on L1 + L2
+            if backend is not None and cache.prefetch_from_storage(
+                i, match.last_host_node, tokens[below_l3:]
+            ):
+                while not cache.check_prefetch_progress(i):  # the request waits in the queue
+                    cache.wait_prefetch(i, 0.001)
+                if cache.pop_prefetch_loaded_tokens(i):
+                    match = cache.match_prefix(tokens)
+            t1p = clock()
             if match.host_hit_length and cache.init_load_back(match.best_match_node):
                 # As a scheduler does: start the batch's loads, let each layer wait for its load.
                 consumer = cache.ready_to_load_host_cache()
@@ -633,7 +695,8 @@ def run_replay(
             cache.check_hicache_events(block=True)
             t8 = clock()
             ops["match_prefix"] += t1 - t0
-            ops["load_back"] += t2 - t1
+            ops["prefetch"] += t1p - t1
+            ops["load_back"] += t2 - t1p
             ops["inc_lock_ref"] += t3 - t2
             ops["verify_kv"] += t4 - t3
             ops["alloc"] += t5 - t4
@@ -648,7 +711,9 @@ def run_replay(
             report.total_blocks += len(trace_req.hash_ids)
             report.hit_blocks += hit_blocks
             report.device_hit_blocks += device_hit // bt
-            report.host_hit_blocks += hit_blocks - device_hit // bt
+            storage_hit_blocks = hit_blocks - min(hit, below_l3) // bt
+            report.storage_hit_blocks += storage_hit_blocks
+            report.host_hit_blocks += hit_blocks - device_hit // bt - storage_hit_blocks
             report.input_tokens += trace_req.input_length
             report.hit_tokens += min(hit_blocks * TRACE_BLOCK_TOKENS, trace_req.input_length)
             timeline.step()
@@ -669,6 +734,15 @@ def run_replay(
             )
     finally:
         cache.close()
+        if backend is not None:
+            report.storage_stats = {
+                "backend": backend.stats_snapshot().as_dict(),
+                "controller": cache.storage.counters.as_dict() if cache.storage else {},
+            }
+            backend.close()
+        if state_backend is not None:
+            report.storage_stats["state_backend"] = state_backend.stats_snapshot().as_dict()
+            state_backend.close()
     report.wall_seconds = clock() - start
     report.evicted_blocks = cache.num_evicted_tokens / bt
     report.load_back_tokens = cache.stats.load_back_tokens
@@ -690,6 +764,7 @@ class _Timeline:
             "blocks": r.total_blocks,
             "l1_hit_blocks": r.device_hit_blocks,
             "l2_hit_blocks": r.host_hit_blocks,
+            "l3_hit_blocks": r.storage_hit_blocks,
         }
         if c is not None:
             for name, counters in (("backup", c.backup_counters), ("load_back", c.load_counters)):
