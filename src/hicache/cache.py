@@ -429,7 +429,7 @@ class HiCache:
         with self._lock, profiling.nvtx_range(profiling.INSERT):
             result = self.tree.insert(key, value, extra_key, -1, swa_evicted_seqlen)
             if result.swa_remap_dst.numel():  # SWA tombstones took the caller's SWA KV
-                self.swa_pool.move_mapping(result.swa_remap_dst, result.swa_remap_src)
+                self._swa().move_mapping(result.swa_remap_dst, result.swa_remap_src)
                 self.stats.swa_recovered_tokens += int(result.swa_remap_dst.numel())
             if self.kv_events is not None:
                 # Only the pages the tree took: an insert stopped at a pending load leaves the
@@ -861,7 +861,7 @@ class HiCache:
         if not with_swa or self.swa_host_pool is None:
             return None, ()
         host_swa = self.swa_host_pool.allocator.alloc(device_indices.numel())
-        device_swa = self.swa_pool.translate(device_indices)
+        device_swa = self._swa().translate(device_indices)
         return host_swa, (PoolTransfer("swa", host_swa, device_swa),)
 
     def _backup_now(self, node_id: int) -> bool:
@@ -1279,7 +1279,7 @@ class HiCache:
             PoolExhaustedError: free plus evictable SWA slots cannot hold them (the rest are
                 locked: running requests' windows); nothing was mapped.
         """
-        pool = self.swa_pool
+        pool = self._swa()
         missing = full_indices.numel() - pool.available_size()
         if missing > 0:
             if missing > self.tree.swa_evictable_size() and self._ongoing_writes:
@@ -1461,6 +1461,11 @@ class HiCache:
     def _load_queue(self) -> list:
         return self.controller.load_queue if self.controller is not None else []
 
+    def _swa(self) -> SWAKVPool:
+        if self.swa_pool is None:
+            raise InvariantError("an SWA operation ran on a cache without an SWA pool")
+        return self.swa_pool
+
     def _mamba(self) -> MambaStatePool:
         if self.mamba_pool is None:
             raise InvalidArgumentError("this cache has no Mamba pool (HiCache(mamba_pool=...))")
@@ -1495,7 +1500,7 @@ class HiCache:
             self._mamba().free(result.mamba_indices)
             self.stats.mamba_evicted_states += int(result.mamba_indices.numel())
         if result.swa_indices.numel():  # SWA tombstones: their SWA side only
-            self.swa_pool.free_full(result.swa_indices)
+            self._swa().free_full(result.swa_indices)
             self.stats.swa_tombstoned_tokens += result.swa_tombstoned_tokens
         if n:
             self._free_device(result.device_indices)
@@ -1520,7 +1525,7 @@ class HiCache:
 
     def _check_swa(self, owned: torch.Tensor, request_slots: torch.Tensor | None) -> None:
         """The SWA part of :meth:`check_invariants`."""
-        pool = self.swa_pool
+        pool = self._swa()
         live = self.tree.all_swa_indices()
         if not bool(pool.is_mapped(live).all()):
             raise InvariantError("a live SWA node's full slot has no SWA slot")
@@ -1794,7 +1799,7 @@ class HiCache:
             host_states = self.tree.all_mamba_host_indices()
             host_swa = self.tree.all_swa_host_indices()
             freed = self.tree.reset()
-            if host_swa.numel():
+            if host_swa.numel() and self.swa_host_pool is not None:
                 self.swa_host_pool.allocator.free(host_swa)
             if states.numel():
                 self._mamba().free(states)
@@ -1947,8 +1952,10 @@ def _check_swa_pools(
             "HiCache: a host pool with a swa_pool needs a swa_host_pool (the host tier keeps "
             "each node's SWA KV with its KV), and a swa_host_pool needs a host pool"
         )
-    if swa_host_pool is not None and (
-        swa_host_pool.num_slots != host_pool.num_slots or swa_host_pool.page_size != page_size
+    if (
+        swa_host_pool is not None
+        and host_pool is not None
+        and (swa_host_pool.num_slots != host_pool.num_slots or swa_host_pool.page_size != page_size)
     ):
         raise InvalidArgumentError(
             f"HiCache: swa_host_pool has {swa_host_pool.num_slots} slots of page size "

@@ -34,7 +34,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -268,6 +268,21 @@ def _run(batch: _Batch, run: Callable[[_Batch], None]) -> None:
         batch.finish()
 
 
+class ExtraPool(Protocol):
+    """What the controller needs of an extra pool of a hybrid model: a :class:`MambaHostPool`,
+    or a :class:`~hicache.transfer.KVTransfer` pairing the SWA KV pool with its host pool."""
+
+    @property
+    def num_slots(self) -> int: ...  # host slots
+
+    @property
+    def device_pool(self) -> Any: ...  # has num_slots
+
+    def prepare(self, device_indices: torch.Tensor, host_indices: torch.Tensor, fn: str) -> Any: ...
+    def backup_all_layers(self, indices: Any) -> None: ...
+    def load_all_layers(self, indices: Any) -> None: ...
+
+
 class CacheController:
     """Runs backups (device -> host) and load-backs (host -> device) off the caller's thread.
 
@@ -293,7 +308,7 @@ class CacheController:
         device_pool: DeviceKVPool,
         host_pool: HostKVPool,
         io_backend: str = "auto",
-        extra_pools: dict[str, MambaHostPool | transfer.KVTransfer] | None = None,
+        extra_pools: dict[str, ExtraPool] | None = None,
     ) -> None:
         # Validates the pools and the backend; resolves "auto" (logged) to the backend that runs.
         self._transfer = transfer.KVTransfer(device_pool, host_pool, io_backend)
