@@ -42,7 +42,6 @@ from hicache import profiling, transfer
 from hicache.errors import IndexOutOfRangeError, InvalidArgumentError, TransferError
 from hicache.memory.device_pool import DeviceKVPool
 from hicache.memory.host_pool import HostKVPool, check_transfer_indices
-from hicache.memory.mamba_pool import MambaHostPool
 from hicache.memory.pool_transfer import PoolTransfer
 
 __all__ = ["CacheController", "CacheOperation", "TransferCounters"]
@@ -269,8 +268,11 @@ def _run(batch: _Batch, run: Callable[[_Batch], None]) -> None:
 
 
 class ExtraPool(Protocol):
-    """What the controller needs of an extra pool of a hybrid model: a :class:`MambaHostPool`,
-    or a :class:`~hicache.transfer.KVTransfer` pairing the SWA KV pool with its host pool."""
+    """What the controller needs of an extra pool of a hybrid model.
+
+    A :class:`~hicache.memory.MambaHostPool`, or a :class:`~hicache.transfer.KVTransfer` pairing
+    the SWA KV pool with its host pool.
+    """
 
     @property
     def num_slots(self) -> int: ...  # host slots
