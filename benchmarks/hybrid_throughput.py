@@ -203,7 +203,10 @@ def main() -> None:
         f"{'components':>10} {'cap':>4} {'hicache req/s':>14} {'SGLang Rust req/s':>18} {'x':>6} "
         f"{'hicache hits (full-only)':>26} {'SGLang hits (full-only)':>25}"
     )
-    print(f"trace {a.trace.name}, bt {a.bt}, engine loop, cache calls only, median of {a.repeat} runs each")
+    print(
+        f"trace {a.trace.name}, bt {a.bt}, engine loop, cache calls only, "
+        f"median of {a.repeat} runs each"
+    )
     print(header)
     print("-" * len(header))
     for row in rows:
