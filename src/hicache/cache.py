@@ -1127,12 +1127,19 @@ class HiCache:
             host = self._alloc_host(take)
             if host is None:
                 return None
+            swa = None
+            if op.swa_pages:  # the window's pages, the last ones
+                window = min(op.swa_pages * self.page_size, take)
+                swa_allocator = self._swa_host().allocator
+                # The tree's host SWA slots are a subset of its host slots' tokens, so this
+                # holds unless prefetch windows outgrow their pages (never: window <= take).
+                if swa_allocator.available_size() < window:
+                    self._free_host(host, count=False)
+                    return None
+                swa = swa_allocator.alloc(window)
             state = -1
             if op.needs_state:
                 state = int(self._mamba_host().alloc(1)[0])
-            swa = None
-            if op.swa_pages:  # the window's last pages (SWA host slots outnumber free host ones)
-                swa = self._swa_host().allocator.alloc(min(op.swa_pages * self.page_size, take))
             if not op._attach(host, state, swa):  # terminated meanwhile
                 self._free_host(host, count=False)
                 if state >= 0:
