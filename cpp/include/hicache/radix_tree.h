@@ -73,6 +73,9 @@
 //     and the loaded nodes with a host copy are SWA-live again. Host SWA slots freed inside the tree
 //     wait in the take_freed_swa_host_slots() outbox.
 //   - the tombstone cascade treats a childless node with SWA on neither tier as useless.
+//   - storage tier: storage_backup_plan names the host SWA copies that go to storage with the
+//     pages; insert_host takes the host SWA slots of a prefetch's window (its last pages) and
+//     gives exactly the nodes covering it host SWA copies, so that the window validates.
 //
 // Single-threaded: the Python cache serialises every call with one lock (DESIGN.md, threading
 // contract). Errors: std::invalid_argument for a bad argument, std::out_of_range for an unknown id
