@@ -178,10 +178,10 @@ InsertResult RadixTree::insert_host(NodeId anchor, const Token* key, size_t len,
       (host_swa_len == 0 || host_swa_len > aligned ||
        host_swa_len % static_cast<size_t>(page_size_) != 0)) {
     // Without a window a new host-only leaf would be a useless SWA tombstone at once.
-    throw std::invalid_argument("insert_host: an SWA tree needs the host SWA slots of the key's "
-                                "last whole pages (0 < host_swa_len <= " +
-                                std::to_string(aligned) + ", whole pages), got " +
-                                std::to_string(host_swa_len));
+    throw std::invalid_argument(
+        "insert_host: an SWA tree needs the host SWA slots of the key's "
+        "last whole pages (0 < host_swa_len <= " +
+        std::to_string(aligned) + ", whole pages), got " + std::to_string(host_swa_len));
   }
   if (swa_window_ == 0 && host_swa_len != 0) {
     throw std::invalid_argument("insert_host: host_swa given to a tree without the SWA component");
