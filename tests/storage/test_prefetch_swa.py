@@ -12,6 +12,8 @@ verified: ``tests/replay/test_replay_storage.py``.)
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 
@@ -19,8 +21,9 @@ from hicache.cache import HiCache
 from hicache.errors import InvalidArgumentError
 from hicache.memory import DeviceKVPool, HostKVPool, SWAKVPool
 from hicache.storage import FileStorage, StorageIdentity, page_hashes
-from hicache.storage.controller import PrefetchConfig
+from hicache.storage.controller import PrefetchConfig, PrefetchOperation, StorageController
 from tests.storage.conftest import corrupt_value
+from tests.storage.test_prefetch import FaultyFile
 from tests.test_cache_concurrency import NO_SLOTS
 from tests.test_cache_swa import PAGE, WINDOW, check_hit, serve
 
@@ -145,3 +148,70 @@ def test_an_swa_pool_with_storage_needs_an_swa_backend(tmp_path):
             sliding_window_size=WINDOW,
             storage_backend=FileStorage(StorageIdentity.from_host_pool(host, "m"), tmp_path),
         )
+
+
+def test_best_effort_takes_all_or_nothing_while_the_window_is_read(tmp_path):
+    store(tmp_path, TOKENS)
+    cache = make_cache(tmp_path, policy="best_effort")
+    identity = cache.storage.swa_backend.identity
+    gated = cache.storage.swa_backend = FaultyFile(identity, tmp_path)
+    gated.get_gate = threading.Event()  # the pages are read, the window's get stalls
+    m = cache.match_prefix(TOKENS)
+    assert cache.prefetch_from_storage("r", m.last_host_node, TOKENS)
+    assert gated.get_started.wait(10)
+    assert cache.check_prefetch_progress("r")  # now: the window is in flight, nothing published
+    assert cache.pop_prefetch_loaded_tokens("r") == 0
+    cache.check_invariants(NO_SLOTS)  # the thread's host and host SWA slots are accounted for
+    gated.get_gate.set()
+    cache._end_storage_work()  # the thread frees them once its get is done
+    assert cache.tree.host_total_size() == 0
+    assert_no_leaks(cache)
+    assert cache.swa_host_pool.allocator.available_size() == cache.swa_host_pool.num_slots
+    cache.close()
+
+
+class Present:
+    """A backend stub whose ``exists`` answers from a set of page indices of ``keys``."""
+
+    def __init__(self, keys: list[str], pages: set[int]) -> None:
+        self.stored = {keys[p] for p in pages}
+
+    def exists(self, keys: list[str]) -> int:
+        return next((i for i, k in enumerate(keys) if k not in self.stored), len(keys))
+
+
+@pytest.mark.parametrize(
+    ("states", "windows", "expected"),
+    [
+        ({10}, {8, 9}, 10),  # both at the end
+        ({10, 6}, {4, 5, 8}, 6),  # the last window lacks page 9: back to the state at 6
+        ({10, 7}, {4, 5, 8, 9}, 10),
+        ({7}, {4, 5, 8, 9}, 0),  # the state's window [5, 7) lacks page 6; 6 has no state
+        (set(), set(range(10)), 0),  # no state anywhere
+        ({3}, {0, 1, 2}, 3),  # the window [1, 3) is stored
+        ({2}, {1}, 0),  # the window [0, 2) lacks page 0, and below 2 pages is the threshold
+    ],
+)
+def test_a_swa_mamba_prefetch_is_cut_where_both_a_state_and_its_window_are_stored(
+    states, windows, expected
+):
+    pool = DeviceKVPool(64, 1, 1, 4, torch.float32, "cpu")
+    host = HostKVPool(pool, 64, PAGE, "page_first")
+    keys = swa_keys(TOKENS)
+    controller = StorageController(
+        Present(keys, set(range(10))),
+        host,
+        PAGE,
+        PrefetchConfig(threshold_tokens=8),
+        lambda *args: None,
+        lambda *args: None,
+    )
+    try:
+        controller.state_backend = Present(keys, {p - 1 for p in states})  # stored at page ends
+        controller.swa_backend = Present(keys, windows)
+        op = PrefetchOperation("r", 0, TOKENS.to(torch.int64), None, None, PAGE, True, 2)
+        op.keys = keys
+        assert controller._deepest_usable(op, 10) == expected
+        assert controller.counters.prefetch_swa_cut_pages == 10 - expected
+    finally:
+        controller.close()
