@@ -1,6 +1,7 @@
 // The RadixTree's storage-tier (L3) support: page hashes per node, and the host insert of pages
 // prefetched from storage. Kept apart from radix_tree.cc, which only calls hash_new_node and
 // slice_page_hashes from insert and split.
+#include <algorithm>
 #include <memory>
 #include <stdexcept>
 #include <string>
@@ -114,13 +115,41 @@ TransferPlan RadixTree::storage_backup_plan(NodeId ack_id) const {
     plan.nodes.push_back((*it)->id);
     plan.lengths.push_back((*it)->num_tokens());
     plan.indices.insert(plan.indices.end(), slots.begin(), slots.end());
+    if (swa_window_ > 0) {
+      const std::vector<SlotIndex>& swa = (*it)->swa().host_value;
+      plan.swa.push_back((*it)->has_swa_host() ? 1 : 0);
+      plan.swa_indices.insert(plan.swa_indices.end(), swa.begin(), swa.end());
+    }
   }
   return plan;
 }
 
+// insert_host, SWA trees: gives host-only `node`, which covers key[start:start + its tokens] and
+// has no host SWA copy, the host SWA slots of its tokens inside the window key[window_start:]
+// (host_swa[0] is the window's first token's), splitting off the part above the window first.
+// Marks the slots taken. Returns the node (the lower part after a split).
+Node* RadixTree::give_swa_host(Node* node, size_t start, size_t window_start,
+                               const SlotIndex* host_swa, std::vector<uint8_t>& taken) {
+  const size_t end = start + node->key.size();
+  if (end <= window_start) return node;
+  if (start < window_start) {
+    split(node, window_start - start);  // the upper part, above the window, stays without
+    start = window_start;
+  }
+  const size_t offset = start - window_start;
+  ComponentData& swa = node->swa();
+  swa.host_value.assign(host_swa + offset, host_swa + offset + node->key.size());
+  swa.has_host_value = true;
+  swa_host_size_ += node->num_tokens();
+  std::fill(taken.begin() + static_cast<std::ptrdiff_t>(offset),
+            taken.begin() + static_cast<std::ptrdiff_t>(offset + node->key.size()), 1);
+  return node;
+}
+
 InsertResult RadixTree::insert_host(NodeId anchor, const Token* key, size_t len,
                                     const SlotIndex* host, size_t host_len,
-                                    std::string_view extra_key, SlotIndex mamba_host_value) {
+                                    std::string_view extra_key, SlotIndex mamba_host_value,
+                                    const SlotIndex* host_swa, size_t host_swa_len) {
   Node* node = node_by_id(anchor, "insert_host");
   if (host_len != len) {
     throw std::invalid_argument("insert_host: key has " + std::to_string(len) +
@@ -145,6 +174,22 @@ InsertResult RadixTree::insert_host(NodeId anchor, const Token* key, size_t len,
   }
   const size_t aligned = len - len % static_cast<size_t>(page_size_);
   check_slots("insert_host", host, aligned, num_host_slots_, "host");
+  if (swa_window_ > 0 && aligned > 0 &&
+      (host_swa_len == 0 || host_swa_len > aligned ||
+       host_swa_len % static_cast<size_t>(page_size_) != 0)) {
+    // Without a window a new host-only leaf would be a useless SWA tombstone at once.
+    throw std::invalid_argument(
+        "insert_host: an SWA tree needs the host SWA slots of the key's "
+        "last whole pages (0 < host_swa_len <= " +
+        std::to_string(aligned) + ", whole pages), got " + std::to_string(host_swa_len));
+  }
+  if (swa_window_ == 0 && host_swa_len != 0) {
+    throw std::invalid_argument("insert_host: host_swa given to a tree without the SWA component");
+  }
+  if (aligned == 0) host_swa_len = 0;
+  check_slots("insert_host", host_swa, host_swa_len, num_swa_host_slots_, "host SWA");
+  const size_t window_start = aligned - host_swa_len;
+  std::vector<uint8_t> swa_taken(host_swa_len, 0);
   int32_t ns = node->ns;
   if (node->is_root()) {
     ns = namespace_id(extra_key, /*create=*/aligned > 0);
@@ -167,6 +212,9 @@ InsertResult RadixTree::insert_host(NodeId anchor, const Token* key, size_t len,
     const size_t m = common_pages_len(child, key + pos, aligned - pos);
     if (m < child->key.size()) child = split(child, m);
     result.prefix_len += static_cast<int64_t>(m);  // the tree's value wins: the caller's is spare
+    if (host_swa_len > 0 && child->evicted() && !child->has_swa_host()) {
+      child = give_swa_host(child, pos, window_start, host_swa, swa_taken);
+    }
     node = child;
     pos += m;
   }
@@ -186,8 +234,12 @@ InsertResult RadixTree::insert_host(NodeId anchor, const Token* key, size_t len,
     host_lru_.push_front(leaf);  // touch_path orders it
     host_total_size_ += leaf->num_tokens();
     host_evictable_size_ += leaf->num_tokens();
+    if (host_swa_len > 0) leaf = give_swa_host(leaf, pos, window_start, host_swa, swa_taken);
     node = leaf;
     pos = aligned;
+  }
+  for (size_t i = 0; i < host_swa_len; ++i) {
+    if (swa_taken[i] == 0) result.swa_host_spare.push_back(host_swa[i]);
   }
   if (mamba_ && !stopped && aligned > 0) {
     // The state after the key goes to the node ending it, if that node has host KV and no host

@@ -40,6 +40,7 @@ cdef extern from "hicache/radix_tree.h" namespace "hicache" nogil:
         cbool mamba_taken
         vector[SlotIndex] swa_remap_dst
         vector[SlotIndex] swa_remap_src
+        vector[SlotIndex] swa_host_spare
 
     cdef cppclass CLockReceipt "hicache::LockReceipt":
         NodeId node_id
@@ -173,7 +174,8 @@ cdef extern from "hicache/radix_tree.h" namespace "hicache" nogil:
         CInsertResult insert_host(NodeId anchor, const Token* key, size_t length,
                                   const SlotIndex* host, size_t host_len,
                                   string_view extra_key,
-                                  SlotIndex mamba_host_value) except +translate_cpp_exception
+                                  SlotIndex mamba_host_value, const SlotIndex* host_swa,
+                                  size_t host_swa_len) except +translate_cpp_exception
         CTransferPlan storage_backup_plan(NodeId ack_id) except +translate_cpp_exception
 
 

@@ -118,5 +118,6 @@ class RadixTree:
         host_indices: TokenSeq,
         extra_key: str | None = None,
         mamba_host_value: int = -1,
+        host_swa_indices: torch.Tensor | None = None,
     ) -> InsertResult: ...
     def storage_backup_plan(self, ack_id: int) -> TransferPlan: ...

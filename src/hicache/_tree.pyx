@@ -911,7 +911,7 @@ cdef class RadixTree:
         return _digests(self._tree.get().path_page_hashes(node_id))
 
     def insert_host(self, int64_t anchor, key, host_indices, extra_key=None,
-                    int64_t mamba_host_value=-1):
+                    int64_t mamba_host_value=-1, host_swa_indices=None):
         """Inserts pages prefetched from storage below ``anchor`` as host-only nodes.
 
         SGLang's ``insert_host`` (reference §3.8): ``key`` holds the tokens that follow the path
@@ -929,6 +929,12 @@ cdef class RadixTree:
             mamba_host_value: Mamba trees (required there, -1 elsewhere): the host state slot
                 holding the recurrent state after the aligned key (a hybrid prefetch is
                 all-or-nothing: KV and the state at its end, reference §3.11).
+            host_swa_indices: SWA trees (required there when a whole page is inserted, None
+                elsewhere): ``[k]`` int64 CPU tensor, whole pages, ``0 < k <= `` the aligned
+                key: the host SWA slots holding the SWA KV of the key's last ``k`` tokens (the
+                window a prefetch read). The nodes covering them get host SWA copies: the new
+                tail node (split so that exactly its window part has one) and host-only nodes on
+                the path without one (split at the window's start).
 
         Returns:
             InsertResult: ``prefix_len`` tokens were in the tree already (the caller frees
@@ -936,26 +942,41 @@ cdef class RadixTree:
             (the unaligned tail, or everything after a stop); the tree owns the rest.
             ``last_node`` is the node ending the inserted key. Mamba trees: ``mamba_taken``
             (the node ending the key took the state) or not (the caller frees it;
-            ``mamba_exist`` when that node had a host state already).
+            ``mamba_exist`` when that node had a host state already). SWA trees:
+            ``swa_host_spare``, the host SWA slots the tree did not take (tokens on device
+            nodes or on nodes with a host SWA copy already, or past a stop; the caller frees
+            them).
 
         Raises:
             InvalidArgumentError: bad arrays, ``len(host_indices) != len(key)``, a load-failed
                 anchor, another namespace than the anchor's, a Mamba tree without
-                ``mamba_host_value`` or another tree with one.
+                ``mamba_host_value`` or another tree with one, an SWA tree without
+                ``host_swa_indices`` (or a bad length) or another tree with them.
             IndexOutOfRangeError: unknown anchor, a slot ``>= num_host_slots``, a state
-                outside the host Mamba pool.
+                outside the host Mamba pool, a host SWA slot ``>= num_swa_host_slots``.
         """
         cdef const Token* tokens
         cdef const SlotIndex* slots
-        cdef size_t n, m
+        cdef const SlotIndex* swa_slots = NULL
+        cdef size_t n, m, k = 0
         cdef bytes holder = _encode_extra_key(extra_key)
         cdef string_view ns = _view(holder)
+        if host_swa_indices is not None:
+            if not isinstance(host_swa_indices, torch.Tensor):
+                host_swa_indices = torch.as_tensor(host_swa_indices, dtype=torch.int64)
+            _check_cpu_vector(host_swa_indices, "host_swa_indices")
+            if host_swa_indices.dtype != torch.int64:
+                raise InvalidArgumentError(f"host_swa_indices must be int64, got "
+                                           f"{host_swa_indices.dtype}")
+            k = <size_t>host_swa_indices.numel()
+            swa_slots = <const SlotIndex*><uintptr_t>host_swa_indices.data_ptr()
         self._as_tokens(key, &tokens, &n)
         self._as_slots(host_indices, &slots, &m)
         cdef CInsertResult r = self._tree.get().insert_host(anchor, tokens, n, slots, m, ns,
-                                                            mamba_host_value)
+                                                            mamba_host_value, swa_slots, k)
         return InsertResult(r.prefix_len, r.last_node, r.adopted_len, r.cached_len,
-                            r.mamba_exist, r.mamba_taken)
+                            r.mamba_exist, r.mamba_taken,
+                            swa_host_spare=_to_tensor(r.swa_host_spare))
 
     def storage_backup_plan(self, int64_t ack_id):
         """The nodes of backup ``ack_id`` whose host pages go to storage once it is acked.
@@ -967,6 +988,8 @@ cdef class RadixTree:
         Returns:
             TransferPlan: ``node_ids`` and ``lengths`` root-first, ``indices`` their host slots
             concatenated (int64 CPU tensor); empty when no node is pending under ``ack_id``.
+            SWA trees: ``swa`` flags the nodes with a host SWA copy and ``swa_indices`` holds
+            their host SWA slots, root-first (stored under the same page hashes).
 
         Raises:
             IndexOutOfRangeError: unknown node id.

@@ -218,6 +218,15 @@ class HiCache:
             its last page's hash after its backup; a prefetch is all-or-nothing: it stops at
             the deepest stored page whose state is stored too, and inserts its pages only when
             all of them and that state were read.
+        swa_storage_backend: with ``storage_backend`` and an SWA pool (required then): the
+            backend of SWA pages, whose identity is ``swa_host_pool``'s with kind ``"swa"``
+            (SGLang stores them as ``{page_hash}.swa``, reference §3.11). A node's host SWA
+            copy is stored page by page under the node's page hashes after its backup; a
+            prefetch is all-or-nothing: it stops at the deepest stored page whose window (the
+            ``ceil(sliding_window_size / page_size)`` pages ending there, or every prefetched
+            page when fewer) has its SWA pages stored too, reads them into host SWA slots, and
+            inserts its pages (the window's nodes with host SWA copies, which a load-back brings
+            back to device) only when all of them and that window were read.
 
     Raises:
         InvalidArgumentError: bad ``page_size``, pool sizes that are not whole pages, a host pool of
@@ -225,8 +234,9 @@ class HiCache:
             fit together (a host pool and a Mamba pool need a Mamba host pool over that Mamba
             pool, and a Mamba host pool needs both), SWA pools that do not fit together (the
             same rule, a window <= 0, an SWA pool over another full pool size or page size), a
-            storage backend without a host pool or with an SWA pool (not supported yet), or a
-            Mamba pool with a storage backend but no ``mamba_storage_backend`` (or the reverse).
+            storage backend without a host pool, a Mamba pool with a storage backend but no
+            ``mamba_storage_backend`` (or the reverse), or an SWA pool with a storage backend
+            but no ``swa_storage_backend`` (or the reverse).
     """
 
     def __init__(
@@ -245,6 +255,7 @@ class HiCache:
         storage_backend: StorageBackend | None = None,
         prefetch_config: PrefetchConfig | None = None,
         mamba_storage_backend: StorageBackend | None = None,
+        swa_storage_backend: StorageBackend | None = None,
     ) -> None:
         _check_swa_pools(
             device_pool, page_size, host_pool, swa_pool, swa_host_pool, sliding_window_size
@@ -260,10 +271,12 @@ class HiCache:
                 "HiCache: a storage backend with a Mamba pool needs mamba_storage_backend (node "
                 "states are stored beside the KV pages), and mamba_storage_backend needs both"
             )
-        if storage_backend is not None and swa_pool is not None:
+        if (swa_storage_backend is not None) != (
+            storage_backend is not None and swa_pool is not None
+        ):
             raise InvalidArgumentError(
-                "HiCache: a storage backend with an SWA pool is not supported yet (SWA windows "
-                "are not stored)"
+                "HiCache: a storage backend with an SWA pool needs swa_storage_backend (SWA "
+                "windows are stored beside the KV pages), and swa_storage_backend needs both"
             )
         hybrid_host = host_pool is not None and mamba_pool is not None
         if hybrid_host != (mamba_host_pool is not None) or (
@@ -338,6 +351,7 @@ class HiCache:
         self._ongoing_prefetch: dict[object, PrefetchOperation] = {}
         self._prefetch_host: dict[PrefetchOperation, torch.Tensor] = {}
         self._prefetch_state: dict[PrefetchOperation, int] = {}  # hybrid: host state slots
+        self._prefetch_swa: dict[PrefetchOperation, torch.Tensor] = {}  # SWA: host SWA slots
         self._prefetch_loaded: dict[object, int] = {}
         self._prefetch_tokens_occupied = 0  # tokens of the prefetches in flight
         self._storage_backups: dict[int, int] = {}
@@ -352,6 +366,8 @@ class HiCache:
                 self._free_prefetch_host,
                 state_backend=mamba_storage_backend,
                 state_pool=mamba_host_pool if mamba_storage_backend is not None else None,
+                swa_backend=swa_storage_backend,
+                swa_pool=swa_host_pool if swa_storage_backend is not None else None,
             )
 
     @property
@@ -954,6 +970,7 @@ class HiCache:
                 previous,
                 self.page_size,
                 needs_state=self.mamba_pool is not None,
+                swa_pages=-(-self.sliding_window_size // self.page_size),
             )
             self._ongoing_prefetch[req_id] = op
             self._prefetch_tokens_occupied += aligned
@@ -1021,7 +1038,7 @@ class HiCache:
                         self._prefetch_host.pop(op, None)
                         self._free_host(rest, count=False)
                         if pages == 0:
-                            self._free_prefetch_state(op)
+                            self._free_prefetch_extras(op)
                     else:  # the prefetch thread frees it (_free_prefetch_host)
                         self._prefetch_host[op] = rest
                     inserted = self._insert_prefetched(op, pages, taken)
@@ -1053,16 +1070,23 @@ class HiCache:
             return 0
         num = pages * self.page_size
         state = self._prefetch_state.pop(op, -1)
+        swa = self._prefetch_swa.pop(op, None)  # all-or-nothing: the window ending at num
         try:
-            result = self.tree.insert_host(op.anchor, op.tokens[:num], taken, op.extra_key, state)
+            result = self.tree.insert_host(
+                op.anchor, op.tokens[:num], taken, op.extra_key, state, swa
+            )
         except InvalidArgumentError:
             # The anchor's load-back failed meanwhile: nothing goes below garbage.
             self._free_host(taken, count=False)
             if state >= 0:
                 self._mamba_host().free(torch.tensor([state], dtype=torch.int64))
+            if swa is not None:
+                self._free_swa_host(swa)
             return 0
         if state >= 0 and not result.mamba_taken:
             self._mamba_host().free(torch.tensor([state], dtype=torch.int64))
+        if result.swa_host_spare.numel():
+            self._free_swa_host(result.swa_host_spare)
         if self.kv_events is not None:
             path = self._path_tokens(op.anchor)
             self.kv_events.on_insert(
@@ -1103,17 +1127,31 @@ class HiCache:
             host = self._alloc_host(take)
             if host is None:
                 return None
+            swa = None
+            if op.swa_pages:  # the window's pages, the last ones
+                window = min(op.swa_pages * self.page_size, take)
+                swa_allocator = self._swa_host().allocator
+                # The tree's host SWA slots are a subset of its host slots' tokens, so this
+                # holds unless prefetch windows outgrow their pages (never: window <= take).
+                if swa_allocator.available_size() < window:
+                    self._free_host(host, count=False)
+                    return None
+                swa = swa_allocator.alloc(window)
             state = -1
             if op.needs_state:
                 state = int(self._mamba_host().alloc(1)[0])
-            if not op._attach(host, state):  # terminated meanwhile
+            if not op._attach(host, state, swa):  # terminated meanwhile
                 self._free_host(host, count=False)
                 if state >= 0:
                     self._mamba_host().free(torch.tensor([state], dtype=torch.int64))
+                if swa is not None:
+                    self._free_swa_host(swa)
                 return None
             self._prefetch_host[op] = host
             if state >= 0:
                 self._prefetch_state[op] = state
+            if swa is not None:
+                self._prefetch_swa[op] = swa
             return host
 
     def _free_prefetch_host(self, op: PrefetchOperation, indices: torch.Tensor) -> None:
@@ -1122,13 +1160,25 @@ class HiCache:
             self._prefetch_host.pop(op, None)
             self._free_host(indices, count=False)
             if op.taken_pages() == 0:
-                self._free_prefetch_state(op)
+                self._free_prefetch_extras(op)
 
-    def _free_prefetch_state(self, op: PrefetchOperation) -> None:
-        """Frees the host state slot of a hybrid prefetch that inserted nothing (if any)."""
+    def _free_prefetch_extras(self, op: PrefetchOperation) -> None:
+        """Frees the host state and SWA slots of a hybrid prefetch that inserted nothing."""
         state = self._prefetch_state.pop(op, -1)
         if state >= 0:
             self._mamba_host().free(torch.tensor([state], dtype=torch.int64))
+        swa = self._prefetch_swa.pop(op, None)
+        if swa is not None:
+            self._free_swa_host(swa)
+
+    def _swa_host(self) -> HostKVPool:
+        if self.swa_host_pool is None:
+            raise InvariantError("a host SWA operation ran on a cache without an SWA host pool")
+        return self.swa_host_pool
+
+    def _free_swa_host(self, indices: torch.Tensor) -> None:
+        """Frees host SWA slots that no node holds."""
+        self._swa_host().allocator.free(indices)
 
     def _mamba_host(self) -> MambaHostPool:
         if self.mamba_host_pool is None:
@@ -1149,14 +1199,18 @@ class HiCache:
             return
         keys: list[str] = []
         states: list[tuple[str, int]] = []
-        for n in plan.node_ids:
+        swa_keys: list[str] = []  # SWA: the pages of the nodes with a host SWA copy
+        swa = plan.swa or (False,) * len(plan.node_ids)
+        for n, with_swa in zip(plan.node_ids, swa, strict=True):
             digests = [d.hex() for d in self.tree.node_page_hashes(n)]
             keys += digests
             if self.storage.state_backend is not None:
                 info = self.tree.node_info(n)
                 if info.has_mamba_host_value:  # stored under the node's last page hash
                     states.append((digests[-1], info.mamba_host_value))
-        self._queue_storage_backup(node_id, keys, plan.indices, states)
+            if with_swa and self.storage.swa_backend is not None:
+                swa_keys += digests  # under the same page hashes, in the SWA backend
+        self._queue_storage_backup(node_id, keys, plan.indices, states, swa_keys, plan.swa_indices)
 
     def _backup_state_to_storage(self, node_id: int) -> None:
         """Queues the storage backup of a node state backed up to host on its own (hybrid)."""
@@ -1169,13 +1223,19 @@ class HiCache:
         self._queue_storage_backup(node_id, [], _empty_slots(), [(key, info.mamba_host_value)])
 
     def _queue_storage_backup(
-        self, node_id: int, keys: list[str], host: torch.Tensor, states: list[tuple[str, int]]
+        self,
+        node_id: int,
+        keys: list[str],
+        host: torch.Tensor,
+        states: list[tuple[str, int]],
+        swa_keys: list[str] | None = None,
+        swa_host: torch.Tensor | None = None,
     ) -> None:
         """Host-locks ``node_id`` and queues its storage backup (unlocks if nothing is queued)."""
         assert self.storage is not None
         self.tree.inc_host_lock_ref(node_id)
-        queued = self.storage.backup(node_id, keys, host, states)
-        if queued == 0 and self.storage.num_queued_states() == 0:
+        queued = self.storage.backup(node_id, keys, host, states, swa_keys or (), swa_host)
+        if queued == 0 and self.storage.num_queued_extras() == 0:
             self.tree.dec_host_lock_ref(node_id)
             return
         self._storage_backups[node_id] = self._storage_backups.get(node_id, 0) + 1
@@ -1548,6 +1608,7 @@ class HiCache:
                     (
                         self.tree.all_swa_host_indices(),
                         self.swa_host_pool.allocator.free_slot_indices(),
+                        *self._prefetch_swa.values(),  # windows of prefetches in flight
                     )
                 ),
                 self.swa_host_pool.num_slots,
@@ -1857,8 +1918,8 @@ class HiCache:
 
         SWA: the full slots of the tree's live SWA nodes are mapped and those of its SWA
         tombstones are not; with ``request_slots``, the SWA slots in use are exactly those of the
-        tree's live nodes and of the requests' mapped slots; host SWA slots held by the tree and
-        free ones partition the SWA host pool.
+        tree's live nodes and of the requests' mapped slots; host SWA slots held by the tree, free
+        ones and those of prefetches in flight partition the SWA host pool.
 
         Raises:
             InvariantError: a slot is owned twice, leaked, or a tree invariant is broken.

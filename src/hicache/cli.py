@@ -205,6 +205,15 @@ def _print_report(report) -> None:
                 f"{counters.get('backup_failed_pages', 0):,}",
             ),
         ]
+        if "swa_backend" in report.storage_stats:
+            rows.append(
+                (
+                    "L3 SWA window pages read / stored / cut",
+                    f"{counters.get('prefetch_swa_pages', 0):,} / "
+                    f"{counters.get('backup_swa_pages', 0):,} / "
+                    f"{counters.get('prefetch_swa_cut_pages', 0):,}",
+                )
+            )
     if report.mamba_states:
         stats = report.cache_stats
         rows += [

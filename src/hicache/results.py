@@ -69,6 +69,8 @@ class InsertResult(NamedTuple):
             tombstones inside the caller's live window took the caller's SWA KV: point the SWA
             mapping of each ``swa_remap_dst[i]`` (the node's Full slot) at the SWA slot of
             ``swa_remap_src[i]`` (the caller's duplicate Full slot, then freed Full-only).
+        swa_host_spare: SWA trees, :meth:`RadixTree.insert_host`: ``[k]`` int64 CPU tensor of
+            the given host SWA slots the tree did not take; the caller frees them.
     """
 
     prefix_len: int
@@ -79,6 +81,7 @@ class InsertResult(NamedTuple):
     mamba_taken: bool = False
     swa_remap_dst: torch.Tensor = torch.empty(0, dtype=torch.int64)
     swa_remap_src: torch.Tensor = torch.empty(0, dtype=torch.int64)
+    swa_host_spare: torch.Tensor = torch.empty(0, dtype=torch.int64)
 
 
 class LockReceipt(NamedTuple):

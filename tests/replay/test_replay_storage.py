@@ -55,3 +55,18 @@ def test_storage_needs_the_host_tier(tmp_path):
     done = subprocess.run(argv, cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
     assert done.returncode != 0
     assert "host tier" in done.stderr
+
+
+@pytest.mark.parametrize("model", ["swa-hybrid", "swa-mamba-hybrid"])
+def test_a_second_swa_process_hits_l3_and_every_window_is_intact(tmp_path, model):
+    extra = ("--model", model, "--hicache-storage-prefetch-policy", "wait_complete")
+    first = _replay(tmp_path, "first", *extra)
+    assert first["storage_stats"]["controller"]["backup_swa_pages"] > 0
+    second = _replay(tmp_path, "second", *extra)
+    assert second["storage_hit_blocks"] > 0
+    assert second["storage_stats"]["controller"]["prefetch_swa_pages"] > 0
+    # Every hit's KV and the SWA KV of its last window (the L3 hits' read from storage, then
+    # loaded back) were compared with what the replay writes for those tokens.
+    assert second["verified_tokens"] == second["hit_blocks"] * second["config"]["block_tokens"]
+    assert second["swa_verified_tokens"] > 0
+    assert second["storage_stats"]["swa_backend"]["corrupt_pages"] == 0

@@ -122,3 +122,74 @@ def test_mamba_tree_takes_the_host_state_at_the_end_of_the_prefetched_key() -> N
     with pytest.raises(IndexOutOfRangeError, match="mamba_host_value"):
         tree.insert_host(tree.root_id, [5], torch.arange(40, 41), mamba_host_value=4)
     tree.check_invariants()
+
+
+def swa_tree() -> RadixTree:
+    """A page-2 SWA tree (window 4 tokens) with page hashes and 64 host / host SWA slots."""
+    return RadixTree(
+        2,
+        num_device_slots=64,
+        num_host_slots=64,
+        sliding_window_size=4,
+        num_swa_host_slots=64,
+        page_hashes=True,
+    )
+
+
+def test_swa_tree_gives_exactly_the_window_nodes_a_host_swa_copy() -> None:
+    tree = swa_tree()
+    key = list(range(1, 11))  # 5 pages; the window is the last 2
+    result = tree.insert_host(
+        tree.root_id, key, torch.arange(10), host_swa_indices=torch.arange(20, 24)
+    )
+    assert result.cached_len == 10 and result.swa_host_spare.numel() == 0
+    leaf = tree.node_info(result.last_node)
+    upper = tree.node_info(leaf.parent_id)
+    assert (leaf.num_tokens, leaf.has_swa_host_value) == (4, True)
+    assert (upper.num_tokens, upper.has_swa_host_value, upper.parent_id) == (6, False, 0)
+    assert sorted(tree.all_swa_host_indices().tolist()) == [20, 21, 22, 23]
+    tree.check_invariants()
+    assert tree.match_prefix(key).host_hit_length == 10  # the window validates the whole path
+    plan = tree.load_back_plan(result.last_node)
+    assert plan.swa == (False, True) and plan.swa_indices.tolist() == [20, 21, 22, 23]
+    # Host eviction takes the window leaf, then its upper part (a useless SWA tombstone).
+    assert sorted(tree.evict_host(4).tolist()) == list(range(10))
+    assert sorted(tree.take_freed_swa_host_slots().tolist()) == [20, 21, 22, 23]
+    assert tree.num_nodes() == 0
+    tree.check_invariants()
+
+
+def test_swa_window_over_existing_host_nodes_splits_them_and_spares_what_has_a_copy() -> None:
+    tree = swa_tree()
+    first = [1, 2, 3, 4, 5, 6]
+    tree.insert_host(tree.root_id, first, torch.arange(6), host_swa_indices=[30, 31])
+    # The window [2, 8) covers the old upper node's last page (no copy: taken after a split),
+    # the old window page (it has a copy: spare) and the new page.
+    result = tree.insert_host(
+        tree.root_id, [*first, 7, 8], torch.arange(10, 18), host_swa_indices=torch.arange(40, 46)
+    )
+    assert (result.prefix_len, result.cached_len) == (6, 8)
+    assert result.swa_host_spare.tolist() == [42, 43]
+    assert sorted(tree.all_swa_host_indices().tolist()) == [30, 31, 40, 41, 44, 45]
+    assert [tree.node_info(n).num_tokens for n in tree.node_ids()] == [2, 2, 2, 2]
+    tree.check_invariants()
+
+
+def test_swa_tree_bad_windows_change_nothing() -> None:
+    tree = swa_tree()
+    for swa in (None, torch.arange(3), torch.arange(8), torch.arange(64, 66)):
+        with pytest.raises((InvalidArgumentError, IndexOutOfRangeError)):
+            tree.insert_host(tree.root_id, [1, 2, 3, 4, 5, 6], torch.arange(6), None, -1, swa)
+    assert tree.num_nodes() == 0
+    with pytest.raises(InvalidArgumentError):
+        RadixTree(2, page_hashes=True).insert_host(0, [1, 2], [0, 1], None, -1, [0, 1])
+
+
+def test_storage_backup_plan_carries_the_host_swa_copies() -> None:
+    tree = swa_tree()
+    node = tree.insert([1, 2, 3, 4], torch.arange(4)).last_node
+    tree.commit_backup(node, torch.arange(8, 12), -1, torch.arange(50, 54))
+    plan = tree.storage_backup_plan(node)
+    assert plan.swa == (True,) and plan.swa_indices.tolist() == [50, 51, 52, 53]
+    tree.finish_backup(node)
+    tree.check_invariants()

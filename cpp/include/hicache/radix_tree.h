@@ -73,6 +73,9 @@
 //     and the loaded nodes with a host copy are SWA-live again. Host SWA slots freed inside the tree
 //     wait in the take_freed_swa_host_slots() outbox.
 //   - the tombstone cascade treats a childless node with SWA on neither tier as useless.
+//   - storage tier: storage_backup_plan names the host SWA copies that go to storage with the
+//     pages; insert_host takes the host SWA slots of a prefetch's window (its last pages) and
+//     gives exactly the nodes covering it host SWA copies, so that the window validates.
 //
 // Single-threaded: the Python cache serialises every call with one lock (DESIGN.md, threading
 // contract). Errors: std::invalid_argument for a bad argument, std::out_of_range for an unknown id
@@ -128,6 +131,9 @@ struct InsertResult {
   // swa_remap_src[i] (its own Full slot, a duplicate it then frees Full-only).
   std::vector<SlotIndex> swa_remap_dst;
   std::vector<SlotIndex> swa_remap_src;
+  // insert_host in SWA trees: the given host SWA slots the tree did not take (their tokens are
+  // on nodes that have SWA KV already, on device nodes, or past a stop); the caller frees them.
+  std::vector<SlotIndex> swa_host_spare;
 };
 
 // What inc_lock_ref locked: the deepest device node at or above the node asked for (locking skips
@@ -404,13 +410,21 @@ class RadixTree {
   // the caller frees it (mamba_exist: the node had one). invalid_argument: lengths, a
   // load-failed anchor, another namespace, a state missing in a Mamba tree or given to another;
   // out_of_range: unknown anchor, a host slot or state outside its pool. O(len).
+  // SWA trees: host_swa[0:host_swa_len] (required: whole pages, 0 < host_swa_len <= the aligned
+  // key) are the host SWA slots of the key's last host_swa_len tokens, the window a prefetch
+  // read (reference §3.11). The nodes covering them get host SWA copies: the new tail (split so
+  // that exactly its window part has one) and host-only nodes on the path without one (split at
+  // the window's start); the slots of the other tokens come back in swa_host_spare.
   InsertResult insert_host(NodeId anchor, const Token* key, size_t len, const SlotIndex* host,
                            size_t host_len, std::string_view extra_key,
-                           SlotIndex mamba_host_value = -1);
+                           SlotIndex mamba_host_value = -1, const SlotIndex* host_swa = nullptr,
+                           size_t host_swa_len = 0);
   // The nodes of backup `ack_id` (its node and the fragments split off above it: the nodes on
   // the path root..ack_id marked backup-pending with ack_id), root-first, with their host slots:
   // what goes to storage once that device -> host copy is acknowledged (SGLang's
   // write_backup_storage for every fragment). Call it before finish_backup. Empty if none.
+  // SWA trees: swa flags the nodes with a host SWA copy, swa_indices their host SWA slots
+  // (stored under the same page hashes in the SWA backend).
   TransferPlan storage_backup_plan(NodeId ack_id) const;
 
  private:
@@ -454,6 +468,8 @@ class RadixTree {
   NodeId mint_id() { return next_id_++; }
   void hash_new_node(Node* node);
   void slice_page_hashes(Node* lower, Node* upper, size_t prefix_len);
+  Node* give_swa_host(Node* node, size_t start, size_t window_start, const SlotIndex* host_swa,
+                      std::vector<uint8_t>& taken);
   void check_page_hashes() const;
 
   const int64_t page_size_;

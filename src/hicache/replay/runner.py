@@ -567,7 +567,7 @@ def run_replay(
         # The host tier holds states in the proportion it holds KV.
         num_host_states = max(2, mamba.pool.num_slots * host_pool.num_slots // pool.num_slots)
         mamba_host = MambaHostPool(mamba.pool, num_host_states, "page_first")
-    backend = state_backend = prefetch_config = None
+    backend = state_backend = swa_backend = prefetch_config = None
     if config.storage_backend is not None:
         if host_pool is None:
             raise InvalidArgumentError(
@@ -581,6 +581,11 @@ def run_replay(
         if mamba_host is not None:  # node states beside the pages, under their own identity
             state_identity = StorageIdentity.from_host_pool(mamba_host, config.model_name)
             state_backend = create_backend(config.storage_backend, state_identity, extra)
+        if swa is not None and swa.host_pool is not None:  # SWA pages, under their own identity
+            swa_identity = StorageIdentity.from_host_pool(
+                swa.host_pool, config.model_name, kind="swa"
+            )
+            swa_backend = create_backend(config.storage_backend, swa_identity, extra)
     try:
         cache = HiCache(
             pool,
@@ -596,9 +601,10 @@ def run_replay(
             storage_backend=backend,
             prefetch_config=prefetch_config,
             mamba_storage_backend=state_backend,
+            swa_storage_backend=swa_backend,
         )
     except BaseException:
-        for b in (backend, state_backend):
+        for b in (backend, state_backend, swa_backend):
             if b is not None:
                 b.close()
         raise
@@ -743,6 +749,9 @@ def run_replay(
         if state_backend is not None:
             report.storage_stats["state_backend"] = state_backend.stats_snapshot().as_dict()
             state_backend.close()
+        if swa_backend is not None:
+            report.storage_stats["swa_backend"] = swa_backend.stats_snapshot().as_dict()
+            swa_backend.close()
     report.wall_seconds = clock() - start
     report.evicted_blocks = cache.num_evicted_tokens / bt
     report.load_back_tokens = cache.stats.load_back_tokens

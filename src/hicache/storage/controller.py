@@ -20,10 +20,14 @@ key; the backend itself skips keys it stores), and the thread ``set`` s the rest
 stopping at the first failure. The cache host-locks the node until the ack
 (:meth:`pop_backup_acks`) so that its host pages are not freed while they are read.
 
-Hybrid (Mamba) models (reference §3.11): a node's host state is stored under its last page's
-hash in a second backend whose identity is the Mamba host pool's, and a prefetch is
-all-or-nothing: it is cut back to the deepest stored page that also has a stored state, and
-publishes its pages only once every page and that state are read.
+Hybrid models (reference §3.11): a node's host Mamba state is stored under its last page's hash
+in a second backend whose identity is the Mamba host pool's; a node's host SWA copy (the
+sliding-window layers' KV of its pages) is stored page by page under the same page hashes in a
+third backend whose identity is the SWA host pool's. A hybrid prefetch is all-or-nothing: it is
+cut back to the deepest stored page that also has a stored state (Mamba) and whose window (the
+``ceil(window / page_size)`` pages ending there, or every page from the prefetch's start when
+fewer) has stored SWA pages (SWA), and publishes its pages only once every page, that state and
+that window are read.
 
 Faults never propagate: a :class:`~hicache.errors.StorageError`, a short ``get`` (a missing or
 corrupt page) or a short ``set`` (a full backend) ends that operation's I/O early, is counted in
@@ -72,8 +76,9 @@ BATCH_PAGES = 128
 PREFETCH_POLICIES = ("best_effort", "wait_complete", "timeout")
 
 
-# A queued backup: (ack node id, page keys, their host slots, (state key, host state slot)s).
-_BackupItem = tuple[int, list[str], torch.Tensor, list[tuple[str, int]]]
+# A queued backup: (ack node id, page keys, their host slots, (state key, host state slot)s,
+# SWA page keys, their host SWA slots).
+_BackupItem = tuple[int, list[str], torch.Tensor, list[tuple[str, int]], list[str], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -158,6 +163,11 @@ class StorageCounters:
         prefetch_states: hybrid: states read with their prefetch.
         backup_states: hybrid: node states stored (or found stored).
         backup_failed_states: hybrid: node states not stored.
+        prefetch_swa_pages: SWA: window pages read with their prefetch.
+        prefetch_swa_cut_pages: SWA: hit pages dropped from prefetches because their window
+            was not stored.
+        backup_swa_pages: SWA: host SWA pages stored (or found stored).
+        backup_failed_swa_pages: SWA: host SWA pages not stored.
     """
 
     prefetch_ops: int = 0
@@ -173,6 +183,10 @@ class StorageCounters:
     prefetch_states: int = 0
     backup_states: int = 0
     backup_failed_states: int = 0
+    prefetch_swa_pages: int = 0
+    prefetch_swa_cut_pages: int = 0
+    backup_swa_pages: int = 0
+    backup_failed_swa_pages: int = 0
 
     def as_dict(self) -> dict[str, int]:
         """The counters as a plain dict."""
@@ -195,6 +209,9 @@ class PrefetchOperation:
             or the namespace seed below the root; None: unseeded).
         page_size: tokens per page.
         needs_state: a hybrid (Mamba) prefetch: all-or-nothing, with the state at its end.
+        swa_pages: SWA models: the window in pages (``ceil(window / page_size)``); the prefetch
+            is all-or-nothing and reads the SWA pages of its last ``swa_pages`` pages (all of
+            them when fewer). 0 otherwise.
         created_s: ``time.monotonic()`` at creation.
     """
 
@@ -207,10 +224,14 @@ class PrefetchOperation:
         previous_digest: bytes | None,
         page_size: int,
         needs_state: bool = False,
+        swa_pages: int = 0,
     ) -> None:
         self.req_id = req_id
         self.needs_state = needs_state
+        self.swa_pages = swa_pages
         self.state_slot = -1  # hybrid: the host state slot, set with the host slots
+        # SWA: the host SWA slots of the window's pages (the last pages), set with the host slots
+        self.swa_slots: torch.Tensor | None = None
         self.page_size = page_size
         self.anchor = anchor
         self.tokens = tokens
@@ -229,6 +250,11 @@ class PrefetchOperation:
     def num_tokens(self) -> int:
         """Tokens the operation was asked to prefetch."""
         return int(self.tokens.numel())
+
+    @property
+    def all_or_nothing(self) -> bool:
+        """Whether the prefetch publishes every hit page or none (hybrid, reference §3.11)."""
+        return self.needs_state or self.swa_pages > 0
 
     def completed_pages(self) -> int:
         """Leading pages read and verified so far."""
@@ -269,13 +295,16 @@ class PrefetchOperation:
         with self._lock:
             return self._taken_pages
 
-    def _attach(self, host: torch.Tensor, state_slot: int = -1) -> bool:
+    def _attach(
+        self, host: torch.Tensor, state_slot: int = -1, swa_slots: torch.Tensor | None = None
+    ) -> bool:
         """Gives the operation its host slots; False (the caller frees them) if terminated."""
         with self._lock:
             if self._terminated:
                 return False
             self._host_indices = host
             self.state_slot = state_slot
+            self.swa_slots = swa_slots
             return True
 
     def _is_terminated(self) -> bool:
@@ -318,6 +347,9 @@ class StorageController:
         state_backend: hybrid models: the backend of node states (its identity describes
             ``state_pool``); None otherwise.
         state_pool: hybrid models: the host Mamba state pool.
+        swa_backend: SWA models: the backend of SWA pages (its identity describes
+            ``swa_pool``, kind ``"swa"``); None otherwise.
+        swa_pool: SWA models: the host SWA KV pool.
 
     Raises:
         InvalidArgumentError: bad ``page_size`` or ``batch_pages``.
@@ -334,6 +366,8 @@ class StorageController:
         batch_pages: int = BATCH_PAGES,
         state_backend: StorageBackend | None = None,
         state_pool: MambaHostPool | None = None,
+        swa_backend: StorageBackend | None = None,
+        swa_pool: HostKVPool | None = None,
     ) -> None:
         if page_size < 1 or batch_pages < 1:
             raise InvalidArgumentError(
@@ -344,10 +378,16 @@ class StorageController:
             raise InvalidArgumentError(
                 "StorageController: state_backend and state_pool go together (hybrid models)"
             )
+        if (swa_backend is None) != (swa_pool is None):
+            raise InvalidArgumentError(
+                "StorageController: swa_backend and swa_pool go together (SWA models)"
+            )
         self.backend = backend
         self.host_pool = host_pool
         self.state_backend = state_backend
         self.state_pool = state_pool
+        self.swa_backend = swa_backend
+        self.swa_pool = swa_pool
         self.page_size = page_size
         self.config = config
         self.threshold_tokens = max(config.threshold_tokens, page_size)
@@ -357,7 +397,7 @@ class StorageController:
         self.counters = StorageCounters()
         self._lock = threading.Lock()  # guards counters, the queued keys and the ack list
         self._queued_keys: set[str] = set()
-        self._last_queued_states = 0
+        self._last_queued_extras = 0
         self._backup_acks: list[tuple[int, int, int]] = []
         self._backups_in_flight = 0
         self._backups_done = threading.Condition(self._lock)
@@ -397,8 +437,10 @@ class StorageController:
         keys: Sequence[str],
         host_indices: torch.Tensor,
         states: Sequence[tuple[str, int]] = (),
+        swa_keys: Sequence[str] = (),
+        swa_indices: torch.Tensor | None = None,
     ) -> int:
-        """Queues pages (and node states) of a backed-up node for storage, minus queued keys.
+        """Queues pages (node states, SWA pages) of a backed-up node for storage, minus queued keys.
 
         Args:
             node_id: the ack id (the cache host-locks this node until :meth:`pop_backup_acks`
@@ -407,36 +449,47 @@ class StorageController:
             host_indices: ``[len(keys) * page_size]`` int64 CPU host slots, page by page.
             states: hybrid models: ``(key, host state slot)`` per node state to store (the key
                 is the node's last page hash).
+            swa_keys: SWA models: one hex page hash per host SWA page to store.
+            swa_indices: ``[len(swa_keys) * page_size]`` int64 CPU host SWA slots, page by page.
 
         Returns:
-            The number of pages queued; 0 with no state queued means nothing to do (or the
-            controller is closed) and no ack will come; see :meth:`num_queued_states`.
+            The number of pages queued; 0 with no state or SWA page queued means nothing to do
+            (or the controller is closed) and no ack will come; see :meth:`num_queued_extras`.
         """
-        ps = self.page_size
         with self._lock:
             if self._closed:
                 return 0
             keep = [i for i, k in enumerate(keys) if k not in self._queued_keys]
             kept_states = [(k, slot) for k, slot in states if "state:" + k not in self._queued_keys]
+            keep_swa = [i for i, k in enumerate(swa_keys) if "swa:" + k not in self._queued_keys]
             self.counters.backup_dedup_pages += len(keys) - len(keep)
-            self._last_queued_states = len(kept_states)
-            if not keep and not kept_states:
+            self._last_queued_extras = len(kept_states) + len(keep_swa)
+            if not keep and not kept_states and not keep_swa:
                 return 0
             kept_keys = [keys[i] for i in keep]
+            kept_swa_keys = [swa_keys[i] for i in keep_swa]
             self._queued_keys.update(kept_keys)
             self._queued_keys.update("state:" + k for k, _ in kept_states)
+            self._queued_keys.update("swa:" + k for k in kept_swa_keys)
             self._backups_in_flight += 1
             self.counters.backup_ops += 1
-        if len(keep) == len(keys):
-            pages = host_indices
-        else:
-            pages = host_indices.view(-1, ps)[torch.tensor(keep, dtype=torch.int64)].reshape(-1)
-        self._backup_queue.put((node_id, kept_keys, pages, kept_states))
+        pages = self._pages(host_indices, keep, len(keys))
+        swa_pages = self._pages(swa_indices, keep_swa, len(swa_keys))
+        self._backup_queue.put((node_id, kept_keys, pages, kept_states, kept_swa_keys, swa_pages))
         return len(keep)
 
-    def num_queued_states(self) -> int:
-        """States the last :meth:`backup` call queued (scheduler thread only)."""
-        return self._last_queued_states
+    def _pages(self, indices: torch.Tensor | None, keep: list[int], num_pages: int) -> torch.Tensor:
+        """The slots of pages ``keep`` (of ``num_pages``) of ``indices``, page by page."""
+        if indices is None or not keep:
+            return torch.empty(0, dtype=torch.int64)
+        if len(keep) == num_pages:
+            return indices
+        rows = indices.view(-1, self.page_size)
+        return rows[torch.tensor(keep, dtype=torch.int64)].reshape(-1)
+
+    def num_queued_extras(self) -> int:
+        """States and SWA pages the last :meth:`backup` call queued (scheduler thread only)."""
+        return self._last_queued_extras
 
     def pop_backup_acks(self) -> list[tuple[int, int, int]]:
         """The finished backups since the last call: ``(node_id, stored_pages, failed_pages)``."""
@@ -504,18 +557,19 @@ class StorageController:
                 logger.warning("prefetch of request %r: exists failed: %s", op.req_id, e)
                 self._count(prefetch_failed_ops=1)
         self._count(prefetch_query_pages=hit)
-        if op.needs_state:
-            hit = self._deepest_state(op, hit)
+        if op.all_or_nothing:
+            hit = self._deepest_usable(op, hit)
         if hit * ps < self.threshold_tokens:
             self._count(prefetch_revoked_ops=1)
             return
-        # A hybrid prefetch is all-or-nothing: exactly the pages up to its state, or none.
-        host = self._alloc_host(op, hit * ps, hit * ps if op.needs_state else self.threshold_tokens)
+        # A hybrid prefetch is all-or-nothing: exactly the pages up to its cut, or none.
+        min_tokens = hit * ps if op.all_or_nothing else self.threshold_tokens
+        host = self._alloc_host(op, hit * ps, min_tokens)
         if host is None:
             self._count(prefetch_revoked_ops=1)
             return
         num_pages = host.numel() // ps
-        if op.needs_state:
+        if op.all_or_nothing:
             self._read_all_or_nothing(op, host, num_pages)
             return
         for start in range(0, num_pages, self.batch_pages):
@@ -540,28 +594,45 @@ class StorageController:
                 self._count(prefetch_failed_ops=1)
                 return
 
-    def _deepest_state(self, op: PrefetchOperation, hit: int) -> int:
-        """Hybrid: the deepest of the ``hit`` leading pages whose state is stored (0: none).
+    def _deepest_usable(self, op: PrefetchOperation, hit: int) -> int:
+        """Hybrid: the deepest cut of the ``hit`` leading pages a hybrid prefetch may end at.
 
-        One ``exists`` per page, deepest first, down to the threshold (states are stored at node
-        ends only, so most pages have none).
+        Mamba: the cut's last page has a stored state (one ``exists`` per page, deepest first:
+        states are stored at node ends only). SWA: the window's pages before the cut (the last
+        ``op.swa_pages``, or all when fewer) have stored SWA pages; a missing one moves the cut
+        to just before it. Returns 0 below the threshold.
         """
-        assert self.state_backend is not None
-        min_pages = -(-self.threshold_tokens // self.page_size)
+        min_pages = max(1, -(-self.threshold_tokens // self.page_size))
+        pages = hit
         try:
-            for pages in range(hit, min_pages - 1, -1):
+            while pages >= min_pages:
                 if op._is_terminated():
                     return 0
-                if self.state_backend.exists([op.keys[pages - 1]]) == 1:
-                    return pages
+                if op.needs_state:
+                    assert self.state_backend is not None
+                    if self.state_backend.exists([op.keys[pages - 1]]) != 1:
+                        pages -= 1
+                        continue
+                if op.swa_pages:
+                    assert self.swa_backend is not None
+                    start = max(0, pages - op.swa_pages)
+                    found = self.swa_backend.exists(op.keys[start:pages])
+                    if found < pages - start:  # the window must end before the missing page
+                        pages = start + found
+                        continue
+                break
         except StorageError as e:
-            logger.warning("prefetch of request %r: state exists failed: %s", op.req_id, e)
+            logger.warning("prefetch of request %r: hybrid exists failed: %s", op.req_id, e)
             self._count(prefetch_failed_ops=1)
-        return 0
+            return 0
+        if pages < min_pages:
+            pages = 0
+        if op.swa_pages:
+            self._count(prefetch_swa_cut_pages=hit - pages)
+        return pages
 
     def _read_all_or_nothing(self, op: PrefetchOperation, host: torch.Tensor, pages: int) -> None:
-        """Hybrid: reads every page, then the state; publishes the pages only if all arrived."""
-        assert self.state_backend is not None and self.state_pool is not None
+        """Hybrid: reads every page, the state and the SWA window; publishes all or nothing."""
         ps = self.page_size
         try:
             for start in range(0, pages, self.batch_pages):
@@ -578,36 +649,74 @@ class StorageController:
                 if read < count:
                     self._count(prefetch_failed_ops=1)
                     return
-            state = torch.tensor([op.state_slot], dtype=torch.int64)
-            with profiling.nvtx_range(profiling.STORAGE_GET, 1):
-                if self.state_backend.get([op.keys[pages - 1]], self.state_pool, state) != 1:
-                    self._count(prefetch_failed_ops=1)
-                    return
+            if op.needs_state and not self._read_state(op, pages):
+                self._count(prefetch_failed_ops=1)
+                return
+            swa_pages = self._read_swa_window(op, pages)
+            if swa_pages < 0:
+                self._count(prefetch_failed_ops=1)
+                return
         except StorageError as e:
             logger.warning("prefetch of request %r: get failed: %s", op.req_id, e)
             self._count(prefetch_failed_ops=1)
             return
         if op._advance(pages):
-            self._count(prefetch_states=1)
+            self._count(prefetch_states=int(op.needs_state), prefetch_swa_pages=swa_pages)
+
+    def _read_state(self, op: PrefetchOperation, pages: int) -> bool:
+        """Mamba: reads the state stored under the cut's last page; whether it arrived."""
+        assert self.state_backend is not None and self.state_pool is not None
+        state = torch.tensor([op.state_slot], dtype=torch.int64)
+        with profiling.nvtx_range(profiling.STORAGE_GET, 1):
+            return self.state_backend.get([op.keys[pages - 1]], self.state_pool, state) == 1
+
+    def _read_swa_window(self, op: PrefetchOperation, pages: int) -> int:
+        """SWA: reads the SWA pages of the window ending at the cut into ``op.swa_slots``.
+
+        Returns the pages read (0 without a window), or -1 when one was missing or corrupt.
+        """
+        if op.swa_slots is None or not op.swa_slots.numel():
+            return 0
+        assert self.swa_backend is not None and self.swa_pool is not None
+        ps = self.page_size
+        num = op.swa_slots.numel() // ps
+        keys = op.keys[pages - num : pages]
+        for start in range(0, num, self.batch_pages):
+            count = min(self.batch_pages, num - start)
+            if op._is_terminated():
+                return -1
+            with profiling.nvtx_range(profiling.STORAGE_GET, count):
+                read = self.swa_backend.get(
+                    keys[start : start + count],
+                    self.swa_pool,
+                    op.swa_slots[start * ps : (start + count) * ps],
+                )
+            if read < count:
+                return -1
+        return num
 
     # ---- backup thread ------------------------------------------------------------------------
 
     def _backup_loop(self) -> None:
         while (item := self._backup_queue.get()) is not None:
-            node_id, keys, host, states = item
-            stored = stored_states = 0
+            node_id, keys, host, states, swa_keys, swa_host = item
+            stored = stored_states = stored_swa = 0
             try:
                 stored = self._backup_one(keys, host)
                 if stored == len(keys):
                     stored_states = self._backup_states(states)
+                    stored_swa = self._backup_swa(swa_keys, swa_host)
             except Exception:  # as in _prefetch_loop: count, ack, go on
                 logger.exception("storage backup of node %d failed", node_id)
             failed = len(keys) - stored
             with self._lock:
                 self._queued_keys.difference_update(keys)
                 self._queued_keys.difference_update("state:" + k for k, _ in states)
+                self._queued_keys.difference_update("swa:" + k for k in swa_keys)
                 self.counters.backup_states += stored_states
                 self.counters.backup_failed_states += len(states) - stored_states
+                self.counters.backup_swa_pages += stored_swa
+                self.counters.backup_failed_swa_pages += len(swa_keys) - stored_swa
                 self.counters.backup_pages += stored
                 self.counters.backup_failed_pages += failed
                 self.counters.backup_failed_ops += int(failed > 0)
@@ -629,17 +738,33 @@ class StorageController:
                 logger.warning("storage backup: state set failed: %s", e)
                 return 0
 
-    def _backup_one(self, keys: list[str], host: torch.Tensor) -> int:
-        """Stores the pages in batches; stops at the first short batch. Returns pages stored."""
+    def _backup_swa(self, keys: list[str], host_swa: torch.Tensor) -> int:
+        """Stores host SWA pages (SWA models); stops at the first failure. Returns pages stored."""
+        if not keys:
+            return 0
+        assert self.swa_backend is not None and self.swa_pool is not None
+        return self._backup_one(keys, host_swa, self.swa_backend, self.swa_pool)
+
+    def _backup_one(
+        self,
+        keys: list[str],
+        host: torch.Tensor,
+        backend: StorageBackend | None = None,
+        pool: HostKVPool | None = None,
+    ) -> int:
+        """Stores the pages in batches; stops at the first short batch. Returns pages stored.
+
+        ``backend`` / ``pool``: the KV backend and host pool unless given (SWA pages).
+        """
+        backend = backend or self.backend
+        pool = pool or self.host_pool
         ps = self.page_size
         stored = 0
         for start in range(0, len(keys), self.batch_pages):
             batch = keys[start : start + self.batch_pages]
             with profiling.nvtx_range(profiling.STORAGE_BACKUP, len(batch)):
                 try:
-                    done = self.backend.set(
-                        batch, self.host_pool, host[start * ps : (start + len(batch)) * ps]
-                    )
+                    done = backend.set(batch, pool, host[start * ps : (start + len(batch)) * ps])
                 except StorageError as e:
                     logger.warning("storage backup: set failed: %s", e)
                     return stored
