@@ -49,21 +49,61 @@ BASELINES = REPO.parent / "shared" / "baselines"
 DEFAULT_SGLANG_PYTHON = Path.home() / ".cache/hicache-baselines/sglang/bin/python"
 
 
-def run_hicache(requests, pct: int, bt: int, components: str = "full,mamba") -> dict:
-    if components == "full,swa":
-        return run_hicache_swa(requests, pct, bt)
-    unique = len({h for r in requests for h in r.hash_ids})
-    cap_blocks = unique * pct // 100
-    num_states = max(5, int(_MambaModel.MEMORY_RATIO * cap_blocks * TRACE_BLOCK_TOKENS / 3144))
-    pool = DeviceKVPool(cap_blocks * bt, 1, 1, 8, torch.float16, "cpu")
-    states = MambaStatePool(num_states, 1, (16, 1), (1, 4, 4), torch.float32, torch.float32, "cpu")
-    cache = HiCache(pool, bt, mamba_pool=states)
+def _timed(requests, bt: int, serve) -> dict:
+    """Times ``serve(request, key) -> (hit tokens, Full-only hit tokens)`` over the trace."""
     keys = [block_tokens(r.hash_ids, bt) for r in requests]
     hits = full_hits = total = 0
     seconds = 0.0
     clock = time.perf_counter
     for request, key in zip(requests, keys, strict=True):
         t0 = clock()
+        hit, full_hit = serve(request, key)
+        seconds += clock() - t0
+        hits += hit // bt
+        full_hits += full_hit // bt
+        total += len(request.hash_ids)
+    return {
+        "hit_blocks": hits,
+        "full_kv_hit_blocks": full_hits,
+        "total_blocks": total,
+        "cache_seconds": seconds,
+        "requests_per_s_cache": len(requests) / seconds,
+    }
+
+
+def run_hicache(requests, pct: int, bt: int, components: str = "full,mamba") -> dict:
+    """One run of the engine loop of ``components`` (see the module docstring)."""
+    unique = len({h for r in requests for h in r.hash_ids})
+    cap_blocks = unique * pct // 100
+    pool = DeviceKVPool(cap_blocks * bt, 1, 1, 8, torch.float16, "cpu")
+    if components == "full,swa":
+        swa = _SWAModel(ReplayConfig(block_tokens=bt, page_size=bt), pool, None)
+        cache = HiCache(pool, bt, swa_pool=swa.pool, sliding_window_size=swa.window)
+
+        def serve(request, key) -> tuple[int, int]:
+            m = cache.match_prefix(key)
+            receipt = cache.inc_lock_ref(m.last_device_node)
+            hit = m.device_prefix_len
+            slots = cache.alloc(len(key) - hit)
+            req = Req(
+                key,
+                kv_indices=torch.cat((m.device_indices, slots)),
+                last_node=receipt.node_id,
+                prefix_len=hit,
+                swa_lock_tokens=receipt.swa_lock_tokens,
+            )
+            swa.before_insert(cache, request, req, m, [])
+            cache.cache_finished_req(req)
+            return hit, max(hit, m.swa_branching_seqlen)
+
+        result = _timed(requests, bt, serve)
+        cache.check_invariants(torch.empty(0, dtype=torch.int64))
+        return {**result, "swa_slots": swa.pool.num_slots}
+    num_states = max(5, int(_MambaModel.MEMORY_RATIO * cap_blocks * TRACE_BLOCK_TOKENS / 3144))
+    states = MambaStatePool(num_states, 1, (16, 1), (1, 4, 4), torch.float32, torch.float32, "cpu")
+    cache = HiCache(pool, bt, mamba_pool=states)
+
+    def serve(request, key) -> tuple[int, int]:
         m = cache.match_prefix(key)
         receipt = cache.inc_lock_ref(m.last_device_node)
         working = cache.fork_mamba(m.last_device_node)
@@ -85,60 +125,12 @@ def run_hicache(requests, pct: int, bt: int, components: str = "full,mamba") -> 
             mamba_checkpoints=checkpoints,
         )
         cache.cache_finished_req(req)
-        seconds += clock() - t0
-        hits += hit // bt
-        full_hits += max(hit, m.mamba_branching_seqlen) // bt
-        total += len(request.hash_ids)
+        return hit, max(hit, m.mamba_branching_seqlen)
+
+    result = _timed(requests, bt, serve)
     empty = torch.empty(0, dtype=torch.int64)
     cache.check_invariants(empty, empty)
-    return {
-        "hit_blocks": hits,
-        "full_kv_hit_blocks": full_hits,
-        "total_blocks": total,
-        "cache_seconds": seconds,
-        "requests_per_s_cache": len(requests) / seconds,
-        "mamba_states": num_states,
-    }
-
-
-def run_hicache_swa(requests, pct: int, bt: int) -> dict:
-    unique = len({h for r in requests for h in r.hash_ids})
-    cap_blocks = unique * pct // 100
-    pool = DeviceKVPool(cap_blocks * bt, 1, 1, 8, torch.float16, "cpu")
-    swa = _SWAModel(ReplayConfig(block_tokens=bt, page_size=bt), pool, None)
-    cache = HiCache(pool, bt, swa_pool=swa.pool, sliding_window_size=swa.window)
-    keys = [block_tokens(r.hash_ids, bt) for r in requests]
-    hits = full_hits = total = 0
-    seconds = 0.0
-    clock = time.perf_counter
-    for request, key in zip(requests, keys, strict=True):
-        t0 = clock()
-        m = cache.match_prefix(key)
-        receipt = cache.inc_lock_ref(m.last_device_node)
-        hit = m.device_prefix_len
-        slots = cache.alloc(len(key) - hit)
-        req = Req(
-            key,
-            kv_indices=torch.cat((m.device_indices, slots)),
-            last_node=receipt.node_id,
-            prefix_len=hit,
-            swa_lock_tokens=receipt.swa_lock_tokens,
-        )
-        swa.before_insert(cache, request, req, m, [])
-        cache.cache_finished_req(req)
-        seconds += clock() - t0
-        hits += hit // bt
-        full_hits += max(hit, m.swa_branching_seqlen) // bt
-        total += len(request.hash_ids)
-    cache.check_invariants(torch.empty(0, dtype=torch.int64))
-    return {
-        "hit_blocks": hits,
-        "full_kv_hit_blocks": full_hits,
-        "total_blocks": total,
-        "cache_seconds": seconds,
-        "requests_per_s_cache": len(requests) / seconds,
-        "swa_slots": swa.pool.num_slots,
-    }
+    return {**result, "mamba_states": num_states}
 
 
 def run_sglang(
