@@ -80,7 +80,7 @@ def run_hicache(requests, pct: int, bt: int, components: str = "full,mamba") -> 
         swa = _SWAModel(ReplayConfig(block_tokens=bt, page_size=bt), pool, None)
         cache = HiCache(pool, bt, swa_pool=swa.pool, sliding_window_size=swa.window)
 
-        def serve(request, key) -> tuple[int, int]:
+        def serve_swa(request, key) -> tuple[int, int]:
             m = cache.match_prefix(key)
             receipt = cache.inc_lock_ref(m.last_device_node)
             hit = m.device_prefix_len
@@ -96,7 +96,7 @@ def run_hicache(requests, pct: int, bt: int, components: str = "full,mamba") -> 
             cache.cache_finished_req(req)
             return hit, max(hit, m.swa_branching_seqlen)
 
-        result = _timed(requests, bt, serve)
+        result = _timed(requests, bt, serve_swa)
         cache.check_invariants(torch.empty(0, dtype=torch.int64))
         return {**result, "swa_slots": swa.pool.num_slots}
     num_states = max(5, int(_MambaModel.MEMORY_RATIO * cap_blocks * TRACE_BLOCK_TOKENS / 3144))
@@ -186,8 +186,9 @@ def main() -> None:
                     run_sglang(a.sglang_python, a.trace, pct, a.bt, components)
                     for _ in range(a.repeat)
                 ]
-                if all(bases):
-                    base = sorted(bases, key=lambda r: r["cache_seconds"])[len(bases) // 2]
+                done = [b for b in bases if b is not None]
+                if len(done) == len(bases):
+                    base = sorted(done, key=lambda r: r["cache_seconds"])[len(done) // 2]
             rows.append(
                 {"components": components, "pct": pct, "hicache": ours, "sglang_rust": base}
             )
