@@ -70,8 +70,10 @@ def check_hit(cache: HiCache, tokens: torch.Tensor, device_indices: torch.Tensor
         assert torch.equal(got, want), "a hit's SWA window differs from what was written"
 
 
-def serve(cache: HiCache, tokens: torch.Tensor, check: bool = True) -> int:
-    """One request through the engine's steps; returns its device hit (after load-back)."""
+def serve(cache: HiCache, tokens: torch.Tensor, check: bool = True, strict: bool = False) -> int:
+    """One request through the engine's steps; returns its device hit (after load-back).
+
+    A full pool skips the request (as a scheduler would retry it later), unless ``strict``."""
     m = cache.match_prefix(tokens, load_back=True)
     consumer = cache.ready_to_load_host_cache()
     for layer in range(cache.device_pool.num_layers):
@@ -83,6 +85,8 @@ def serve(cache: HiCache, tokens: torch.Tensor, check: bool = True) -> int:
         slots = cache.alloc(len(tokens) - hit)
     except PoolExhaustedError:
         cache.dec_lock_ref(receipt.node_id, receipt.mamba_node_id, receipt.swa_lock_tokens)
+        if strict:
+            raise
         return hit
     new = slots[: len(tokens) - hit]
     cache.device_pool.write(new, *expected_kv(tokens[hit:], cache.device_pool))
@@ -269,3 +273,14 @@ def test_checkpoints_below_the_frontier_never_take_swa_kv_from_freed_slots():
     m = cache.match_prefix(second[:16])
     assert m.device_prefix_len == 16
     check_hit(cache, second, m.device_indices)
+
+
+def test_write_back_swa_pressure_backs_the_victim_up_then_evicts_it():
+    """Under write_back an SWA victim without a host copy is backed up first (SGLang PR #28468),
+    and the eviction then goes on: the allocation that needed the room succeeds."""
+    cache = make_cache(num_slots=160, swa_slots=32, host_slots=320, policy="write_back")
+    for i in range(6):
+        serve(cache, torch.arange(1000 * i, 1000 * i + 16, dtype=torch.int32), strict=True)
+    assert cache.stats.backup_tokens > 0  # victims were backed up, not lost
+    assert cache.stats.evicted_tokens + cache.stats.swa_tombstoned_tokens > 0
+    cache.check_invariants(request_slots=NO_SLOTS)

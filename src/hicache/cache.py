@@ -497,19 +497,32 @@ class HiCache:
             int: device tokens freed (fewer than asked when too little is evictable).
         """
         with self._lock, profiling.nvtx_range(profiling.EVICT):
-            remaining, freed = num_tokens, 0
-            while remaining > 0:
-                result = self.tree.evict(remaining, write_back=self._write_back)
-                n = self._free_evicted(result)
-                if result.needs_backup >= 0 and not self._backup_now(result.needs_backup):
-                    # No host room for this node: drop it (it is still the LRU leaf), then go on.
-                    size = self.tree.node_info(result.needs_backup).num_tokens
-                    n += self._free_evicted(self.tree.evict(size, write_back=False))
-                freed += n
-                remaining -= n
-                if result.needs_backup < 0:
-                    break
-            return freed
+            return self._evict_loop(self.tree.evict, num_tokens)
+
+    def _evict_loop(self, evict, num_tokens: int) -> int:
+        """Runs a tree eviction (``evict(n, write_back)``) until ``num_tokens`` are freed.
+
+        Under write_back a victim the tree names in ``needs_backup`` is backed up synchronously,
+        then evicted by the next round; when the host cannot take it, it is evicted without a
+        backup (it is still the LRU victim). Stops when nothing more can go (a victim held by an
+        in-flight host operation). Returns the tokens freed (device tokens; plus SWA tombstoned
+        tokens for an SWA eviction).
+        """
+        remaining, freed = num_tokens, 0
+        while remaining > 0:
+            result = evict(remaining, self._write_back)
+            n = self._free_evicted(result) + result.swa_tombstoned_tokens
+            stuck = False
+            if result.needs_backup >= 0 and not self._backup_now(result.needs_backup):
+                size = self.tree.node_info(result.needs_backup).num_tokens
+                forced = evict(size, False)
+                m = self._free_evicted(forced) + forced.swa_tombstoned_tokens
+                n, stuck = n + m, m == 0
+            freed += n
+            remaining -= n
+            if result.needs_backup < 0 or stuck:
+                break
+        return freed
 
     def evict_swa(self, num_tokens: int) -> int:
         """SWA caches: frees at least ``num_tokens`` SWA tokens, least recently used first.
@@ -522,19 +535,7 @@ class HiCache:
             int: SWA tokens freed (fewer when too little is evictable).
         """
         with self._lock, profiling.nvtx_range(profiling.EVICT):
-            remaining, freed = num_tokens, 0
-            while remaining > 0:
-                result = self.tree.evict_swa(remaining, write_back=self._write_back)
-                n = self._free_evicted(result) + result.swa_tombstoned_tokens
-                if result.needs_backup >= 0 and not self._backup_now(result.needs_backup):
-                    size = self.tree.node_info(result.needs_backup).num_tokens
-                    forced = self.tree.evict_swa(size, write_back=False)
-                    n += self._free_evicted(forced) + forced.swa_tombstoned_tokens
-                freed += n
-                remaining -= n
-                if result.needs_backup < 0 or n == 0:
-                    break
-            return freed
+            return self._evict_loop(self.tree.evict_swa, num_tokens)
 
     def evict_host(self, num_tokens: int) -> int:
         """Evicts at least ``num_tokens`` host tokens (whole pages) from host-only leaves.
