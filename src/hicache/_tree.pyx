@@ -90,6 +90,21 @@ cdef int _check_cpu_vector(object t, str name) except -1:
     return 0
 
 
+cdef object _optional_slots(object indices, str name, const SlotIndex** out, size_t* n):
+    """Points ``out`` at optional int64 CPU slot indices (None: none); returns the tensor that
+    owns them, which the caller keeps alive while ``out`` is used."""
+    if indices is None:
+        return None
+    if not isinstance(indices, torch.Tensor):
+        indices = torch.as_tensor(indices, dtype=torch.int64)
+    _check_cpu_vector(indices, name)
+    if indices.dtype != torch.int64:
+        raise InvalidArgumentError(f"{name} must be int64, got {indices.dtype}")
+    n[0] = <size_t>indices.numel()
+    out[0] = <const SlotIndex*><uintptr_t>indices.data_ptr()
+    return indices
+
+
 cdef object _int64_array(object seq, str name):
     """Copies a Python sequence of ints into an int64 ``array`` (the convenience path for lists)."""
     try:
@@ -555,15 +570,7 @@ cdef class RadixTree:
         cdef const SlotIndex* slots
         cdef const SlotIndex* swa_slots = NULL
         cdef size_t m, k = 0
-        if host_swa_indices is not None:
-            if not isinstance(host_swa_indices, torch.Tensor):
-                host_swa_indices = torch.as_tensor(host_swa_indices, dtype=torch.int64)
-            _check_cpu_vector(host_swa_indices, "host_swa_indices")
-            if host_swa_indices.dtype != torch.int64:
-                raise InvalidArgumentError(f"host_swa_indices must be int64, got "
-                                           f"{host_swa_indices.dtype}")
-            k = <size_t>host_swa_indices.numel()
-            swa_slots = <const SlotIndex*><uintptr_t>host_swa_indices.data_ptr()
+        host_swa_indices = _optional_slots(host_swa_indices, "host_swa_indices", &swa_slots, &k)
         self._as_slots(host_indices, &slots, &m)
         self._tree.get().commit_backup(node_id, slots, m, host_state, swa_slots, k)
 
@@ -961,15 +968,7 @@ cdef class RadixTree:
         cdef size_t n, m, k = 0
         cdef bytes holder = _encode_extra_key(extra_key)
         cdef string_view ns = _view(holder)
-        if host_swa_indices is not None:
-            if not isinstance(host_swa_indices, torch.Tensor):
-                host_swa_indices = torch.as_tensor(host_swa_indices, dtype=torch.int64)
-            _check_cpu_vector(host_swa_indices, "host_swa_indices")
-            if host_swa_indices.dtype != torch.int64:
-                raise InvalidArgumentError(f"host_swa_indices must be int64, got "
-                                           f"{host_swa_indices.dtype}")
-            k = <size_t>host_swa_indices.numel()
-            swa_slots = <const SlotIndex*><uintptr_t>host_swa_indices.data_ptr()
+        host_swa_indices = _optional_slots(host_swa_indices, "host_swa_indices", &swa_slots, &k)
         self._as_tokens(key, &tokens, &n)
         self._as_slots(host_indices, &slots, &m)
         cdef CInsertResult r = self._tree.get().insert_host(anchor, tokens, n, slots, m, ns,
