@@ -219,6 +219,12 @@ class ReplayReport:
         return d
 
 
+def _check_same(got: tuple[torch.Tensor, ...], want: tuple[torch.Tensor, ...], what: str) -> None:
+    """Raises KVIntegrityError(``what``) unless every tensor read back equals the one written."""
+    if not all(torch.equal(g, w) for g, w in zip(got, want, strict=True)):
+        raise KVIntegrityError(what)
+
+
 def expected_kv(tokens: torch.Tensor, pool: DeviceKVPool) -> tuple[torch.Tensor, ...]:
     """The KV the replay writes for ``tokens``: bytes of a 64-bit hash of each token.
 
@@ -379,11 +385,12 @@ class _SWAModel:
             )
         got = self.pool.read(self.pool.translate(full))
         want = expected_kv(tokens[start:hit], self.pool)
-        if not all(torch.equal(g, w) for g, w in zip(got, want, strict=True)):
-            raise KVIntegrityError(
-                f"request {i}: the SWA KV read back for the last {hit - start} of its {hit} hit "
-                "tokens differs from the SWA KV written for them"
-            )
+        _check_same(
+            got,
+            want,
+            f"request {i}: the SWA KV read back for the last {hit - start} of its {hit} hit "
+            "tokens differs from the SWA KV written for them",
+        )
         return hit - start
 
     def write(self, tokens: torch.Tensor, new_slots: torch.Tensor) -> None:
@@ -478,11 +485,12 @@ class _MambaModel:
                 want = expected_state(block, self.pool)
             else:
                 want = tuple(torch.zeros_like(g) for g in got)
-            if not all(torch.equal(g, w) for g, w in zip(got, want, strict=True)):
-                raise KVIntegrityError(
-                    f"request {i}: the Mamba state copied for its {hit} hit tokens differs from "
-                    "the state computed after them"
-                )
+            _check_same(
+                got,
+                want,
+                f"request {i}: the Mamba state copied for its {hit} hit tokens differs from "
+                "the state computed after them",
+            )
         return working
 
     def checkpoints(
@@ -662,12 +670,13 @@ def run_replay(
             if config.verify and hit:
                 got = pool.read(match.device_indices)
                 want = expected_kv(tokens[:hit], pool)
-                if not all(torch.equal(g, w) for g, w in zip(got, want, strict=True)):
-                    raise KVIntegrityError(
-                        f"request {i}: the KV read back for its {hit} hit tokens "
-                        f"({hit - device_hit} loaded back from host) differs from the KV "
-                        "written for them"
-                    )
+                _check_same(
+                    got,
+                    want,
+                    f"request {i}: the KV read back for its {hit} hit tokens "
+                    f"({hit - device_hit} loaded back from host) differs from the KV "
+                    "written for them",
+                )
                 report.verified_tokens += hit
                 if swa is not None:
                     report.swa_verified_tokens += swa.verify(tokens, match, i)
