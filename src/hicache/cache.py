@@ -1686,7 +1686,7 @@ class HiCache:
                 value[:num_tokens],
                 extra_key,
                 slot,
-                min(swa_evicted_seqlen, num_tokens),
+                swa_evicted_seqlen,  # (the tree clamps it to the key)
             )
             if r.prefix_len != min(num_tokens, r.cached_len) or r.adopted_len:
                 raise InvariantError(
