@@ -1028,7 +1028,6 @@ EvictResult RadixTree::evict_swa(int64_t num_tokens, bool write_back) {
     // and its Mamba state goes too (a state cannot be resumed without the window before it).
     const std::vector<SlotIndex>& full = victim->full().value;
     result.swa_freed.insert(result.swa_freed.end(), full.begin(), full.end());
-    result.swa_tombstoned_tokens += victim->num_tokens();
     pages -= victim->num_tokens() / page_size_;
     drop_swa(victim);
     free_mamba(victim, result.mamba_freed);

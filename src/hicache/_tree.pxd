@@ -56,7 +56,6 @@ cdef extern from "hicache/radix_tree.h" namespace "hicache" nogil:
         NodeId needs_backup
         vector[SlotIndex] mamba_freed
         vector[SlotIndex] swa_freed
-        int64_t swa_tombstoned_tokens
 
     cdef cppclass CTransferPlan "hicache::TransferPlan":
         vector[NodeId] nodes

@@ -69,7 +69,7 @@ cdef object _to_tensor(vector[SlotIndex]& values):
 cdef object _evict_result(CEvictResult& r):
     return EvictResult(_to_tensor(r.device_freed), _to_tensor(r.host_freed), r.demoted_tokens,
                        r.dropped_tokens, r.needs_backup, _to_tensor(r.mamba_freed),
-                       _to_tensor(r.swa_freed), r.swa_tombstoned_tokens)
+                       _to_tensor(r.swa_freed))
 
 
 cdef object _plan(CTransferPlan& plan):
@@ -508,7 +508,7 @@ cdef class RadixTree:
         unbacked victim stops the call in ``needs_backup`` (SGLang PR #28468).
 
         Returns:
-            EvictResult: as :meth:`evict`, plus ``swa_indices`` and ``swa_tombstoned_tokens``.
+            EvictResult: as :meth:`evict`, plus ``swa_indices``.
 
         Raises:
             InvalidArgumentError: ``num_tokens < 0``.

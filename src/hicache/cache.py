@@ -511,12 +511,12 @@ class HiCache:
         remaining, freed = num_tokens, 0
         while remaining > 0:
             result = evict(remaining, self._write_back)
-            n = self._free_evicted(result) + result.swa_tombstoned_tokens
+            n = self._free_evicted(result) + int(result.swa_indices.numel())
             stuck = False
             if result.needs_backup >= 0 and not self._backup_now(result.needs_backup):
                 size = self.tree.node_info(result.needs_backup).num_tokens
                 forced = evict(size, False)
-                m = self._free_evicted(forced) + forced.swa_tombstoned_tokens
+                m = self._free_evicted(forced) + int(forced.swa_indices.numel())
                 n, stuck = n + m, m == 0
             freed += n
             remaining -= n
@@ -1562,7 +1562,7 @@ class HiCache:
             self.stats.mamba_evicted_states += int(result.mamba_indices.numel())
         if result.swa_indices.numel():  # SWA tombstones: their SWA side only
             self._swa().free_full(result.swa_indices)
-            self.stats.swa_tombstoned_tokens += result.swa_tombstoned_tokens
+            self.stats.swa_tombstoned_tokens += int(result.swa_indices.numel())
         if n:
             self._free_device(result.device_indices)
             if self.kv_events is not None:

@@ -120,7 +120,6 @@ class EvictResult(NamedTuple):
         swa_indices: SWA trees: ``[s]`` int64 CPU tensor of the Full slots of nodes that became
             SWA tombstones and keep their Full KV: free their SWA side only. (The SWA side of
             ``device_indices`` is freed with them, skipping unmapped slots.)
-        swa_tombstoned_tokens: tokens of those nodes.
     """
 
     device_indices: torch.Tensor
@@ -130,7 +129,6 @@ class EvictResult(NamedTuple):
     needs_backup: int
     mamba_indices: torch.Tensor = torch.empty(0, dtype=torch.int64)
     swa_indices: torch.Tensor = torch.empty(0, dtype=torch.int64)
-    swa_tombstoned_tokens: int = 0
 
 
 class TransferPlan(NamedTuple):

@@ -162,7 +162,6 @@ class EvictOutcome:
     needs_backup: PageKey | None = None
     mamba_freed: list[int] = field(default_factory=list)
     swa_freed: list[int] = field(default_factory=list)  # Full slots of new SWA tombstones
-    swa_tombstoned_tokens: int = 0
 
 
 class ReferenceTree:
@@ -767,7 +766,6 @@ class ReferenceTree:
             for k in run:  # an SWA tombstone from now on
                 out.swa_freed.extend(self.pages[k].device)
                 self.pages[k].swa = False
-            out.swa_tombstoned_tokens += len(run) * self.page_size
             pages_left -= len(run)
             self._free_state(page, out)
             self._cascade(victim, out, device_ok=True)

@@ -161,7 +161,6 @@ struct EvictResult {
   // SWA trees: Full slots of nodes that became SWA tombstones and keep their Full KV; the caller
   // frees their SWA side only. (The SWA side of device_freed is the caller's to free too.)
   std::vector<SlotIndex> swa_freed;
-  int64_t swa_tombstoned_tokens = 0;
 };
 
 // Nodes and slots of a backup (device -> host) or load-back (host -> device), root-first:
